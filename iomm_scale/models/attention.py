@@ -133,10 +133,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     else:
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    x32 = x.float()
+    x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     x_even, x_odd = x32.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack([-x_odd, x_even], dim=-1).flatten(-2)
-    return (x32 * cos + rotated * sin).to(x.dtype)
+    return (x32 * cos.to(x32.dtype) + rotated * sin.to(x32.dtype)).to(x.dtype)
 
 
 def rope_angles(positions: torch.Tensor, axes_dims, theta: float, dtype=torch.float64):

@@ -43,6 +43,10 @@ class FluxConfig:
     def hidden_size(self) -> int:
         return self.num_heads * self.head_dim
 
+    @property
+    def latent_channels(self) -> int:
+        return self.in_channels // (self.latent_patch * self.latent_patch)
+
     def validate(self) -> list[tuple[str, str]]:
         errors = []
         if sum(self.axes_dims_rope) != self.head_dim:

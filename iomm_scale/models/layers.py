@@ -58,6 +58,11 @@ def linear(
     return layer
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors to float32 for numerically sensitive ops; float32/64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def split_fused(x: torch.Tensor, sizes: Sequence[int], dim: int = -1) -> tuple[torch.Tensor, ...]:
     """Split the output of a fused projection into its segments.
 
@@ -83,10 +88,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x32 = x.float()
+        x32 = upcast(x)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight is not None:
-            x32 = x32 * self.weight.float()
+            x32 = x32 * upcast(self.weight)
         return x32.to(dtype)
 
 

@@ -10,9 +10,13 @@ entry here.
 from __future__ import annotations
 
 from .flux_mmdit import FluxConfig, FluxMMDiT
+from .qwen_mmdit import QwenMMDiT, QwenMMDiTConfig
+from .s3dit import S3DiT, S3DiTConfig
 
 FAMILIES: dict[str, tuple[type, type]] = {
     "flux": (FluxConfig, FluxMMDiT),
+    "s3dit": (S3DiTConfig, S3DiT),  # Z-Image (IOMM-XL)
+    "qwen_mmdit": (QwenMMDiTConfig, QwenMMDiT),  # Qwen-Image
 }
 
 

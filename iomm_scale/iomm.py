@@ -1,0 +1,116 @@
+"""The whole IOMM model: frozen VAE + conditioner (frozen MLLM, trainable RQA and
+projection) + generator (the DiT), and one training step's loss (Algorithm 1).
+
+    x = VAE(image); z ~ N(0, I); t ~ p(t); x_t = (1 - t) x + t z
+    c_img = ViT(image); mask c_img with ratio r; c = [c_aux, c_img]; c = [c, RQA(c)]
+    h = MLLM(c) (frozen); loss = || F(x_t, t, proj(h)) - (z - x) ||^2
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import flow
+from .models.layers import upcast
+from .models.conditioner import IOMMConditioner, load_mllm
+from .models.registry import build_generator
+from .models.vae import FrozenVAE
+
+
+class IOMMModel(nn.Module):
+    def __init__(self, cfg, generator: nn.Module, conditioner: IOMMConditioner, vae: FrozenVAE):
+        super().__init__()
+        self.cfg = cfg
+        self.generator = generator
+        self.conditioner = conditioner
+        self.vae = vae
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {"conditioner.mllm": self.conditioner.mllm, "vae": self.vae}
+
+    def encode_batch(self, batch: dict):
+        """Latents and unmasked vision features of a batch: computed from pixels, or taken
+        from precomputed feature shards."""
+        if "latents" in batch:
+            return batch["latents"], batch["vision_features"]
+        pixels = batch["pixels"]
+        return self.vae.encode(pixels), self.conditioner.vision_features(pixels)
+
+    def loss(self, batch: dict, return_parts: bool = False):
+        latents, feats = self.encode_batch(batch)
+        latents = latents.to(next(self.generator.parameters()).dtype)  # float32 (float64 in gradient checks)
+        b = latents.shape[0]
+        device = latents.device
+        num_tokens = latents.shape[-2] * latents.shape[-1] // 4
+        # Random numbers in a fixed order: t, noise, condition dropout, MIM mask (in the conditioner).
+        t = flow.sample_timesteps(b, self.cfg.flow, num_tokens, device=device)
+        noise = torch.randn_like(latents)
+        drop = torch.rand(b, device=device) < self.cfg.flow.cond_dropout
+        cond, cond_mask = self.conditioner(feats, batch.get("captions"), drop=drop)
+        x_t = flow.interpolate(latents, noise, t)
+        pred = self.generator(x_t, t, cond, cond_mask)
+        loss = F.mse_loss(upcast(pred), flow.velocity_target(latents, noise))
+        if return_parts:
+            return loss, {"t": t, "noise": noise, "drop": drop, "cond": cond}
+        return loss
+
+    @torch.no_grad()
+    def null_condition(self, batch_size: int):
+        drop = torch.ones(batch_size, dtype=torch.bool, device=self.conditioner.aux_ids.device)
+        return self.conditioner(None, [None] * batch_size, drop=drop)
+
+    @torch.no_grad()
+    def sample(self, batch_size: int, resolution: int, pixels: torch.Tensor | None = None,
+               captions: list[str | None] | None = None, steps: int | None = None, cfg_scale: float | None = None,
+               mask_ratio: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Generate images [B, 3, H, W] in [-1, 1] conditioned on reference images (image-only
+        mode; masked with `mask_ratio`, default 0 at sampling) or on captions."""
+        fcfg = self.cfg.flow
+        steps = steps or fcfg.sample_steps
+        cfg_scale = fcfg.cfg_scale if cfg_scale is None else cfg_scale
+        device = self.conditioner.aux_ids.device
+        feats = self.conditioner.vision_features(pixels.to(device)) if pixels is not None else None
+        cond = self.conditioner(feats, captions or [None] * batch_size, mask_ratio=0.0 if mask_ratio is None else mask_ratio)
+        null = self.null_condition(batch_size)
+        if cond[0].shape[1] != null[0].shape[1]:  # "all" positions with prompts of another length: no batching
+            null = None
+        f = self.cfg.model.vae.downsample_factor
+        shape = (batch_size, self.vae.latent_channels, resolution // f, resolution // f)
+        noise = torch.randn(shape, device=device, generator=generator)
+        shift = flow.effective_shift(fcfg, shape[-1] * shape[-2] // 4)
+
+        def velocity(x, t, c):
+            return self.generator(x, t, c[0], c[1]).float()
+
+        latents = flow.euler_sample(velocity, noise, steps, shift, cond, null, cfg_scale if null is not None else 1.0)
+        return self.vae.decode(latents)
+
+
+def build_iomm(cfg, device: str | torch.device = "cpu") -> IOMMModel:
+    """Build the model a run config describes (frozen parts loaded or randomly initialised)."""
+    seed = cfg.train.seed
+    gen_cfg = cfg.model.generator.config
+    # A private RNG stream: building the model leaves the training run's random numbers alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = FrozenVAE(cfg.model.vae, seed=seed + 2)
+        check_shapes(cfg, vae)  # before the expensive parts are built
+        generator = build_generator(cfg.model.generator.family, gen_cfg)
+        mllm, tokenizer = load_mllm(cfg.model.conditioner.mllm, seed=seed + 1)
+        conditioner = IOMMConditioner(cfg.model.conditioner, mllm, tokenizer, condition_dim=gen_cfg.context_dim)
+    return IOMMModel(cfg, generator, conditioner, vae).to(device)
+
+
+def check_shapes(cfg, vae):
+    gen = cfg.model.generator.config
+    if gen.latent_channels != vae.latent_channels:
+        raise ValueError(f"{cfg.source}: model.generator.in_channels: the VAE gives {vae.latent_channels} latent "
+                         f"channels but the generator expects {gen.latent_channels} (in_channels={gen.in_channels})")

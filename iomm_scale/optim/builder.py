@@ -1,0 +1,74 @@
+"""Optimizer, learning-rate schedule and EMA from the run config."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW over every trainable parameter (the paper's B/L recipe), or Muon for hidden
+    matrices + AdamW for the rest (IOMM-XL). Frozen parameters never get optimizer state."""
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    from .muon import build_muon_optimizer  # noqa: F401  (issue 6)
+
+    return build_muon_optimizer(model, cfg)
+
+
+def lr_factor(step: int, cfg) -> float:
+    """Multiplier on optim.lr at `step` (0-based): linear warm-up, then constant or cosine."""
+    o = cfg.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    total = max(cfg.train.steps - o.warmup_steps, 1)
+    progress = min((step - o.warmup_steps) / total, 1.0)
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg) -> float:
+    lr = cfg.optim.lr * lr_factor(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (kept in float32)."""
+
+    def __init__(self, named_params: dict[str, torch.Tensor], decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in named_params.items()}
+
+    @torch.no_grad()
+    def update(self, named_params: dict[str, torch.Tensor]) -> None:
+        for n, p in named_params.items():
+            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+
+    @torch.no_grad()
+    def swap_into(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Copy EMA weights into the model; returns the live weights to restore with `restore`."""
+        params = dict(model.named_parameters())
+        backup = {n: params[n].detach().clone() for n in self.shadow}
+        for n, v in self.shadow.items():
+            params[n].copy_(v)
+        return backup
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module, backup: dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        for n, v in backup.items():
+            params[n].copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.shadow = {n: v.float().clone() for n, v in state["shadow"].items()}

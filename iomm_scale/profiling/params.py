@@ -1,0 +1,77 @@
+"""Exact parameter counts of a run config, built on the meta device (no memory, no download).
+
+The frozen MLLM is built from its config: a local path's config.json when it exists, else
+the reference configuration of the known hub ids below (written out from the published
+configs, so counting works offline).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# InternVL3-2B (transformers "-hf" layout): InternViT-300M + Qwen2.5-1.5B.
+KNOWN_MLLMS = {
+    "OpenGVLab/InternVL3-2B-hf": dict(
+        vision_config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                           image_size=[448, 448], patch_size=[14, 14], use_qk_norm=False, layer_scale_init_value=0.1),
+        text_config=dict(model_type="qwen2", vocab_size=151674, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         max_position_embeddings=32768, tie_word_embeddings=True),
+        image_token_id=151667, image_seq_length=256, downsample_ratio=0.5,
+    ),
+}
+
+
+def _mllm_on_meta(mcfg):
+    from transformers import AutoConfig, InternVLConfig, InternVLForConditionalGeneration
+
+    if mcfg.random_init:
+        from ..models.tiny_mllm import build_tiny_internvl
+
+        return build_tiny_internvl(mcfg.tiny)[0]
+    path = os.path.expanduser(mcfg.path)
+    if os.path.isdir(path):
+        config = AutoConfig.from_pretrained(path)
+    elif mcfg.path in KNOWN_MLLMS:
+        config = InternVLConfig(**KNOWN_MLLMS[mcfg.path])
+    else:
+        raise ValueError(f"cannot count the MLLM {mcfg.path!r}: not a local directory and not one of {sorted(KNOWN_MLLMS)}")
+    with torch.device("meta"):
+        return InternVLForConditionalGeneration(config)
+
+
+def count_config(cfg) -> dict[str, int]:
+    from ..models.conditioner import IOMMConditioner
+    from ..models.registry import build_generator
+
+    gen_cfg = cfg.model.generator.config
+    with torch.device("meta"):
+        generator = build_generator(cfg.model.generator.family, gen_cfg)
+    mllm = _mllm_on_meta(cfg.model.conditioner.mllm)
+
+    class _Tok:  # the conditioner only needs the aux prompt's ids to build; counts don't depend on them
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [0]}
+
+    with torch.device("meta"):
+        cond = IOMMConditioner(cfg.model.conditioner, mllm, _Tok(), condition_dim=gen_cfg.context_dim)
+
+    def n(module):
+        return sum(p.numel() for p in module.parameters())
+
+    counts = {f"generator.{name}": n(child) for name, child in generator.named_children() if n(child)}
+    counts["generator (total)"] = n(generator)
+    counts["rqa"] = n(cond.rqa)
+    counts["condition projection"] = n(cond.proj) + n(cond.proj_norm)
+    counts["trainable (total)"] = counts["generator (total)"] + counts["rqa"] + counts["condition projection"]
+    counts["mllm (frozen)"] = n(mllm)
+    return counts
+
+
+def format_counts(cfg, counts: dict[str, int]) -> str:
+    lines = [f"{cfg.source}: family {cfg.model.generator.family}"]
+    for k, v in counts.items():
+        lines.append(f"  {k:<40s} {v:>16,d}  ({v / 1e9:.3f} B)")
+    return "\n".join(lines)

@@ -1,0 +1,246 @@
+"""The single-process training loop (CPU or one GPU).
+
+One step: for each of `grad_accum` micro-batches, loss / grad_accum backward; clip the
+global grad norm; set the learning rate; optimizer step; EMA update. Every `log_every`
+steps a line goes to <run_dir>/metrics.jsonl (and wandb when enabled); checkpoints every
+`ckpt_every` steps and at the end; SIGTERM/SIGINT (preemption) saves a checkpoint at the
+next step boundary and stops. At the end: samples.png (reference | generated rows) and
+loss_curve.png in the run directory.
+
+Resuming restores model, EMA, optimizer, step, RNG states and data position: a run
+stopped at step k and resumed reproduces the uninterrupted run bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..config import RunConfig
+from ..iomm import IOMMModel, build_iomm
+from ..optim.builder import EMA, build_optimizer, set_lr
+from . import checkpoint as ckpt
+from .plots import save_grid, save_loss_curve
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible")
+    return torch.device(name)
+
+
+def build_loader(cfg: RunConfig, rank: int = 0, world_size: int = 1):
+    d = cfg.data
+    if d.source == "builtin":
+        from ..data.builtin import BuiltinLoader
+
+        return BuiltinLoader(d.resolution, d.batch_size, d.image_only_fraction, d.builtin.crops_per_photo,
+                             d.builtin.num_shapes, seed=cfg.train.seed, rank=rank, world_size=world_size)
+    from ..data import build_webdataset_loader
+
+    return build_webdataset_loader(d.webdataset, d.resolution, d.batch_size, rank, world_size, cfg.train.seed)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: str | os.PathLike | None = None, model: IOMMModel | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir or cfg.run_dir or Path("runs") / cfg.name)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.precision == "bf16" and self.device.type != "cuda":
+            raise RuntimeError("train.precision bf16 needs a CUDA device; use fp32 on CPU")
+        torch.manual_seed(cfg.train.seed)
+        self.model = model if model is not None else build_iomm(cfg, self.device)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.ema = EMA(self.model.trainable_state_dict(), cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+        self.loader = build_loader(cfg)
+        self.step = 0
+        self.history: list[tuple[int, float]] = []
+        self._stop_requested = False
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self._maybe_resume()
+
+    # ---- checkpoints -----------------------------------------------------------------
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def state_dict(self) -> dict:
+        model_state = {n: p.detach().cpu() for n, p in self.model.trainable_state_dict().items()}
+        frozen = {}
+        if self.cfg.model.conditioner.mllm.random_init:
+            frozen["conditioner.mllm"] = self.model.conditioner.mllm.state_dict()
+        if self.cfg.model.vae.random_init:
+            frozen["vae"] = self.model.vae.state_dict()
+        return {
+            "step": self.step, "model": model_state, "frozen": frozen, "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None, "rng": ckpt.rng_state(),
+            "data": self.loader.state_dict(), "history": self.history, "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        params = dict(self.model.named_parameters())
+        missing = [n for n in self.model.trainable_state_dict() if n not in state["model"]]
+        if missing:
+            raise KeyError(f"checkpoint lacks trainable parameters: {missing[:5]}")
+        with torch.no_grad():
+            for n, v in state["model"].items():
+                params[n].copy_(v)
+        modules = dict(self.model.named_modules())
+        for name, sd in state.get("frozen", {}).items():
+            modules[name].load_state_dict(sd)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        self.loader.load_state_dict(state["data"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.history = list(state.get("history", []))
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.ckpt_root, self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
+
+    def _maybe_resume(self) -> None:
+        mode = self.cfg.train.resume
+        if mode == "never":
+            return
+        path = ckpt.find_latest(self.ckpt_root) if mode == "auto" else Path(mode)
+        if path is None:
+            return
+        self.load_state_dict(ckpt.load_checkpoint(path))
+        print(f"resumed from {path} at step {self.step}")
+
+    # ---- one step ----------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        accum = cfg.train.grad_accum
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+        total = 0.0
+        samples = 0
+        for _ in range(accum):
+            batch = to_device(next(self.loader), self.device)
+            with autocast:
+                loss = self.model.loss(batch)
+            (loss / accum).backward()
+            total += loss.item() / accum
+            samples += len(batch.get("keys", [])) or batch[next(iter(batch))].shape[0]
+        params = self.model.trainable_parameters()
+        if cfg.optim.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip).item()
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
+        lr = set_lr(self.optimizer, self.step, cfg)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema:
+            self.ema.update(self.model.trainable_state_dict())
+        self.step += 1
+        self.history.append((self.step, total))
+        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "samples": samples}
+
+    # ---- the run -----------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        self._stop_requested = True
+
+    def fit(self) -> dict:
+        cfg = self.cfg.train
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        wandb_run = self._init_wandb()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        bar = None
+        if cfg.progress_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=self.cfg.name, dynamic_ncols=True)
+        window, window_samples, t0 = [], 0, time.perf_counter()
+        last = {}
+        try:
+            while self.step < cfg.steps and not self._stop_requested:
+                out = self.train_step()
+                window.append(out["loss"])
+                window_samples += out["samples"]
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{out['loss']:.4f}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    dt = time.perf_counter() - t0
+                    last = {"step": self.step, "loss": sum(window) / len(window), "loss_last": out["loss"],
+                            "lr": out["lr"], "grad_norm": out["grad_norm"], "samples_per_s": window_samples / dt,
+                            "time": time.time(), **{f"data/{k}": v for k, v in self.loader.stats().items()}}
+                    metrics_file.write(json.dumps(last) + "\n")
+                    metrics_file.flush()
+                    if wandb_run is not None:
+                        wandb_run.log(last, step=self.step)
+                    window, window_samples, t0 = [], 0, time.perf_counter()
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+                    self.save()
+            final = self.save()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            if bar:
+                bar.close()
+            metrics_file.close()
+        if self._stop_requested:
+            print(f"stopped by signal at step {self.step}; checkpoint {final}")
+            return last
+        self.write_outputs()
+        if wandb_run is not None:
+            wandb_run.finish()
+        return last
+
+    def _init_wandb(self):
+        w = self.cfg.train.wandb
+        if not w.enabled or w.mode == "disabled":
+            return None
+        try:
+            import wandb
+        except ImportError:
+            raise RuntimeError("train.wandb.enabled is true but wandb is not installed: pip install 'iomm-scale[wandb]'") from None
+        return wandb.init(project=w.project, name=self.cfg.name, mode=w.mode, dir=str(self.run_dir),
+                          config=self.cfg.to_dict(), resume="allow")
+
+    @torch.no_grad()
+    def write_outputs(self) -> None:
+        """samples.png (row 1: references, row 2: samples conditioned on them, with EMA weights
+        when enabled) and loss_curve.png."""
+        if self.history:
+            steps, losses = zip(*self.history)
+            save_loss_curve(list(steps), list(losses), self.run_dir / "loss_curve.png")
+        n = self.cfg.train.num_samples
+        if n <= 0:
+            return
+        refs = self._reference_images(n).to(self.device)
+        backup = self.ema.swap_into(self.model) if self.ema else None
+        self.model.eval()
+        try:
+            g = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
+            images = self.model.sample(refs.shape[0], self.cfg.data.resolution, pixels=refs, generator=g)
+        finally:
+            self.model.train()
+            if backup is not None:
+                self.ema.restore(self.model, backup)
+        save_grid([refs.cpu(), images.cpu()], self.run_dir / "samples.png")
+
+    def _reference_images(self, n: int) -> torch.Tensor:
+        from ..data.builtin import BuiltinLoader
+
+        if isinstance(self.loader, BuiltinLoader):
+            photos = self.loader.samples[: self.loader.num_photos]
+            step = self.cfg.data.builtin.crops_per_photo  # one crop of each photo first
+            return torch.stack([img for img, _, _ in (photos[::step] + photos)[:n]])
+        batch = next(build_loader(self.cfg))
+        return batch["pixels"][:n]

@@ -1,0 +1,98 @@
+"""Bad configs fail with one clear message naming the file and the key, before any model is built."""
+
+import os
+
+import pytest
+
+from iomm_scale import cli
+from iomm_scale.config import ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides, key, words",
+    [
+        (["optim.lr=-1e-4"], "optim.lr", "must be > 0"),
+        (["model.conditioner.mask_ratio=1.0"], "model.conditioner.mask_ratio", "[0, 1)"),
+        (["data.resolution=36"], "data.resolution", "multiple of VAE factor x patch = 8"),
+        (["model.conditioner.mllm.random_init=false", "model.conditioner.mllm.path=/nonexistent/internvl"],
+         "model.conditioner.mllm.path", "does not exist"),
+        (["model.conditioner.mllm.random_init=false"], "model.conditioner.mllm.path", "missing"),
+        (["train.stepz=10"], "train.stepz", "unknown key (did you mean 'steps'?)"),
+        (["train.steps=ten"], "train.steps", "expected an integer"),
+        (["optim.betas=[0.9]"], "optim.betas", "two numbers"),
+        (["model.generator.family=unet"], "model.generator.family", "unknown family"),
+        (["model.generator.axes_dims_rope=[4,4,4]"], "model.generator.axes_dims_rope", "must sum to head_dim"),
+        (["data.source=webdataset"], "data.webdataset", "missing"),
+        (["model.vae.type=vqgan"], "model.vae.type", "must be one of"),
+        (["train.precision=fp16"], "train.precision", "fp32 or bf16"),
+    ],
+)
+def test_bad_values_name_file_and_key(overrides, key, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, overrides)
+    msg = str(err.value)
+    assert "configs/tiny.yaml" in msg and f"{key}:" in msg and words in msg, msg
+
+
+def test_several_problems_are_reported_together():
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["optim.lr=0", "train.steps=0"])
+    assert "2 problems" in str(err.value) and "optim.lr" in str(err.value) and "train.steps" in str(err.value)
+
+
+def test_bad_yaml_file_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(TINY, ["train.steps"])
+    with pytest.raises(ConfigError, match="is not a section"):
+        load_config(TINY, ["train.steps.x=1"])
+
+
+def test_cli_prints_one_line_and_exits_2_without_building(capsys, monkeypatch):
+    import iomm_scale.iomm as iomm
+
+    monkeypatch.setattr(iomm, "build_iomm", lambda *a, **k: pytest.fail("model built despite a bad config"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.train_main(["--config", TINY, "model.conditioner.mask_ratio=1.5"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error:") and "model.conditioner.mask_ratio" in err and "Traceback" not in err
+
+
+def test_vae_generator_channel_mismatch_is_caught_before_the_mllm(tiny_cfg):
+    from iomm_scale.iomm import build_iomm
+
+    with pytest.raises(ValueError, match="in_channels"):
+        build_iomm(tiny_cfg("model.vae.pixel_factor=2"))
+
+
+def test_overrides_and_presets_load():
+    cfg = load_config(TINY, ["optim.lr=3e-4", "model.generator.num_layers=1", "flow.shift=3"])
+    assert cfg.optim.lr == 3e-4 and cfg.generator.num_layers == 1 and cfg.flow.shift == 3.0
+    for name in ("b.yaml", "l.yaml"):
+        cfg = load_config(os.path.join(ROOT, "configs", name))
+        assert cfg.model.conditioner.mask_ratio == 0.85 and cfg.optim.lr == 1e-4 and cfg.optim.betas == [0.9, 0.95]
+
+
+def test_preset_parameter_counts_match_the_paper():
+    from iomm_scale.profiling.params import count_config
+
+    b = count_config(load_config(os.path.join(ROOT, "configs", "b.yaml")))
+    l_ = count_config(load_config(os.path.join(ROOT, "configs", "l.yaml")))
+    assert abs(b["generator (total)"] / 1.6e9 - 1) < 0.03
+    assert abs(l_["generator (total)"] / 2.7e9 - 1) < 0.03
+    assert abs(b["rqa"] / 29e6 - 1) < 0.03  # "about 29M" at InternVL3-2B width
