@@ -25,6 +25,7 @@ from .models.attention import BACKENDS
 from .models.conditioner import ConditionerConfig
 from .models.registry import FAMILIES
 from .models.vae import VAEConfig
+from .parallel.config import ParallelConfig, model_info
 
 
 class ConfigError(ValueError):
@@ -70,6 +71,10 @@ class MuonSettings:
     ns_steps: int = 5
     scaling: str = "match_rms_adamw"  # or "original"
     modulation: str = "muon"  # AdaLN modulation weights: "muon" or "adamw"
+    ns_coefficients: str = "keller"  # quintic (3.4445, -4.7750, 2.0315) x 5, or "polar_express"
+    ns_dtype: str = "auto"  # Newton-Schulz precision: "auto" (bf16 on GPU, fp32 on CPU), "bfloat16", "float32"
+    per_head: bool = False  # also orthogonalise fused q|k|v per attention head
+    implementation: str = "iomm"  # under launchers/: "iomm" (ZeRO-0) or "deepspeed" (ZeRO 1-3); docs/PARALLEL.md
 
 
 @dataclass
@@ -105,8 +110,11 @@ class TrainConfig:
     ckpt_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     resume: str = "auto"  # "auto" (latest in the run dir), "never", or a checkpoint directory
+    init_from: str | None = None  # stage 2: start from a checkpoint's weights (not its optimizer/step)
+    init_from_ema: bool = True  # ... using its EMA weights when it has them
     num_samples: int = 8  # images in the final sample grid
     progress_bar: bool = True
+    peak_tflops: float | None = None  # dense bf16 peak per device for MFU; None: profiling/mfu.py's table
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -119,6 +127,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # used by launchers/ (multi-process)
     source: str = "<defaults>"  # the file it came from (for messages)
 
     @property
@@ -225,7 +234,12 @@ def _build_data_section(data: dict, errors: list) -> DataConfig:
     if wds is not None:
         from .data.config import WebDatasetConfig
 
+        if isinstance(wds, dict) and "image_only_fraction" in wds:
+            errors.append(("data.webdataset.image_only_fraction", "set the mixture once, as data.image_only_fraction"))
+            wds = {k: v for k, v in wds.items() if k != "image_only_fraction"}
         section.webdataset = _build(WebDatasetConfig, wds, "data.webdataset", errors)
+        if isinstance(section.webdataset, WebDatasetConfig):
+            section.webdataset.image_only_fraction = section.image_only_fraction  # one lambda for every source
     return section
 
 
@@ -302,8 +316,17 @@ def validate(cfg: RunConfig) -> list[tuple[str, str]]:
         errors.append(("optim.ema_decay", f"must be in (0, 1) or null, got {o.ema_decay}"))
     if o.muon.scaling not in ("match_rms_adamw", "original"):
         errors.append(("optim.muon.scaling", f"must be 'match_rms_adamw' or 'original', got {o.muon.scaling!r}"))
+    if o.muon.ns_coefficients not in ("keller", "polar_express"):
+        errors.append(("optim.muon.ns_coefficients", f"must be 'keller' or 'polar_express', got {o.muon.ns_coefficients!r}"))
+    if o.muon.ns_dtype not in ("auto", "bfloat16", "float32"):
+        errors.append(("optim.muon.ns_dtype", f"must be auto, bfloat16 or float32, got {o.muon.ns_dtype!r}"))
     if o.muon.modulation not in ("muon", "adamw"):
         errors.append(("optim.muon.modulation", f"must be 'muon' or 'adamw', got {o.muon.modulation!r}"))
+    if o.muon.implementation not in ("iomm", "deepspeed"):
+        errors.append(("optim.muon.implementation", f"must be 'iomm' or 'deepspeed', got {o.muon.implementation!r}"))
+
+    if gen is not None:  # the layout against the model's heads / blocks; world size is checked at launch
+        sub("parallel", cfg.parallel.validate(None, model_info(gen)))
 
     t = cfg.train
     if t.steps < 1:

@@ -44,7 +44,9 @@ class IOMMModel(nn.Module):
         pixels = batch["pixels"]
         return self.vae.encode(pixels), self.conditioner.vision_features(pixels)
 
-    def loss(self, batch: dict, return_parts: bool = False):
+    def prepare_generator_inputs(self, batch: dict):
+        """Everything before the generator: -> (x_t, t, cond, cond_mask, target). The pipeline
+        runtime calls this on its first stage, so the two paths cannot drift apart."""
         latents, feats = self.encode_batch(batch)
         latents = latents.to(next(self.generator.parameters()).dtype)  # float32 (float64 in gradient checks)
         b = latents.shape[0]
@@ -55,12 +57,11 @@ class IOMMModel(nn.Module):
         noise = torch.randn_like(latents)
         drop = torch.rand(b, device=device) < self.cfg.flow.cond_dropout
         cond, cond_mask = self.conditioner(feats, batch.get("captions"), drop=drop)
-        x_t = flow.interpolate(latents, noise, t)
-        pred = self.generator(x_t, t, cond, cond_mask)
-        loss = F.mse_loss(upcast(pred), flow.velocity_target(latents, noise))
-        if return_parts:
-            return loss, {"t": t, "noise": noise, "drop": drop, "cond": cond}
-        return loss
+        return flow.interpolate(latents, noise, t), t, cond, cond_mask, flow.velocity_target(latents, noise)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        x_t, t, cond, cond_mask, target = self.prepare_generator_inputs(batch)
+        return F.mse_loss(upcast(self.generator(x_t, t, cond, cond_mask)), target)
 
     @torch.no_grad()
     def null_condition(self, batch_size: int):

@@ -38,8 +38,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+MLLM_KINDS = ("internvl", "qwen2_5_vl")
+
+
 @dataclass
 class MLLMConfig:
+    kind: str = "internvl"  # InternVLForConditionalGeneration; "qwen2_5_vl" is counted but not trainable yet
     path: str | None = None  # local directory or hub id of an InternVL (transformers, "-hf" layout)
     random_init: bool = False  # build a tiny random InternVL instead (tests, tiny.yaml)
     tiny: TinyMLLMConfig = field(default_factory=TinyMLLMConfig)
@@ -47,6 +51,10 @@ class MLLMConfig:
 
     def validate(self) -> list[tuple[str, str]]:
         errors = [(f"tiny.{k}", m) for k, m in self.tiny.validate()] if self.random_init else []
+        if self.kind not in MLLM_KINDS:
+            errors.append(("kind", f"must be one of {MLLM_KINDS}, got {self.kind!r}"))
+        elif self.kind != "internvl" and self.random_init:
+            errors.append(("random_init", "the tiny random MLLM is an InternVL: use kind internvl"))
         if not self.random_init:
             if not self.path:
                 errors.append(("path", "missing: set the MLLM path (local dir or hub id), or random_init: true"))
@@ -85,6 +93,10 @@ class ConditionerConfig:
 def load_mllm(cfg: MLLMConfig, seed: int = 0):
     """-> (InternVLForConditionalGeneration, tokenizer), frozen and in eval mode."""
     dtype = getattr(torch, cfg.dtype)
+    if cfg.kind != "internvl":
+        raise NotImplementedError(
+            f"model.conditioner.mllm.kind={cfg.kind!r}: only InternVL conditioners can be trained so far; the "
+            "Qwen2.5-VL conditioner (for the Qwen-Image fine-tune) is not built yet. `iomm-params` counts it.")
     if cfg.random_init:
         mllm, tokenizer = build_tiny_internvl(cfg.tiny, seed=seed)
         mllm = mllm.to(dtype)

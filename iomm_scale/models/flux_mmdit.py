@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import apply_rope, attention, rope_angles
-from .layers import MLPEmbedder, RMSNorm, layer_norm_no_affine, linear, modulate, split_fused, timestep_embedding
+from .layers import (FeedForward, MLPEmbedder, RMSNorm, layer_norm_no_affine, linear, modulate, split_fused,
+                     timestep_embedding)
 
 
 @dataclass
@@ -58,16 +59,6 @@ class FluxConfig:
         return errors
 
 
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = linear(dim, hidden, tp_style="column")
-        self.fc2 = linear(hidden, dim, tp_style="row")
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     # -1 heads: under tensor parallelism a rank holds heads / tp of them.
     return x.unflatten(-1, (-1, head_dim))
@@ -83,7 +74,7 @@ class DoubleStreamBlock(nn.Module):
         self.backend = cfg.attention_backend
         mlp = int(dim * cfg.mlp_ratio)
         for stream in ("img", "txt"):
-            setattr(self, f"{stream}_mod", linear(dim, 6 * dim))
+            setattr(self, f"{stream}_mod", linear(dim, 6 * dim, tp_fused_sizes=(dim,) * 6))
             setattr(self, f"{stream}_qkv", linear(dim, 3 * dim, tp_style="column", tp_fused_sizes=(dim,) * 3))
             setattr(self, f"{stream}_norm_q", RMSNorm(hd))
             setattr(self, f"{stream}_norm_k", RMSNorm(hd))
@@ -126,7 +117,7 @@ class SingleStreamBlock(nn.Module):
         self.backend = cfg.attention_backend
         self.mlp_hidden = int(dim * cfg.mlp_ratio)
         self.sizes = (dim, dim, dim, self.mlp_hidden)
-        self.mod = linear(dim, 3 * dim)
+        self.mod = linear(dim, 3 * dim, tp_fused_sizes=(dim,) * 3)
         self.linear1 = linear(dim, 3 * dim + self.mlp_hidden, tp_style="column", tp_fused_sizes=self.sizes)
         self.norm_q = RMSNorm(hd)
         self.norm_k = RMSNorm(hd)

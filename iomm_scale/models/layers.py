@@ -8,7 +8,8 @@ plain `nn.Linear`, tagged with how tensor parallelism should shard it:
     tp_fused_sizes for fused projections (q|k|v, or FLUX's q|k|v|mlp_in), the sizes of the
                    segments along the sharded dimension; each segment is split on its own so
                    that rank r holds [q_r | k_r | v_r | ...], not a contiguous slice of the
-                   concatenation.
+                   concatenation. Replicated AdaLN modulation layers carry their chunks
+                   (shift | scale | gate ...) the same way, for Muon's per-segment updates.
 
 `parallel/` reads the tags and swaps or shards the layers from outside; model files never
 import anything distributed. `use_linear_factory` lets `parallel/` build sharded layers
@@ -110,6 +111,18 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     exponent = -torch.log(torch.tensor(max_period)) * torch.arange(half, dtype=torch.float32, device=t.device) / half
     args = t.float()[:, None] * torch.exp(exponent)[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class FeedForward(nn.Module):
+    """The tanh-GELU MLP of FLUX and Qwen-Image blocks: fc1 column-parallel, fc2 row-parallel."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = linear(dim, hidden, tp_style="column")
+        self.fc2 = linear(hidden, dim, tp_style="row")
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class MLPEmbedder(nn.Module):

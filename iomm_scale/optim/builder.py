@@ -15,9 +15,9 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if o.name == "adamw":
         return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    from .muon import build_muon_optimizer  # noqa: F401  (issue 6)
+    from .muon import build_muon_optimizer
 
-    return build_muon_optimizer(model, cfg)
+    return build_muon_optimizer(model, cfg)  # carries .routing_table (the trainer prints and saves it)
 
 
 def lr_factor(step: int, cfg) -> float:

@@ -21,11 +21,20 @@ KNOWN_MLLMS = {
                          max_position_embeddings=32768, tie_word_embeddings=True),
         image_token_id=151667, image_seq_length=256, downsample_ratio=0.5,
     ),
+    # Qwen2.5-VL-7B-Instruct (Qwen-Image's text encoder): 32-layer ViT (1280 wide) + Qwen2.5-7B.
+    "Qwen/Qwen2.5-VL-7B-Instruct": dict(
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31]),
+        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
+                         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+    ),
 }
 
 
 def _mllm_on_meta(mcfg):
-    from transformers import AutoConfig, InternVLConfig, InternVLForConditionalGeneration
+    from transformers import AutoConfig, AutoModelForImageTextToText, InternVLConfig, InternVLForConditionalGeneration
 
     if mcfg.random_init:
         from ..models.tiny_mllm import build_tiny_internvl
@@ -34,37 +43,40 @@ def _mllm_on_meta(mcfg):
     path = os.path.expanduser(mcfg.path)
     if os.path.isdir(path):
         config = AutoConfig.from_pretrained(path)
-    elif mcfg.path in KNOWN_MLLMS:
+    elif mcfg.path in KNOWN_MLLMS and mcfg.kind == "internvl":
         config = InternVLConfig(**KNOWN_MLLMS[mcfg.path])
+    elif mcfg.path in KNOWN_MLLMS and mcfg.kind == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig
+
+        config = Qwen2_5_VLConfig(**KNOWN_MLLMS[mcfg.path])
     else:
         raise ValueError(f"cannot count the MLLM {mcfg.path!r}: not a local directory and not one of {sorted(KNOWN_MLLMS)}")
     with torch.device("meta"):
-        return InternVLForConditionalGeneration(config)
+        if mcfg.kind == "internvl":
+            return InternVLForConditionalGeneration(config)
+        return AutoModelForImageTextToText.from_config(config)
 
 
 def count_config(cfg) -> dict[str, int]:
-    from ..models.conditioner import IOMMConditioner
+    from ..models.layers import RMSNorm, linear
     from ..models.registry import build_generator
+    from ..models.rqa import ResidualQueryAdapter
 
     gen_cfg = cfg.model.generator.config
+    mllm = _mllm_on_meta(cfg.model.conditioner.mllm)
+    hidden = mllm.config.text_config.hidden_size
     with torch.device("meta"):
         generator = build_generator(cfg.model.generator.family, gen_cfg)
-    mllm = _mllm_on_meta(cfg.model.conditioner.mllm)
+        rqa = ResidualQueryAdapter(hidden, cfg.model.conditioner.rqa)
+        projection = [RMSNorm(hidden), linear(hidden, gen_cfg.context_dim)]  # as IOMMConditioner builds it
 
-    class _Tok:  # the conditioner only needs the aux prompt's ids to build; counts don't depend on them
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [0]}
-
-    with torch.device("meta"):
-        cond = IOMMConditioner(cfg.model.conditioner, mllm, _Tok(), condition_dim=gen_cfg.context_dim)
-
-    def n(module):
-        return sum(p.numel() for p in module.parameters())
+    def n(*modules):
+        return sum(p.numel() for m in modules for p in m.parameters())
 
     counts = {f"generator.{name}": n(child) for name, child in generator.named_children() if n(child)}
     counts["generator (total)"] = n(generator)
-    counts["rqa"] = n(cond.rqa)
-    counts["condition projection"] = n(cond.proj) + n(cond.proj_norm)
+    counts["rqa"] = n(rqa)
+    counts["condition projection"] = n(*projection)
     counts["trainable (total)"] = counts["generator (total)"] + counts["rqa"] + counts["condition projection"]
     counts["mllm (frozen)"] = n(mllm)
     return counts

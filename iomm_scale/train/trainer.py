@@ -25,6 +25,7 @@ import yaml
 from ..config import RunConfig
 from ..iomm import IOMMModel, build_iomm
 from ..optim.builder import EMA, build_optimizer, set_lr
+from ..profiling.mfu import ThroughputLog
 from . import checkpoint as ckpt
 from .plots import save_grid, save_loss_curve
 
@@ -53,6 +54,17 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def flatten(stats: dict, prefix: str) -> dict:
+    """{"reasons": {"truncated": 2}} -> {"data/reasons/truncated": 2} (flat keys for metrics.jsonl / wandb)."""
+    out = {}
+    for k, v in stats.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | os.PathLike | None = None, model: IOMMModel | None = None):
         self.cfg = cfg
@@ -62,11 +74,24 @@ class Trainer:
         if cfg.train.precision == "bf16" and self.device.type != "cuda":
             raise RuntimeError("train.precision bf16 needs a CUDA device; use fp32 on CPU")
         torch.manual_seed(cfg.train.seed)
+        par = cfg.parallel
+        if par.tp > 1 or par.pp > 1 or par.zero_stage > 0:
+            raise RuntimeError(f"{cfg.source}: parallel.tp/pp/zero_stage need several processes: launch with "
+                               "launchers/pretrain.py under torchrun or deepspeed (docs/PARALLEL.md)")
         self.model = model if model is not None else build_iomm(cfg, self.device)
+        if par.activation_checkpointing != "none" or par.checkpoint_mllm:
+            from ..parallel.checkpointing import apply_to_model
+
+            apply_to_model(self.model, par.activation_checkpointing, par.checkpoint_every_k, par.checkpoint_mllm)
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg)
+        table = getattr(self.optimizer, "routing_table", None)
+        if table:  # Muon: which weights go where; the summary lines here, every name in the file
+            (self.run_dir / "optimizer_routing.txt").write_text(table + "\n")
+            print("\n".join(line for line in table.splitlines() if line.startswith("[")))
         self.ema = EMA(self.model.trainable_state_dict(), cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         self.loader = build_loader(cfg)
+        self.throughput = ThroughputLog(cfg, self.device)  # FLOPs per sample, computed once
         self.step = 0
         self.history: list[tuple[int, float]] = []
         self._stop_requested = False
@@ -110,15 +135,33 @@ class Trainer:
         self.step = state["step"]
         self.history = list(state.get("history", []))
 
+    def _init_weights(self, path) -> None:
+        """Fine-tuning start: weights from a (pre-training) checkpoint; fresh optimizer, step 0."""
+        state = ckpt.load_checkpoint(path)
+        weights = state["ema"]["shadow"] if self.cfg.train.init_from_ema and state.get("ema") else state["model"]
+        params = dict(self.model.named_parameters())
+        missing = sorted(set(self.model.trainable_state_dict()) - set(weights))
+        if missing:
+            raise KeyError(f"train.init_from={path}: checkpoint lacks {missing[:5]}")
+        with torch.no_grad():
+            for n in self.model.trainable_state_dict():
+                params[n].copy_(weights[n])
+            if self.ema:
+                self.ema.shadow = {n: params[n].detach().float().clone() for n in self.ema.shadow}
+        modules = dict(self.model.named_modules())
+        for name, sd in state.get("frozen", {}).items():
+            modules[name].load_state_dict(sd)
+        print(f"initialised weights from {path}")
+
     def save(self) -> Path:
         return ckpt.save_checkpoint(self.ckpt_root, self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
 
     def _maybe_resume(self) -> None:
         mode = self.cfg.train.resume
-        if mode == "never":
-            return
-        path = ckpt.find_latest(self.ckpt_root) if mode == "auto" else Path(mode)
+        path = None if mode == "never" else ckpt.find_latest(self.ckpt_root) if mode == "auto" else Path(mode)
         if path is None:
+            if self.cfg.train.init_from:
+                self._init_weights(self.cfg.train.init_from)
             return
         self.load_state_dict(ckpt.load_checkpoint(path))
         print(f"resumed from {path} at step {self.step}")
@@ -179,7 +222,8 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     last = {"step": self.step, "loss": sum(window) / len(window), "loss_last": out["loss"],
                             "lr": out["lr"], "grad_norm": out["grad_norm"], "samples_per_s": window_samples / dt,
-                            "time": time.time(), **{f"data/{k}": v for k, v in self.loader.stats().items()}}
+                            **self.throughput(window_samples / dt),
+                            "time": time.time(), **flatten(self.loader.stats(), "data/")}
                     metrics_file.write(json.dumps(last) + "\n")
                     metrics_file.flush()
                     if wandb_run is not None:

@@ -69,7 +69,9 @@ def test_rqa_gradient_flows_through_the_frozen_mllm(model):
     eps = 1e-5
     fd = (loss_at(eps).item() - loss_at(-eps).item()) / (2 * eps)
     analytic = (grad * direction).sum().item()
-    assert abs(fd - analytic) <= 1e-6 * max(1.0, abs(analytic)), (fd, analytic)
+    # 1e-5, not tighter: transformers' Qwen2RMSNorm computes in float32 even in a float64 model,
+    # which puts ~1e-6 relative noise into the finite difference. A detached or wrong gradient is off by O(1).
+    assert abs(fd - analytic) <= 1e-5 * max(1.0, abs(analytic)), (fd, analytic)
     # and detaching the MLLM output kills it: the test above would fail on a detached MLLM
     original = model.conditioner.run_mllm
     model.conditioner.run_mllm = lambda x, m: original(x.detach(), m)

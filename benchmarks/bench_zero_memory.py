@@ -1,0 +1,250 @@
+"""ZeRO-3 memory per rank and activation-checkpointing memory / time, on CPU.
+
+    python benchmarks/bench_zero_memory.py [--record]      # runs everything, prints a table
+                                                            # (--record appends to RESULTS.md)
+
+Part A (ZeRO-3 scaling): a FluxMMDiT (~25M params) trained one AdamW step by a DeepSpeed
+ZeRO-3 engine under torchrun with 1, 2 and 4 processes (gloo). Per rank we count the bytes
+of every distinct tensor storage the engine holds for parameters, gradients and optimizer
+state: the ZeRO-3 parameter partitions (`ds_tensor`), the optimizer's fp32 partitions and
+gradient buffers, and the Adam moments (walking the optimizer's attributes and state),
+with stage3_param_persistence_threshold 0 (nothing kept whole). Goal: per rank <= 1/N of
+the 1-process figure + 10%.
+
+Part B (activation checkpointing): one process, the same family at a larger sequence,
+forward + backward with `activation_checkpointing` none vs full. Peak activation memory
+is the peak of the running sum of allocator events reported by torch.profiler
+(profile_memory=True) above the level at the start of the step, with gradient buffers
+pre-allocated (so they do not count); step time is the median of 3 timed steps after a
+warm-up. Goal: >= 3x less activation memory for <= 35% more step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("DS_BUILD_OPS", "0")
+
+
+def flux(hidden_heads=8, head_dim=32, layers=4, single=8):
+    from iomm_scale.models.flux_mmdit import FluxConfig, FluxMMDiT
+
+    return FluxMMDiT(FluxConfig(in_channels=64, num_layers=layers, num_single_layers=single, num_heads=hidden_heads,
+                                head_dim=head_dim, context_dim=256, pooled_dim=256, axes_dims_rope=(8, 12, 12),
+                                attention_backend="sdpa"))
+
+
+def batch(n, res, ctx=64, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 16, res, res, generator=g)
+    z = torch.randn(n, 16, res, res, generator=g)
+    t = torch.rand(n, generator=g)
+    tt = t.view(-1, 1, 1, 1)
+    return {"x_t": (1 - tt) * x + tt * z, "t": t, "cond": torch.randn(n, ctx, 256, generator=g),
+            "cond_mask": torch.ones(n, ctx, dtype=torch.bool), "target": z - x}
+
+
+# --------------------------------------------------------------------------- part A
+def _storages(obj, seen: dict, depth=0):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        if obj.numel() and obj.device.type != "meta":
+            st = obj.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return
+    if depth > 3:
+        return
+    if isinstance(obj, dict):
+        for v in obj.values():
+            _storages(v, seen, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _storages(v, seen, depth + 1)
+
+
+def zero_worker(out_path: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from iomm_scale.parallel.config import ParallelConfig
+    from iomm_scale.parallel.groups import init_distributed, init_parallel_state
+    from iomm_scale.parallel.runtime import ParallelRuntime
+
+    init_distributed()
+    torch.set_num_threads(1)
+    lay = init_parallel_state(ParallelConfig(zero_stage=3))
+    torch.manual_seed(0)
+    model = flux()
+    n_params = sum(p.numel() for p in model.parameters())
+    rt = ParallelRuntime.build(model, ParallelConfig(zero_stage=3),
+                               lambda ps: torch.optim.AdamW(ps, lr=1e-4, betas=(0.9, 0.95)),
+                               micro_batch=1, persistence_threshold=0)
+    rt.train_step(batch(1, 16, 16, seed=lay.dp_rank))
+    seen: dict = {}
+    for p in rt.module.parameters():
+        _storages(getattr(p, "ds_tensor", p.data), seen)
+        if p.grad is not None:
+            _storages(p.grad, seen)
+    opt = rt.engine.optimizer
+    for name, v in vars(opt).items():
+        if name in ("optimizer",):
+            continue
+        _storages(v, seen)
+    inner = getattr(opt, "optimizer", opt)
+    _storages([s for s in inner.state.values()], seen)
+    total = sum(seen.values())
+    t = torch.tensor([float(total)])
+    allv = [torch.zeros(1) for _ in range(dist.get_world_size())]
+    dist.all_gather(allv, t)
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump({"world": dist.get_world_size(), "params": n_params, "bytes_per_rank": [float(x) for x in allv]}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def part_a() -> list[dict]:
+    import tempfile
+
+    rows = []
+    for n in (1, 2, 4):
+        out = os.path.join(tempfile.mkdtemp(), "zero.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+               str(29700 + n), os.path.abspath(__file__), "--zero-worker", out]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        if p.returncode != 0:
+            raise RuntimeError(p.stderr[-4000:])
+        rows.append(json.load(open(out)))
+    return rows
+
+
+# --------------------------------------------------------------------------- part B
+def _step(model, b):
+    import torch.nn.functional as F
+
+    loss = F.mse_loss(model(b["x_t"], b["t"], b["cond"], b["cond_mask"]), b["target"])
+    loss.backward()
+
+
+def peak_activation_bytes(model, b) -> int:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    _step(model, b)  # allocate .grad buffers; later backwards accumulate in place
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _step(model, b)
+    # Allocator timeline at op granularity: each op's own (self) allocations minus frees,
+    # plus the "[memory]" events (frees outside any op), in start-time order.
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    level = peak = 0
+    for e in events:
+        level += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        peak = max(peak, level)
+    return int(peak)
+
+
+def step_seconds(model, b, n=3) -> float:
+    _step(model, b)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        _step(model, b)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def part_b() -> dict:
+    import copy
+
+    import torch
+
+    from iomm_scale.parallel.checkpointing import apply_activation_checkpointing
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = flux(layers=4, single=8)
+    b = batch(2, 32, 64)  # 16x16 = 256 image tokens + 64 condition tokens
+    out = {}
+    for mode in ("none", "full"):
+        m = copy.deepcopy(model)
+        apply_activation_checkpointing(m, mode)
+        out[mode] = {"peak_activation_bytes": peak_activation_bytes(m, b), "step_s": step_seconds(m, b)}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--zero-worker")
+    ap.add_argument("--record", action="store_true")
+    ap.add_argument("--part-a-json", help="reuse part A rows written by an earlier run (--save-part-a)")
+    ap.add_argument("--save-part-a", help="write part A rows to this JSON file")
+    args = ap.parse_args()
+    if args.zero_worker:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        zero_worker(args.zero_worker)
+        return
+    a = json.load(open(args.part_a_json)) if args.part_a_json else part_a()
+    if args.save_part_a:
+        json.dump(a, open(args.save_part_a, "w"))
+    b = part_b()
+    base = max(a[0]["bytes_per_rank"])
+    lines = ["| processes | params | max bytes / rank (params+grads+optimizer) | vs 1-process | goal <= |",
+             "|---|---|---|---|---|"]
+    ok_a = True
+    for row in a:
+        n, worst = row["world"], max(row["bytes_per_rank"])
+        goal = base / n * 1.10
+        ok_a &= worst <= goal
+        lines.append(f"| {n} | {row['params']:,} | {worst / 2**20:.1f} MiB | {worst / base:.3f} | {goal / base:.3f} |")
+    none, full = b["none"], b["full"]
+    mem_ratio = none["peak_activation_bytes"] / max(full["peak_activation_bytes"], 1)
+    time_ratio = full["step_s"] / none["step_s"]
+    lines += ["", "| activation checkpointing | peak activation memory | fwd+bwd step |", "|---|---|---|",
+              f"| none | {none['peak_activation_bytes'] / 2**20:.1f} MiB | {none['step_s']:.3f} s |",
+              f"| full | {full['peak_activation_bytes'] / 2**20:.1f} MiB | {full['step_s']:.3f} s |",
+              "", f"memory ratio none/full = {mem_ratio:.2f}x (goal >= 3x: {'met' if mem_ratio >= 3 else 'MISSED'}); "
+              f"time ratio full/none = {time_ratio:.3f} (goal <= 1.35: {'met' if time_ratio <= 1.35 else 'MISSED'}); "
+              f"ZeRO-3 per-rank goal {'met' if ok_a else 'MISSED'}"]
+    table = "\n".join(lines)
+    print(table)
+    if args.record:
+        machine = f"{platform.node()} ({os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}), torch " \
+                  f"{__import__('torch').__version__}, deepspeed {__import__('deepspeed').__version__}, gloo"
+        text = (f"\n### ZeRO-3 memory per rank and activation checkpointing ({datetime.date.today().isoformat()})\n\n"
+                f"Machine: {machine}. Command: `python benchmarks/bench_zero_memory.py --record`.\n"
+                "Part A: FluxMMDiT (hidden 256, 4 double + 8 single blocks), one AdamW step under a DeepSpeed ZeRO-3 "
+                "engine (fp32, persistence threshold 0), bytes of every storage the engine holds for params, "
+                "grads and optimizer state. Part B: one process, batch 2, 256 image + 64 condition tokens, "
+                "forward+backward; peak = running sum of torch.profiler CPU allocator events, grads preallocated; "
+                "time = median of 3 steps. The machine is shared (load average "
+                f"{os.getloadavg()[0]:.1f} at the end), so times are noisy.\n\n" + table + "\n")
+        path = os.path.join(ROOT, "benchmarks", "RESULTS.md")
+        existing = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
+        header = "## Scale-out (issue 5)"
+        if header not in existing:
+            existing = existing.rstrip("\n") + f"\n\n{header}\n"
+        start = existing.index(header) + len(header)
+        nxt = existing.find("\n## ", start)  # keep our entries inside our section
+        cut = len(existing) if nxt < 0 else nxt
+        with open(path, "w") as f:
+            f.write(existing[:cut].rstrip("\n") + "\n" + text + existing[cut:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# One prepared GPU check for a CUDA machine without network (issue 7).
+#
+#   bash benchmarks/gpu_check.sh            # from the repository root; results in $OUT or ./gpu_results
+#
+# Uses only what is installed there (torch, triton, transformers; NOT diffusers or deepspeed)
+# plus wheels carried in ./.whl/ if present (installed with --no-index --no-deps into /tmp/site).
+# Stages (each one's failure is recorded, none stops the others; total < 8 min on an H100):
+#   0 preflight      python / torch / device / which optional modules import
+#   1 pytest -m gpu  every CUDA test of the repository (tests/profiling/test_gpu.py among them)
+#   2 blocks         IOMM-B FLUX double + single block (hidden 1536, 1024 + 256 tokens), bf16,
+#                    fwd + bwd, SDPA and (when importable) flash-attn: ms, TFLOP/s, MFU
+#   3 generator      whole IOMM-B generator step (DiT fwd + bwd + AdamW), bf16 autocast,
+#                    micro-batch 4 / 8 / 16 x checkpointing none / full x attention backends
+#   4 iomm step      the full IOMM-B step (random-weight InternVL3-2B at its real size, feature
+#                    batches: RQA + frozen LLM fwd/bwd + DiT), micro-batch 8, checkpointing full
+#   5 compile        generator step with torch.compile per block (if time is left)
+# Results: $OUT/RESULTS.md (stage table + every table), CSVs and logs beside it.
+set -u
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+OUT=${OUT:-$REPO/gpu_results}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-460}   # stop starting new stages after this many seconds
+SUMMARY="$OUT/stages.tsv"
+: > "$SUMMARY"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+
+elapsed() { echo $(( $(date +%s) - START )); }
+
+# run_stage NAME TIMEOUT_S CMD...: runs CMD with a timeout, logs to $OUT/NAME.log, records rc.
+run_stage() {
+  local name=$1 limit=$2; shift 2
+  local left=$(( BUDGET - $(elapsed) ))
+  if (( left < 30 )); then
+    printf '%s\tskipped\t0\tno time left (%ss used)\n' "$name" "$(elapsed)" >> "$SUMMARY"; return 0
+  fi
+  (( limit > left )) && limit=$left
+  local t0=$(date +%s)
+  echo "=== stage $name (limit ${limit}s) ===" | tee "$OUT/$name.log"
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" >> "$OUT/$name.log" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  local note; note=$(tail -n 3 "$OUT/$name.log" | tr '\t\n' '  ' | cut -c1-200)
+  [[ $rc == 124 || $rc == 137 ]] && note="TIMED OUT after ${limit}s; $note"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$dt" "$note" >> "$SUMMARY"
+  echo "=== stage $name: rc=$rc in ${dt}s ==="
+  return 0
+}
+
+# GPU_CHECK_DRY_RUN=1: the same stages on CPU at toy sizes (checks this script's plumbing, not the GPU)
+DRY=${GPU_CHECK_DRY_RUN:-0}
+B_CFG=configs/b.yaml; MBS=4,8,16; MB=8; BLOCKS=(--gpu-blocks); STEPS=5
+if [[ $DRY == 1 ]]; then
+  B_CFG=configs/tiny.yaml; MBS=2; MB=2; BLOCKS=(--gpu-blocks --dry-run); STEPS=1
+fi
+
+# ---- 0: preflight -------------------------------------------------------------------------
+run_stage preflight 60 $PY - <<'EOF'
+import importlib, platform, sys
+print("python", sys.version.split()[0], platform.platform())
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+    from iomm_scale.profiling.mfu import lookup_peak
+    print("dense bf16 peak (table)", lookup_peak(torch.cuda.get_device_name()))
+for m in ("triton", "transformers", "yaml", "tokenizers", "safetensors", "numpy", "PIL", "skimage", "webdataset",
+          "pytest", "flash_attn", "flash_attn_interface", "diffusers", "deepspeed", "peft"):
+    try:
+        mod = importlib.import_module(m)
+        print(f"  {m:<22s} {getattr(mod, '__version__', 'ok')}")
+    except Exception as e:
+        print(f"  {m:<22s} MISSING ({type(e).__name__})")
+EOF
+
+# ---- 1: the CUDA tests --------------------------------------------------------------------
+if $PY -c "import pytest" >/dev/null 2>&1; then
+  run_stage pytest_gpu 200 $PY -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
+      -o addopts="" tests/ -rs
+else
+  printf 'pytest_gpu\tskipped\t0\tpytest is not installed (carry pytest, pluggy, iniconfig in .whl/)\n' >> "$SUMMARY"
+fi
+
+# ---- 2: IOMM-B blocks, bf16, SDPA / flash -------------------------------------------------
+run_stage blocks 120 $PY benchmarks/bench_throughput.py "${BLOCKS[@]}" --out "$OUT"
+
+# ---- 3: IOMM-B generator step -------------------------------------------------------------
+ATTN=sdpa
+$PY -c "from iomm_scale.models.attention import flash_available as f; raise SystemExit(0 if f() else 1)" \
+    >/dev/null 2>&1 && ATTN=sdpa,flash
+# b.yaml reads webdataset shards; the profile builds synthetic batches, so the data section is neutralised
+B_OVER=(data.source=builtin data.webdataset=null)
+run_stage generator 170 $PY -m iomm_scale.profiling.profile --config $B_CFG "${B_OVER[@]}" \
+    --scope generator --micro-batch $MBS --checkpointing none,full --attention "$ATTN" --steps $STEPS --warmup 2 \
+    --csv "$OUT/generator_step.csv"
+
+# ---- 4: the full IOMM-B step with a random-weight InternVL3-2B ------------------------------
+RF=(--random-frozen); [[ $DRY == 1 ]] && RF=()
+run_stage iomm_step 120 $PY -m iomm_scale.profiling.profile --config $B_CFG "${B_OVER[@]}" \
+    ${RF[@]+"${RF[@]}"} --micro-batch $MB --checkpointing full --attention sdpa --steps $STEPS --warmup 1 \
+    --csv "$OUT/iomm_step.csv"
+
+# ---- 5: torch.compile ------------------------------------------------------------------------
+COMPILE=off,on; [[ $DRY == 1 ]] && COMPILE=off
+run_stage compile 150 $PY -m iomm_scale.profiling.profile --config $B_CFG "${B_OVER[@]}" \
+    --scope generator --micro-batch $MB --checkpointing full --attention sdpa --compile $COMPILE --steps $STEPS --warmup 3 \
+    --no-plan --csv "$OUT/compile.csv"
+
+# ---- report ------------------------------------------------------------------------------------
+{
+  echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ), $(elapsed) s"
+  echo
+  grep -E "^(python|torch|device|dense)" "$OUT/preflight.log" 2>/dev/null | sed 's/^/    /'
+  echo
+  echo "| stage | rc | seconds | last lines |"
+  echo "|---|---|---|---|"
+  while IFS=$'\t' read -r name rc dt note; do echo "| $name | $rc | $dt | ${note//|//} |"; done < "$SUMMARY"
+  echo
+  [[ -f "$OUT/blocks.md" ]] && { echo "## Blocks"; echo; cat "$OUT/blocks.md"; echo; }
+  for s in generator iomm_step compile; do
+    if [[ -f "$OUT/$s.log" ]]; then
+      echo "## $s"; echo; echo '```'
+      grep -E "^(iomm-profile|scope|generator|step) " "$OUT/$s.log" || tail -n 5 "$OUT/$s.log"
+      echo '```'; echo
+    fi
+  done
+  if [[ -f "$OUT/pytest_gpu.log" ]]; then
+    echo "## pytest -m gpu"; echo; echo '```'; tail -n 25 "$OUT/pytest_gpu.log"; echo '```'
+  fi
+} > "$OUT/RESULTS.md"
+echo "results: $OUT/RESULTS.md ($(elapsed) s)"
+cat "$OUT/RESULTS.md"

@@ -1,0 +1,295 @@
+"""Shard lists and the resumable, shuffled raw-sample stream of one (rank, worker) slot.
+
+Positions are exact: a location (shard position in the slot's list for the epoch, raw
+sample index inside that shard, global raw index in the epoch) names the next sample to
+read, so a stream can be re-opened at any chunk start by re-reading (not decoding) at
+most one shard prefix. See stream.py for the guarantee this gives.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import tarfile
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext
+
+log = logging.getLogger("iomm_scale.data")
+
+Location = tuple[int, int, int]  # (shard position, raw index in shard, global raw index in epoch)
+START: Location = (0, 0, 0)
+
+
+def expand_shards(specs: list[str]) -> list[str]:
+    """Shard specs -> URLs: brace patterns, '::'-joined lists and environment variables
+    (webdataset's rules), in the given order."""
+    urls: list[str] = []
+    for spec in specs:
+        urls.extend(expand_urls(spec))
+    return urls
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+class _TailReader:
+    """Passes reads through and keeps the last few chunks, so the end of the archive can be
+    checked: Python's tarfile treats a header cut off at the end of the file as a normal end."""
+
+    def __init__(self, f):
+        self.f, self.pos, self.chunks = f, 0, collections.deque(maxlen=4)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.chunks.append((self.pos, data))
+        self.pos += len(data)
+        return data
+
+    def ends_with_marker(self, offset: int) -> bool:
+        """Is there an all-zero 512-byte block (tar's end-of-archive marker) at `offset`?"""
+        if not self.chunks or offset < self.chunks[0][0]:
+            return False
+        tail = b"".join(d for _, d in self.chunks)[offset - self.chunks[0][0]:][:512]
+        return len(tail) == 512 and not any(tail)
+
+
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
+
+
+def _open_tar(stream) -> tuple[tarfile.TarFile, Callable[[], bool], Callable[[tarfile.TarInfo], bytes]]:
+    """(tar, at_end, read_member): at_end() says whether the end-of-archive marker follows
+    the last member. Plain seekable files are read in random-access mode (one read call per
+    member, skipped members not read at all); pipes, URLs and compressed shards as a stream."""
+    if getattr(stream, "seekable", lambda: False)():
+        head = stream.read(6)
+        stream.seek(0)
+        if not head.startswith(_COMPRESSED):
+            tar = tarfile.open(fileobj=stream, mode="r:")
+
+            def at_end() -> bool:
+                stream.seek(tar.offset)
+                block = stream.read(512)
+                return len(block) == 512 and not any(block)
+
+            def read_member(info: tarfile.TarInfo) -> bytes:
+                # extractfile().read() would go through 8 kB chunks: slow for MB-sized members
+                stream.seek(info.offset_data)
+                data = stream.read(info.size)
+                if len(data) != info.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                return data
+
+            return tar, at_end, read_member
+    reader = _TailReader(stream)
+    tar = tarfile.open(fileobj=reader, mode="r|*")
+    return (tar, lambda: getattr(tar.fileobj, "comptype", "tar") != "tar" or reader.ends_with_marker(tar.offset),
+            lambda info: tar.extractfile(info).read())
+
+
+def read_shard(url: str, skip: int = 0) -> Iterator[dict]:
+    """Raw samples {"__key__", "__url__", ext: bytes, ...} of one shard, in tar order
+    (webdataset's layout: members "<key>.<ext>", consecutive per key), from sample `skip`
+    on (the samples before are not read, only counted).
+
+    Raises on a shard that cannot be opened or read to its end-of-archive marker, after
+    yielding every sample known to be complete: when a member's data is cut off, the
+    samples before that member's key are complete; when the cut is in a header, the sample
+    in progress may lack members and is dropped. (webdataset's group_by_keys also drops the
+    complete sample before a cut, and tarfile takes a cut header for the end: exact counting
+    needs both handled here.)"""
+    stream = gopen(url)
+    current: Optional[dict] = None
+    key, index = None, -1  # the key in progress and its sample index in the shard
+    try:
+        tar, at_end, read_member = _open_tar(stream)
+        while True:
+            info = tar.next()
+            if info is None:
+                break
+            tar.members = []  # tarfile keeps every TarInfo otherwise
+            if not info.isreg():
+                continue
+            prefix, suffix = base_plus_ext(info.name)
+            if prefix is None or (prefix.startswith("__") and prefix.endswith("__")):
+                continue
+            if prefix != key:
+                key, index = prefix, index + 1
+                if current is not None:
+                    yield current
+                    current = None
+            if index < skip:
+                continue
+            data = read_member(info)  # cut off -> raises; `current` is dropped
+            if current is None:
+                current = {"__key__": prefix, "__url__": url}
+            suffix = suffix.lower()
+            if suffix in current:
+                raise ValueError(f"duplicate member {info.name}")
+            current[suffix] = data
+        if not at_end():
+            raise tarfile.ReadError(f"no end-of-archive marker at byte {tar.offset}: the shard is truncated")
+        if current is not None:
+            yield current
+    finally:
+        stream.close()
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """Which shards slot `slot` of `num_slots` (= world_size x workers) reads in an epoch.
+
+    - shard split (#shards >= #slots): every epoch a seeded permutation of all shards,
+      dealt round-robin to the slots; a slot keeps every sample of its shards.
+    - sample split (#shards < #slots): every slot reads the whole permutation and keeps the
+      samples whose global index in the epoch is congruent to its slot.
+    - resample: each slot draws ceil(#shards / #slots) shards with replacement per epoch.
+    """
+
+    urls: tuple[str, ...]
+    stream_id: int
+    seed: int
+    slot: int
+    num_slots: int
+    resample: bool = False
+
+    @property
+    def sample_split(self) -> bool:
+        return not self.resample and len(self.urls) < self.num_slots
+
+    def epoch_urls(self, epoch: int) -> list[str]:
+        n = len(self.urls)
+        if self.resample:
+            rng = np.random.default_rng([self.seed, self.stream_id, epoch, self.slot, 1])
+            return [self.urls[i] for i in rng.integers(0, n, size=math.ceil(n / self.num_slots))]
+        perm = np.random.default_rng([self.seed, self.stream_id, epoch]).permutation(n)
+        order = [self.urls[i] for i in perm]
+        return order if self.sample_split else order[self.slot :: self.num_slots]
+
+    def owns(self, global_index: int) -> bool:
+        return not self.sample_split or global_index % self.num_slots == self.slot
+
+
+def iter_owned(plan: SlotPlan, epoch: int, loc: Location,
+               on_shard_error: Optional[Callable[[str, Exception], None]]) -> Iterator[tuple[Location, dict]]:
+    """(location after the sample, raw sample) for the samples this slot owns, from `loc`
+    to the end of the epoch. A shard that fails to open or read is reported through
+    `on_shard_error` (None = already counted) and the stream goes on with the next shard;
+    the samples read before the failure stay in the stream, so re-reading is identical."""
+    urls = plan.epoch_urls(epoch)
+    pos, skip, gidx = loc
+    while pos < len(urls):
+        url = urls[pos]
+        index = skip
+        try:
+            for sample in read_shard(url, skip):  # a resume skips the consumed prefix unread
+                index += 1
+                gidx += 1
+                if plan.owns(gidx - 1):
+                    yield (pos, index, gidx), sample
+        except Exception as exn:  # unreadable / truncated shard: counted, never fatal here
+            if on_shard_error is not None:
+                on_shard_error(url, exn)
+        pos, skip = pos + 1, 0
+
+
+class ChunkedShuffle:
+    """The slot's stream for one source: epochs of owned samples, shuffled in consecutive
+    chunks of `buffer` samples; chunk c of epoch e is permuted by rng(seed, stream, e, slot, c).
+
+    State (JSON-friendly): {"epoch", "chunk", "loc" (where the chunk starts), "offset"
+    (samples of the chunk already handed out), "done"}. Restoring it re-reads the chunk
+    from `loc` (raw bytes only) and continues exactly where the saved stream was.
+    """
+
+    def __init__(self, plan: SlotPlan, buffer: int, epochs: Optional[int],
+                 on_shard_error: Callable[[str, Exception], None], state: Optional[dict] = None):
+        self.plan, self.buffer, self.epochs = plan, buffer, epochs
+        self.on_shard_error = on_shard_error
+        state = state or {}
+        self.epoch = int(state.get("epoch", 0))
+        self.chunk = int(state.get("chunk", 0))
+        self.loc: Location = tuple(state.get("loc", START))  # type: ignore[assignment]
+        self.offset = int(state.get("offset", 0))
+        self.done = bool(state.get("done", False))
+        self._items: Optional[list[dict]] = None
+        self._next_loc: Location = self.loc
+        self._restoring = state.get("chunk_filled", False)
+        self._empty_epochs = 0
+        self._reader: Optional[Iterator] = None  # the open shard reader, positioned at _reader_at
+        self._reader_at: tuple = ()
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "chunk": self.chunk, "loc": list(self.loc), "offset": self.offset,
+                "done": self.done, "chunk_filled": self._items is not None}
+
+    def ref(self, offset: int) -> list:
+        """A reference to the sample handed out at `offset` of the current chunk."""
+        return [self.plan.stream_id, self.epoch, self.chunk, list(self.loc), offset]
+
+    def _read_chunk(self, epoch: int, chunk: int, loc: Location, count_errors: bool) -> tuple[list[dict], Location]:
+        # Going forward, the open shard reader continues where the last chunk stopped; only a
+        # restore re-opens a shard and skips its consumed prefix.
+        if count_errors and self._reader is not None and self._reader_at == (epoch, loc):
+            it = self._reader
+        else:
+            it = iter_owned(self.plan, epoch, loc, self.on_shard_error if count_errors else None)
+        if self._reader is not None and self._reader is not it and count_errors:
+            self._reader.close()
+        items, end = [], loc
+        for end, sample in it:
+            items.append(sample)
+            if len(items) == self.buffer:
+                break
+        if count_errors:
+            self._reader, self._reader_at = it, (epoch, end)
+        else:
+            it.close()
+        if len(items) > 1:
+            rng = np.random.default_rng([self.plan.seed, self.plan.stream_id, epoch, self.plan.slot, chunk, 2])
+            items = [items[i] for i in rng.permutation(len(items))]
+        return items, end
+
+    def read_chunk(self, epoch: int, chunk: int, loc: Location) -> list[dict]:
+        """Re-read a chunk in its shuffled order, errors not re-counted (to refill the
+        buckets of a resumed worker: `ref()` names a sample by chunk and offset)."""
+        return self._read_chunk(epoch, chunk, tuple(loc), count_errors=False)[0]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        while not self.done:
+            if self._items is None:
+                # A restored chunk was read (and its shard errors counted) before the save.
+                self._items, self._next_loc = self._read_chunk(self.epoch, self.chunk, self.loc,
+                                                               count_errors=not self._restoring)
+                self._restoring = False
+            if self.offset < len(self._items):
+                sample = self._items[self.offset]
+                self.offset += 1
+                return sample
+            if len(self._items) < self.buffer:  # short chunk: the epoch is over
+                self._end_epoch(had_samples=self.chunk > 0 or len(self._items) > 0)
+            else:
+                self.chunk, self.loc, self.offset = self.chunk + 1, self._next_loc, 0
+            self._items = None
+        raise StopIteration
+
+    def _end_epoch(self, had_samples: bool) -> None:
+        self._empty_epochs = 0 if had_samples else self._empty_epochs + 1
+        self.epoch, self.chunk, self.loc, self.offset = self.epoch + 1, 0, START, 0
+        if self.epochs is not None and self.epoch >= self.epochs:
+            self.done = True
+        elif self.epochs is None and self._empty_epochs >= 3:  # looping over nothing would hang the trainer
+            from .errors import NoDataError
+
+            raise NoDataError(f"slot {self.plan.slot} of {self.plan.num_slots} read no sample in 3 consecutive epochs of "
+                              f"{len(self.plan.epoch_urls(self.epoch))} shard(s), e.g. {self.plan.urls[0]}: "
+                              "all unreadable or empty, or fewer samples than ranks x workers")

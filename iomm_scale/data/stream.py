@@ -1,0 +1,382 @@
+"""Webdataset training streams: rank / worker split, shuffling, the image-only / paired
+mixture, preprocessing, aspect buckets, bad-data counting, exact mid-epoch resume.
+
+    loader = build_webdataset_loader(cfg, resolution=512, batch_size=32, rank=r, world_size=n, seed=0)
+    for batch in loader:          # {"pixels" [B,3,R,R] in [-1,1], "captions", "keys"}
+        ...                       # (feature shards: "latents", "vision_features" instead of pixels)
+        ckpt["data"] = loader.state_dict()
+    loader.load_state_dict(ckpt["data"])   # in a new process: continues exactly
+
+How samples are dealt. There are S = world_size x max(1, num_workers) slots; slot
+s = rank x workers + worker. Each epoch the shards are permuted by (seed, epoch) and dealt
+round-robin to the slots (when there are fewer shards than slots, every slot reads all of
+them and keeps every S-th sample instead). A slot reads its shards in order and shuffles
+consecutive chunks of `shuffle_buffer` samples with a permutation drawn from
+(seed, stream, epoch, slot, chunk). With both image-only and paired shards, draw d of a
+slot is image-only with probability lambda, from a uniform number drawn from
+(seed, slot, d). Each worker forms whole batches (per aspect bucket) and the DataLoader
+returns them round-robin over the workers, in order.
+
+The guarantee (exact):
+  * Every epoch (without `resample`) each sample of the shard set goes to exactly one
+    (rank, worker) and is yielded exactly once, unless it is bad (skipped and counted).
+  * The sequence of batches is a pure function of (shards, seed, rank, world_size,
+    num_workers, batch_size, resolution, the options): the same on every run.
+  * After `load_state_dict(state_dict())`, in a new process, the loader yields exactly the
+    batches the uninterrupted loader would have yielded next, in the same order:
+    nothing repeated, nothing skipped, pixel for pixel. Every batch carries its worker's
+    position (epoch, chunk start location, offset in chunk, draw counter, the samples
+    waiting in partially filled buckets), so a resume re-reads at most one chunk per
+    stream (raw bytes, not decoded) plus the chunks holding bucketed samples. A resume
+    needs the same rank, world size, worker count, batch size, resolution, seed, shard
+    list and options; `load_state_dict` refuses anything else (or, with strict=False,
+    restarts at the saved epoch, losing exactness).
+  * Shard errors and bad samples are counted once, also across resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import weakref
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .config import WebDatasetConfig, parse_bucket
+from .errors import BadDataCounter, BadSample, DataErrorBudgetExceeded, check_budget, merge_stats
+from .features import LATENTS, VISION, decode_features
+from .preprocess import bucket_sizes, caption_of, decode_image_chw, image_member
+from .shards import ChunkedShuffle, SlotPlan, expand_shards
+
+log = logging.getLogger("iomm_scale.data")
+
+IMAGE, PAIRED = 0, 1
+STREAM_NAMES = {IMAGE: "image", PAIRED: "paired"}
+_DRAW_BLOCK = 1024  # mixture draws come in blocks drawn from (seed, slot, block)
+
+
+class _Worker:
+    """The batches of one (rank, worker) slot, resumable from a state dict."""
+
+    def __init__(self, cfg: WebDatasetConfig, urls: dict[int, list[str]], resolution: int, batch_size: int,
+                 rank: int, workers: int, world_size: int, seed: int, logical: int, state: Optional[dict]):
+        state = state or {}
+        self.cfg, self.resolution, self.batch_size = cfg, resolution, batch_size
+        slot, num_slots = rank * workers + logical, world_size * workers
+        self.slot, self.seed, self.logical = slot, seed, logical
+        self.where = f"on rank {rank}, data worker {logical}"
+        self.counter = BadDataCounter(cfg.warn_first, cfg.warn_interval_s, state.get("stats"))
+        saved = state.get("streams", {})
+        self.streams = {
+            sid: ChunkedShuffle(SlotPlan(tuple(u), sid, seed, slot, num_slots, cfg.resample), cfg.shuffle_buffer,
+                                cfg.epochs, self.counter.shard_error, saved.get(str(sid)))
+            for sid, u in urls.items() if u}
+        self.lam = cfg.image_only_fraction if PAIRED in self.streams else 1.0
+        self.draws = int(state.get("draws", 0))
+        self.batches = int(state.get("batches", 0))
+        self.done = bool(state.get("done", False))
+        self.buckets_px = bucket_sizes(resolution, [parse_bucket(b) for b in cfg.buckets], cfg.bucket_multiple) \
+            if cfg.buckets else None
+        self._block_index, self._block = -1, None
+        # bucket key -> [(item, caption, key, ref)], in arrival order (dicts keep insertion order)
+        self.buckets: dict[tuple, list] = {}
+        self._restore_pending(state.get("pending", []))
+
+    # -- mixture ------------------------------------------------------------------------
+    def _draw_image_only(self) -> bool:
+        block, i = divmod(self.draws, _DRAW_BLOCK)
+        if block != self._block_index:
+            self._block = np.random.default_rng([self.seed, 3, self.slot, block]).random(_DRAW_BLOCK)
+            self._block_index = block
+        self.draws += 1
+        return bool(self._block[i] < self.lam)
+
+    # -- decoding -----------------------------------------------------------------------
+    def _decode(self, sample: dict, image_only: bool):
+        """-> (bucket key, item, caption); raises BadSample. The first failing check wins:
+        missing member, caption (paired only), payload."""
+        if self.cfg.features:
+            if LATENTS not in sample or VISION not in sample:
+                raise BadSample("missing_image", f"feature sample lacks {LATENTS} / {VISION}")
+            caption = None if image_only else caption_of(sample)
+            lat, vis = decode_features(sample, self.resolution)
+            return (tuple(lat.shape), tuple(vis.shape), lat.dtype, vis.dtype), (lat, vis), caption
+        _, data = image_member(sample)
+        caption = None if image_only else caption_of(sample)
+        chw = decode_image_chw(data, self.resolution, buckets=self.buckets_px,
+                               min_size_fraction=self.cfg.min_size_fraction, min_image_size=self.cfg.min_image_size,
+                               max_image_pixels=self.cfg.max_image_pixels)
+        return tuple(chw.shape), chw, caption
+
+    def _restore_pending(self, refs: list) -> None:
+        """Refill partially filled buckets from their references (re-read, not re-counted)."""
+        chunks: dict[tuple, list] = {}
+        for ref in refs:
+            sid, epoch, chunk, loc, offset, image_only = ref
+            ck = (sid, epoch, chunk, tuple(loc))
+            if ck not in chunks:
+                chunks[ck] = self.streams[sid].read_chunk(epoch, chunk, tuple(loc))
+            sample = chunks[ck][offset]
+            bkey, item, caption = self._decode(sample, image_only)  # decoded fine before the save
+            self.buckets.setdefault(bkey, []).append((item, caption, sample["__key__"], list(ref)))
+
+    # -- batches ------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"streams": {str(sid): s.state() for sid, s in self.streams.items()}, "draws": self.draws,
+                "batches": self.batches, "done": self.done,
+                "pending": [e[3] for bucket in self.buckets.values() for e in bucket],
+                "stats": self.counter.snapshot()}
+
+    def _emit(self, entries: Optional[list]) -> dict:
+        batch = None
+        if entries is not None:
+            self.batches += 1
+            if self.cfg.features:
+                lat, vis = [e[0][0] for e in entries], [e[0][1] for e in entries]
+                batch = {"latents": torch.stack(lat, out=_alloc((len(lat), *lat[0].shape), lat[0].dtype)),
+                         "vision_features": torch.stack(vis, out=_alloc((len(vis), *vis[0].shape), vis[0].dtype))}
+            else:
+                pixels = _alloc((len(entries), *entries[0][0].shape))
+                for i, e in enumerate(entries):
+                    pixels[i].copy_(e[0])  # uint8 [3, H, W] -> float32
+                batch = {"pixels": pixels.div_(127.5).sub_(1.0)}  # as the built-in set: x / 127.5 - 1
+            batch["captions"] = [e[1] for e in entries]
+            batch["keys"] = [e[2] for e in entries]
+        return {"worker": self.logical, "batch": batch, "state": self.state()}
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.done and not self.buckets:  # finished before the save
+            return
+        while not self.done:
+            image_only = self._draw_image_only()
+            sid = IMAGE if (image_only and IMAGE in self.streams) or PAIRED not in self.streams else PAIRED
+            stream = self.streams[sid]
+            try:
+                sample = next(stream)
+            except StopIteration:
+                self.done = True
+                break
+            ref = stream.ref(stream.offset - 1) + [image_only]
+            try:
+                bkey, item, caption = self._decode(sample, image_only)
+            except BadSample as bad:
+                self._bad(bad.reason, sample, bad.detail)
+                continue
+            except Exception as exn:  # a decoder bug on odd input must not kill the run
+                self._bad("decode_error", sample, f"{type(exn).__name__}: {exn}")
+                continue
+            self.counter.good()
+            bucket = self.buckets.setdefault(bkey, [])
+            bucket.append((item, caption, sample["__key__"], ref))
+            if len(bucket) == self.batch_size:
+                del self.buckets[bkey]
+                yield self._emit(bucket)
+        # A finite stream ended (possibly before a save, in the middle of this flush): the
+        # partial batches, then a marker carrying the final state.
+        while self.buckets:
+            bucket = self.buckets.pop(next(iter(self.buckets)))
+            if not self.cfg.drop_last:
+                yield self._emit(bucket)
+        yield self._emit(None)
+
+    def _bad(self, reason: str, sample: dict, detail: str) -> None:
+        self.counter.bad_sample(reason, sample.get("__url__", "?"), sample.get("__key__", "?"), detail)
+        # Safety net for a worker stuck in a bad stretch (the main process checks the rank total).
+        check_budget(merge_stats([self.counter.snapshot()]), self.cfg.error_budget,
+                     self.cfg.min_samples_before_budget, self.where)
+
+
+class _WorkerDataset(IterableDataset):
+    """What the DataLoader workers run: physical worker p plays logical worker
+    (p + rotation) % n, so a resumed loader continues the round-robin where it stopped."""
+
+    def __init__(self, loader: "WebDatasetLoader", rotation: int):
+        self.args = (loader.cfg, loader.urls, loader.resolution, loader.batch_size)
+        self.rank, self.world_size, self.seed = loader.rank, loader.world_size, loader.seed
+        self.n = loader.slots_per_rank
+        self.states = dict(loader._states)
+        self.rotation = rotation
+
+    def __iter__(self):
+        info = get_worker_info()
+        logical = ((info.id if info else 0) + self.rotation) % self.n
+        yield from _Worker(*self.args, rank=self.rank, workers=self.n, world_size=self.world_size, seed=self.seed,
+                           logical=logical, state=self.states.get(logical))
+
+
+def _alloc(shape, dtype=torch.float32) -> torch.Tensor:
+    """A batch tensor; in a DataLoader worker it is created in shared memory, so handing it
+    to the main process copies nothing. (Conversion happens here, in the single-threaded
+    worker, so the trainer's process does no per-batch work.)"""
+    shape = tuple(shape)
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    # Straight into shared memory (as DataLoader's default collate): empty().share_memory_()
+    # would fault in private pages and copy them first.
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def _identity(x):
+    return x
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # decoding is per-sample; intra-op threads only oversubscribe
+
+
+class WebDatasetLoader:
+    """Iterator of batches with exact resume; see the module docstring for the guarantee.
+    `iter(loader)` is the loader itself, so the stream continues across `for` loops."""
+
+    def __init__(self, cfg: WebDatasetConfig, resolution: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0):
+        problems = cfg.validate() or cfg.missing_shards()
+        if resolution < 1 or batch_size < 1:
+            problems.append(("resolution/batch_size", f"must be >= 1, got {resolution} / {batch_size}"))
+        if seed < 0:
+            problems.append(("seed", f"must be >= 0 (it seeds numpy's SeedSequence), got {seed}"))
+        if not 0 <= rank < world_size:
+            problems.append(("rank", f"must be in [0, world_size={world_size}), got {rank}"))
+        if problems:
+            raise ValueError("invalid data.webdataset config:\n" +
+                             "\n".join(f"  data.webdataset.{k}: {m}" for k, m in problems))
+        self.cfg, self.resolution, self.batch_size = cfg, resolution, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.urls = {IMAGE: expand_shards(cfg.image_shards), PAIRED: expand_shards(cfg.paired_shards)}
+        self.slots_per_rank = max(1, cfg.num_workers)
+        for sid, urls in self.urls.items():
+            if urls and len(urls) < world_size * self.slots_per_rank and not cfg.resample:
+                log.warning("%d %s shards for %d ranks x %d workers: every slot reads every shard and keeps its "
+                            "share of samples (more I/O); write more, smaller shards", len(urls),
+                            STREAM_NAMES[sid], world_size, self.slots_per_rank)
+        self._states: dict[int, dict] = {}  # logical worker -> state carried by its latest batch
+        self._next_worker = 0
+        self._batches = 0
+        self._it: Optional[Iterator[dict]] = None
+        self._pin = cfg.pin_memory and torch.cuda.is_available()
+
+    # -- iteration ----------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = _generate(weakref.ref(self), self._source())
+        return next(self._it)
+
+    def _source(self) -> Iterator[dict]:
+        dataset = _WorkerDataset(self, rotation=self._next_worker)
+        if self.cfg.num_workers == 0:
+            return iter(dataset)
+        return iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
+                               prefetch_factor=self.cfg.prefetch_factor, collate_fn=_identity,
+                               worker_init_fn=_worker_init, persistent_workers=False))
+
+    def _consume(self, out: dict) -> Optional[dict]:
+        w = out["worker"]
+        self._states[w] = out["state"]
+        self._next_worker = (w + 1) % self.slots_per_rank
+        if out["batch"] is None:  # end-of-stream marker: state only
+            return None
+        self._batches += 1
+        check_budget(self.stats(), self.cfg.error_budget, self.cfg.min_samples_before_budget, f"on rank {self.rank}")
+        return self._finish(out["batch"])
+
+    def _finish(self, batch: dict) -> dict:
+        if self._pin:
+            for k in ("pixels", "latents", "vision_features"):
+                if k in batch:
+                    batch[k] = batch[k].pin_memory()
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker processes (the state is kept; iterating again resumes)."""
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+
+    # -- state --------------------------------------------------------------------------
+    def _fingerprint(self) -> dict:
+        c = self.cfg
+        shards = hashlib.sha1("\n".join(self.urls[IMAGE] + ["--"] + self.urls[PAIRED]).encode()).hexdigest()
+        return {"rank": self.rank, "world_size": self.world_size, "num_workers": c.num_workers, "seed": self.seed,
+                "batch_size": self.batch_size, "resolution": self.resolution, "shards": shards,
+                "options": [c.image_only_fraction, c.features, c.shuffle_buffer, c.epochs, c.resample, c.drop_last,
+                            list(c.buckets), c.bucket_multiple, c.min_size_fraction, c.min_image_size,
+                            c.max_image_pixels]}
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position of the stream after the last batch yielded."""
+        return {"version": 1, "fingerprint": self._fingerprint(), "next_worker": self._next_worker,
+                "batches": self._batches, "workers": {str(w): s for w, s in self._states.items()}}
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        self.close()
+        mine, saved = self._fingerprint(), state.get("fingerprint", {})
+        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v]
+        if not changed:
+            self._states = {int(w): s for w, s in state["workers"].items()}
+            self._next_worker, self._batches = int(state["next_worker"]), int(state["batches"])
+            return
+        if strict:
+            raise ValueError("cannot resume the data stream exactly, the setup changed: " + "; ".join(changed) +
+                             ". Use load_state_dict(state, strict=False) to restart at the saved epoch instead.")
+        # Not exact: every worker restarts at the oldest saved epoch of each stream; counters are kept.
+        log.warning("data stream resumed inexactly (%s): restarting at the saved epoch", "; ".join(changed))
+        epochs = {sid: min((w["streams"][sid]["epoch"] for w in state["workers"].values() if sid in w["streams"]),
+                           default=0) for sid in ("0", "1")}
+        merged = merge_stats([w["stats"] for w in state["workers"].values() if w.get("stats")])
+        self._states = {w: {"streams": {sid: {"epoch": e} for sid, e in epochs.items()},
+                            "stats": {"ok": merged["ok"], "reasons": merged["reasons"]} if w == 0 else None}
+                        for w in range(self.slots_per_rank)}
+        self._next_worker, self._batches = 0, int(state.get("batches", 0))
+
+    def stats(self) -> dict:
+        """Rank-local counters: totals (seen / ok / bad / shard_errors / bad_fraction), per-reason
+        counts, the worst shards, batches yielded and the epoch each stream is in (the oldest
+        over workers). Sum "seen", "ok", "bad" and the reasons over ranks for global figures."""
+        out = merge_stats([s["stats"] for s in self._states.values() if s.get("stats")])
+        out["batches"] = self._batches
+        out["epochs"] = {STREAM_NAMES[int(sid)]: min(s["streams"][sid]["epoch"] for s in self._states.values())
+                         for sid in ("0", "1") if self._states and all(sid in s["streams"] for s in self._states.values())}
+        return out
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _generate(loader_ref, source: Iterator[dict]) -> Iterator[dict]:
+    # Holds the loader only weakly: a dropped loader is freed at once (no reference cycle
+    # waiting for the garbage collector), which stops its worker processes.
+    try:
+        for out in source:
+            loader = loader_ref()
+            if loader is None:
+                return
+            batch = loader._consume(out)
+            del loader
+            if batch is not None:
+                yield batch
+    finally:
+        # Stop the workers now, also when an error propagates: its traceback would keep the
+        # DataLoader iterator alive until a garbage collection, which then waits on them.
+        shutdown = getattr(source, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def build_webdataset_loader(cfg: WebDatasetConfig, resolution: int, batch_size: int, rank: int, world_size: int,
+                            seed: int) -> WebDatasetLoader:
+    """The trainer's entry point (see WebDatasetLoader and the module docstring)."""
+    return WebDatasetLoader(cfg, resolution, batch_size, rank, world_size, seed)
+
+
+__all__ = ["WebDatasetLoader", "build_webdataset_loader", "DataErrorBudgetExceeded"]

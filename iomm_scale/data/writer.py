@@ -1,0 +1,203 @@
+"""Writing image shards (the library side of tools/make_shards.py).
+
+Inputs: a folder of images with optional sidecars (`name.txt` caption, `name.json`
+metadata whose "caption" / "text" / "prompt" field also counts as the caption), or a JSONL
+manifest with one {"image": path, "caption": ..., "key": ..., ...} per line. Every image
+is checked the way the training reader would (so bad files are rejected once, here, not
+every epoch), optionally downscaled, and written with webdataset's ShardWriter.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from multiprocessing import get_all_start_methods, get_context
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .preprocess import CAPTION_JSON_FIELDS, IMAGE_EXTS, failure_reason, looks_truncated, to_rgb
+
+_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "PPM": "ppm"}
+
+
+@dataclass
+class ShardSummary:
+    written: int = 0
+    shards: list[str] = field(default_factory=list)
+    bytes: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def format(self) -> str:
+        lines = [f"written: {self.written} samples in {len(self.shards)} shards ({self.bytes / 1e6:.1f} MB)"]
+        if self.shards:
+            lines.append(f"shards:  {brace_pattern(self.shards)}")
+        total = sum(self.rejected.values())
+        lines.append(f"rejected: {total}" + "".join(f"\n  {r}: {n}" for r, n in sorted(self.rejected.items())))
+        return "\n".join(lines)
+
+
+def brace_pattern(paths: list[str]) -> str:
+    """['d/img-000000.tar', ..., 'd/img-000009.tar'] -> 'd/img-{000000..000009}.tar' (for configs)."""
+    m0, m1 = re.search(r"(\d+)(\D*)$", paths[0]), re.search(r"(\d+)(\D*)$", paths[-1])
+    if len(paths) == 1 or not m0 or not m1:
+        return paths[0] if len(paths) == 1 else "::".join(paths)
+    return f"{paths[0][:m0.start(1)]}{{{m0.group(1)}..{m1.group(1)}}}{m0.group(2)}"
+
+
+def _key_for(rel: str) -> str:
+    stem = os.path.splitext(rel)[0].replace(os.sep, "/")
+    return stem.replace(".", "_")  # webdataset splits the key at the first dot
+
+
+def _caption_from_meta(meta: dict) -> Optional[str]:
+    for k in CAPTION_JSON_FIELDS:
+        if isinstance(meta.get(k), str):
+            return meta[k]
+    return None
+
+
+def scan_folder(root: str) -> Iterator[dict]:
+    """Entries {"path", "key", "caption", "meta"} for the images under `root` (sorted), with
+    their sidecar `.txt` / `.json` files."""
+    exts = {"." + e for e in IMAGE_EXTS}
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in exts:
+                continue
+            path = os.path.join(dirpath, name)
+            caption, meta = None, None
+            if os.path.exists(os.path.join(dirpath, stem + ".txt")):
+                with open(os.path.join(dirpath, stem + ".txt"), encoding="utf-8", errors="replace") as f:
+                    caption = f.read()
+            if os.path.exists(os.path.join(dirpath, stem + ".json")):
+                try:
+                    with open(os.path.join(dirpath, stem + ".json"), encoding="utf-8") as f:
+                        meta = json.load(f)
+                except ValueError:
+                    meta = {"_unparseable": True}
+                if caption is None and isinstance(meta, dict):
+                    caption = _caption_from_meta(meta)
+            key = _key_for(os.path.relpath(path, root))
+            while key in seen:  # a.jpg and a.png
+                key += "_"
+            seen.add(key)
+            yield {"path": path, "key": key, "caption": caption, "meta": meta}
+
+
+def scan_manifest(manifest: str) -> Iterator[dict]:
+    """Entries from a JSONL manifest: "image" (path, relative to the manifest's folder),
+    optional "caption" and "key"; other fields are kept as the sample's .json."""
+    base = os.path.dirname(os.path.abspath(manifest))
+    seen: set[str] = set()
+    with open(manifest, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "image" not in row:
+                raise ValueError(f"{manifest}:{lineno}: no 'image' field")
+            path = row.pop("image")
+            path = path if os.path.isabs(path) else os.path.join(base, path)
+            key = _key_for(str(row.pop("key", None) or os.path.relpath(path, base)))
+            if key in seen:
+                raise ValueError(f"{manifest}:{lineno}: duplicate key {key!r}")
+            seen.add(key)
+            caption = row.pop("caption", None)
+            yield {"path": path, "key": key, "caption": caption, "meta": row or None}
+
+
+def _prepare(job: tuple) -> tuple[str, object]:
+    """One entry -> ("ok", record) or (reason, detail). Runs in a worker process."""
+    entry, opts = job
+    try:
+        with open(entry["path"], "rb") as f:
+            data = f.read()
+    except OSError as exn:
+        return "unreadable_file", str(exn)
+    if not data:
+        return "empty_payload", ""
+    caption = entry.get("caption")
+    if opts["require_caption"]:
+        if caption is None:
+            return "missing_caption", ""
+        if not str(caption).strip():
+            return "empty_caption", ""
+    try:
+        im = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, SyntaxError, ValueError, OSError) as exn:
+        return failure_reason(data, exn), str(exn)
+    fmt, (w, h) = im.format, im.size
+    if min(w, h) < opts["min_size"]:
+        return "too_small", f"{w}x{h}"
+    try:
+        if opts["verify"]:
+            im.load()  # full decode: catches truncated files once, here
+    except Exception as exn:
+        return ("truncated_image" if "truncated" in str(exn) or looks_truncated(data) else "decode_error"), str(exn)
+    ext = _FORMAT_EXT.get(fmt)
+    max_side = opts["max_side"]
+    if ext is None or (max_side and max(w, h) > max_side):
+        # Re-encode: unknown container, or shrink so shards stay small (orientation baked in).
+        im = ImageOps.exif_transpose(im)
+        if max_side and max(im.size) > max_side:
+            s = max_side / max(im.size)
+            im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        to_rgb(im).save(buf, "JPEG", quality=opts["quality"])
+        data, ext = buf.getvalue(), "jpg"
+    record = {"__key__": entry["key"], ext: data}
+    if caption is not None:
+        record["txt"] = str(caption).encode("utf-8")
+    if entry.get("meta") is not None:
+        record["json"] = json.dumps(entry["meta"]).encode("utf-8")
+    return "ok", record
+
+
+def make_shards(entries: Iterable[dict], out_pattern: str, *, max_count: int = 10_000, max_size_mb: float = 1000.0,
+                min_size: int = 0, require_caption: bool = False, verify: bool = True, shuffle: bool = True,
+                seed: int = 0, max_side: Optional[int] = None, quality: int = 95, workers: int = 1) -> ShardSummary:
+    """Check and write `entries` (from scan_folder / scan_manifest) to shards named
+    `out_pattern % i` (e.g. "out/img-%06d.tar"), at most `max_count` samples and about
+    `max_size_mb` MB each. `shuffle` permutes the samples with `seed` first, so each shard
+    is a random slice (the loader's shuffle buffer then only mixes within a chunk)."""
+    entries = list(entries)
+    if shuffle:
+        entries = [entries[i] for i in np.random.default_rng(seed).permutation(len(entries))]
+    opts = {"require_caption": require_caption, "min_size": min_size, "verify": verify, "max_side": max_side,
+            "quality": quality}
+    os.makedirs(os.path.dirname(os.path.abspath(out_pattern % 0)), exist_ok=True)
+    summary = ShardSummary()
+    jobs = ((e, opts) for e in entries)
+    # fork where there is one: workers only run PIL, and spawning would re-import torch in each
+    pool = get_context("fork" if "fork" in get_all_start_methods() else "spawn").Pool(workers) if workers > 1 else None
+    results = pool.imap(_prepare, jobs, chunksize=16) if pool else map(_prepare, jobs)
+    sink = None
+    try:
+        for status, payload in results:
+            if status != "ok":
+                summary.rejected[status] = summary.rejected.get(status, 0) + 1
+                continue
+            if sink is None:  # opened lazily: no empty shard when everything is rejected
+                sink = wds.ShardWriter(out_pattern, maxcount=max_count, maxsize=max_size_mb * 1e6, verbose=0,
+                                       encoder=False, mtime=0)
+            sink.write(payload)
+            if sink.fname not in summary.shards:
+                summary.shards.append(sink.fname)
+            summary.written += 1
+            summary.bytes += sum(len(v) for k, v in payload.items() if not k.startswith("__"))
+    finally:
+        if sink is not None:
+            sink.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return summary

@@ -1,0 +1,101 @@
+"""Activation checkpointing applied from outside the model files.
+
+    none      keep every activation
+    full      recompute every block of `generator.blocks()` in backward
+    every_k   recompute blocks 0, k, 2k, ... (a memory / compute dial)
+
+plus, separately, the frozen MLLM forward of the conditioner (`checkpoint_mllm`): it has
+no trainable weights but gradients flow through it into the RQA, so its activations
+are kept unless it is checkpointed too.
+
+torch.utils.checkpoint with use_reentrant=False: it works with inputs that do not require
+grad, with keyword arguments, with megatron's TP collectives inside the block (they are
+re-run in the same order on every TP rank during recompute) and with DeepSpeed ZeRO-3
+(its parameter fetch hooks fire again for the submodules during recompute). The RNG
+state is restored on recompute, so dropout-style randomness replays identically.
+
+The block's own `forward` is wrapped on the instance, so module names, state-dict keys,
+hooks and `blocks()` identity are untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _checkpointed_forward(original, *args, **kwargs):
+    return checkpoint(original, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_module(module: nn.Module) -> nn.Module:
+    """Recompute `module`'s forward in backward. Idempotent."""
+    if getattr(module, "_iomm_checkpointed", False):
+        return module
+    original = module.forward
+    module.forward = functools.partial(_checkpointed_forward, original)
+    module._iomm_checkpointed = True
+    module._iomm_original_forward = original
+    return module
+
+
+def uncheckpoint_module(module: nn.Module) -> nn.Module:
+    if getattr(module, "_iomm_checkpointed", False):
+        del module.forward  # back to the class's forward
+        del module._iomm_original_forward
+        module._iomm_checkpointed = False
+    return module
+
+
+def select_blocks(num_blocks: int, mode: str, every_k: int = 1) -> list[int]:
+    if mode == "none":
+        return []
+    if mode == "full":
+        return list(range(num_blocks))
+    if mode == "every_k":
+        if every_k < 1:
+            raise ValueError(f"checkpoint_every_k must be >= 1, got {every_k}")
+        return list(range(0, num_blocks, every_k))
+    raise ValueError(f"activation_checkpointing must be none | full | every_k, got {mode!r}")
+
+
+def apply_activation_checkpointing(generator: nn.Module, mode: str = "full", every_k: int = 1,
+                                   blocks: list[nn.Module] | None = None) -> list[int]:
+    """Checkpoint the selected blocks of `generator.blocks()`; returns their indices."""
+    blocks = list(blocks if blocks is not None else generator.blocks())
+    chosen = select_blocks(len(blocks), mode, every_k)
+    for i, block in enumerate(blocks):
+        if i in chosen:
+            checkpoint_module(block)
+        else:
+            uncheckpoint_module(block)
+    return chosen
+
+
+def find_mllm(model: nn.Module) -> nn.Module | None:
+    """The frozen MLLM inside an IOMM model / conditioner, by the conventional names."""
+    for owner in (model, getattr(model, "conditioner", None)):
+        if owner is None:
+            continue
+        for name in ("mllm", "language_model", "llm"):
+            m = getattr(owner, name, None)
+            if isinstance(m, nn.Module):
+                return m
+    return None
+
+
+def apply_to_model(model: nn.Module, mode: str, every_k: int = 1, checkpoint_mllm: bool = False) -> dict:
+    """Apply the `parallel.activation_checkpointing` settings to an IOMM model (with
+    `.generator`) or to a bare generator. Returns what was wrapped."""
+    generator = getattr(model, "generator", model)
+    done = {"blocks": apply_activation_checkpointing(generator, mode, every_k), "mllm": False}
+    if checkpoint_mllm:
+        mllm = find_mllm(model)
+        if mllm is None:
+            raise ValueError("parallel.checkpoint_mllm is true but the model has no conditioner MLLM "
+                             "(looked for .mllm / .conditioner.mllm / .language_model)")
+        checkpoint_module(mllm)
+        done["mllm"] = True
+    return done

@@ -1,0 +1,335 @@
+"""The multi-process training loop behind launchers/*.py (DeepSpeed engine + megatron groups).
+
+Same run config and command line as `iomm-train`, plus the `parallel` section (see
+parallel/config.py). The single-process `train/trainer.py` stays the reference: this
+loop reuses its model builder, data loader and learning-rate schedule, and replaces the
+step with `ParallelRuntime.train_step` (TP / PP / ZeRO / activation checkpointing).
+
+Per step, every data-parallel rank takes `micro-batches` loader batches (data.batch_size
+samples each, its own share of the data: the loader is built with rank = dp rank,
+world = dp size); TP ranks and pipeline stages of one replica read the same batches.
+Global batch = data.batch_size x micro-batches x dp.
+
+Checkpoints: DeepSpeed engine checkpoints in <run_dir>/checkpoints/<tag>/ (+ `latest`),
+each data-parallel rank's loader position beside them; on SIGTERM / SIGINT (SLURM
+preemption) every rank agrees at the next step boundary, saves and exits 0 so the batch
+script can requeue; `train.resume: auto` picks the latest checkpoint up. With
+`--save-full`, a layout-free copy is written at the end (resume under any layout with
+`--resume-full DIR`).
+
+Muon (`optim.name: muon`, docs/PARALLEL.md "Muon under the launchers"): with
+`optim.muon.implementation: iomm` (default) our `DistributedMuon` is DeepSpeed's client
+optimizer at ZeRO-0 (DeepSpeed averages gradients over the DP group and clips the global norm
+over TP; each matrix has one DP owner, TP shards are gathered for Newton-Schulz); with
+`deepspeed`, DeepSpeed builds its own Muon at ZeRO 1-3. `muon_launch_errors` refuses the
+layouts / settings neither can run, naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import ParallelConfig, describe, model_info, validate_layout
+from .groups import init_distributed, init_parallel_state
+from .runtime import ParallelRuntime
+
+
+def _merge(batches: list[dict]) -> dict:
+    out = {}
+    for k in batches[0]:
+        vals = [b[k] for b in batches]
+        if isinstance(vals[0], torch.Tensor):
+            out[k] = torch.cat(vals)
+        elif isinstance(vals[0], list):
+            out[k] = [x for v in vals for x in v]
+        else:
+            out[k] = vals[0]
+    return out
+
+
+MUON_ALTERNATIVES = ("use parallel.zero_stage: 0 with optim.muon.implementation: iomm (our DistributedMuon: "
+                     "any tp x dp), or optim.muon.implementation: deepspeed with zero_stage 1-3 (DeepSpeed's Muon: "
+                     "tp 1, its own routing and scaling); see docs/PARALLEL.md, 'Muon under the launchers'")
+
+
+def muon_launch_errors(cfg, pcfg: ParallelConfig) -> list[tuple[str, str]]:
+    """Why `optim.name: muon` cannot run under this layout: (run-config key, message) pairs.
+
+    implementation "iomm" (default): `DistributedMuon` as DeepSpeed's client optimizer at ZeRO-0,
+    where the optimizer sees whole (TP-sharded) tensors: needs zero_stage 0, so no pp > 1.
+    implementation "deepspeed": DeepSpeed's built-in Muon at ZeRO 1-3, tp = pp = 1, and only the
+    settings it can honour (see `deepspeed_muon_extra`).
+    """
+    o = cfg.optim
+    if o.name != "muon":
+        return []
+    m, e = o.muon, []
+    if m.implementation == "iomm":
+        if pcfg.pp > 1:
+            e.append(("parallel.pp", f"Muon cannot run with pipeline parallelism (pp={pcfg.pp}): our Muon needs "
+                      "zero_stage 0 (ZeRO hands the optimizer flat 1-D partitions) and pipelines need zero_stage 1; "
+                      "use tp x dp (pp 1) with zero_stage 0"))
+        elif pcfg.zero_stage != 0:
+            e.append(("optim.muon.implementation", f"'iomm' Muon needs parallel.zero_stage: 0, got "
+                      f"{pcfg.zero_stage}: ZeRO-{pcfg.zero_stage} hands the optimizer flat 1-D partitions of the "
+                      f"parameters, which cannot be orthogonalised; {MUON_ALTERNATIVES}"))
+    elif m.implementation == "deepspeed":
+        why = "DeepSpeed's Muon (optim.muon.implementation: deepspeed)"
+        if pcfg.zero_stage == 0:
+            e.append(("parallel.zero_stage", f"{why} is wired for ZeRO 1-3; at zero_stage 0 use "
+                      "optim.muon.implementation: iomm"))
+        if pcfg.tp > 1:
+            e.append(("parallel.tp", f"{why} would orthogonalise each tensor-parallel rank's shard as if it were the "
+                      f"whole matrix (DeepSpeed #7807's pattern), tp={pcfg.tp}; use tp 1, or "
+                      "optim.muon.implementation: iomm with zero_stage 0 for tp > 1"))
+        if pcfg.pp > 1:
+            e.append(("parallel.pp", f"{why} is not proved with pipeline parallelism here; use pp 1"))
+        if o.grad_clip > 0:
+            e.append(("optim.grad_clip", f"{why} clips the global norm of the orthogonalised Muon updates (with the "
+                      f"AdamW gradients), not of the gradient: grad_clip {o.grad_clip} would shrink every step by "
+                      "~1/sqrt(sum of min(rows, cols)) over the Muon matrices; set optim.grad_clip: 0, or use "
+                      "implementation: iomm (clips the gradient before Muon)"))
+        if m.scaling != "original":
+            e.append(("optim.muon.scaling", f"{why} scales updates by sqrt(max(1, rows/cols)) only: set scaling: "
+                      "original (and an lr tuned for it: match_rms_adamw's 0.2 sqrt(max(rows, cols)) is ~12x larger "
+                      "at width 3840)"))
+        if not m.nesterov or m.ns_steps != 5 or m.ns_coefficients != "keller":
+            e.append(("optim.muon", f"{why} always runs Nesterov momentum and 5 Newton-Schulz steps with Keller's "
+                      "coefficients: set nesterov: true, ns_steps: 5, ns_coefficients: keller"))
+        if m.modulation != "muon" or m.per_head:
+            e.append(("optim.muon.modulation", f"{why} routes by name only (every >= 2-D parameter whose name lacks "
+                      "'embed' / 'lm_head' goes to Muon, AdaLN modulation included; fused q|k|v as one matrix): set "
+                      "modulation: muon and per_head: false"))
+    return e
+
+
+def deepspeed_muon_extra(cfg) -> dict:
+    """DeepSpeed config entries for its built-in Muon from the run config: optim.lr for both
+    halves (as our Muon), optim.muon.momentum, optim.weight_decay, the AdamW betas / eps with
+    torch's AdamW, Gram Newton-Schulz, and "reduce_scatter": false (ZeRO-3 asserts it)."""
+    from ..optim.muon_dist import deepspeed_muon_config
+
+    o = cfg.optim
+    ds = deepspeed_muon_config(lr=o.lr, momentum=o.muon.momentum, weight_decay=o.weight_decay, adam_lr=o.lr,
+                               betas=tuple(o.betas), eps=o.eps)
+    return {"optimizer": ds["optimizer"], "zero_optimization": {"reduce_scatter": False}}
+
+
+def precision_extra(cfg, pcfg: ParallelConfig) -> dict:
+    """DeepSpeed's precision entries. bf16 normally means DeepSpeed's bf16 mode (bf16 parameters and
+    gradients, fp32 master in the optimizer wrapper). For our Muon at ZeRO-0 it means torch autocast
+    instead (fp32 parameters and gradients, bf16 compute): DeepSpeed's ZeRO-0 bf16 wrapper
+    (FP16_UnfusedOptimizer) measures the clipping norm on gradient tensors that lack megatron's
+    `tensor_model_parallel` tag, so under tp > 1 it would clip by the wrong norm, while the fp32 path
+    clips with `clip_grad_norm_(mpu=...)` over the parameters (TP shards counted once each)."""
+    bf16 = cfg.train.precision == "bf16"
+    if cfg.optim.name == "muon" and cfg.optim.muon.implementation == "iomm" and bf16:
+        return {"bf16": {"enabled": False}, "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
+    return {"bf16": {"enabled": bf16}}
+
+
+def untag_replicated(module, optimizer) -> int:
+    """Muon layouts take `tp_dim` from a linear's `tp_style` tag, i.e. where tensor parallelism
+    *would* shard it; TP is applied to the generator only, so tagged linears elsewhere (the RQA)
+    stay whole on every rank. Drop `tp_dim` for every Muon matrix whose layer was not swapped
+    for a megatron TP layer; returns how many were dropped."""
+    from .tensor_parallel import is_tp_layer
+
+    layer_of = {id(p): m for m in module.modules() for p in m.parameters(recurse=False)}
+    dropped = 0
+    for group in optimizer.param_groups:
+        if not group["use_muon"]:
+            continue
+        for i, (p, layout) in enumerate(zip(group["params"], group["layouts"])):
+            if layout and layout.get("tp_dim") is not None and not is_tp_layer(layer_of[id(p)]):
+                group["layouts"][i] = dict(layout, tp_dim=None)
+                dropped += 1
+    return dropped
+
+
+def optimizer_factory(cfg):
+    """What `ParallelRuntime.build` hands DeepSpeed: a callable building the client optimizer
+    (AdamW from its parameters; our Muon from the module, for routing by name), or None when
+    DeepSpeed builds its own Muon from the `optimizer` entry of `deepspeed_muon_extra`."""
+    o = cfg.optim
+    if o.name == "muon":
+        if o.muon.implementation == "deepspeed":
+            return None
+
+        def make_muon(module):
+            from ..optim.muon import build_muon_optimizer
+            from .groups import current_layout
+
+            lay = current_layout()
+            opt = build_muon_optimizer(module, cfg, dp_group=lay.dp_group() if lay.dp > 1 else None,
+                                       tp_group=lay.tp_group() if lay.tp > 1 else None)
+            untag_replicated(module, opt)
+            return opt
+
+        make_muon.wants_module = True  # initialize_engine passes the module, not its parameters
+        return make_muon
+
+    def make(params):
+        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+    return make
+
+
+class DistributedTrainer:
+    def __init__(self, cfg, pcfg: ParallelConfig, run_dir: str | os.PathLike | None = None,
+                 resume_full: str | None = None, save_full: bool = False):
+        from ..iomm import build_iomm
+        from ..train.trainer import build_loader, resolve_device
+
+        self.cfg, self.pcfg = cfg, pcfg
+        self.run_dir = Path(run_dir or cfg.run_dir or Path("runs") / cfg.name)
+        self.save_full_at_end = save_full
+        init_distributed()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if not dist.is_initialized():
+            raise RuntimeError("the parallel launchers need a launcher: deepspeed / torchrun / srun "
+                               "(use iomm-train for one process)")
+        with torch.device("meta"):
+            from ..models.registry import build_generator
+
+            meta_gen = build_generator(cfg.model.generator.family, cfg.model.generator.config)
+        validate_layout(pcfg, world, model_info(meta_gen))
+        del meta_gen
+        muon_errors = muon_launch_errors(cfg, pcfg)
+        if cfg.optim.name == "muon" and (resume_full or save_full):
+            muon_errors.append(("--save-full / --resume-full", "layout-free checkpoints carry Adam moments only, not "
+                                "Muon momenta; use the DeepSpeed checkpoints (same layout)"))
+        if muon_errors:
+            from ..config import ConfigError, format_errors
+
+            raise ConfigError(format_errors(cfg.source, muon_errors))
+        self.layout = init_parallel_state(pcfg)
+        self.device = resolve_device(cfg.train.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.is_logger = dist.get_rank() == 0
+        if self.is_logger:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            print(f"[iomm] {describe(pcfg, world)}", flush=True)
+        torch.manual_seed(cfg.train.seed)
+        model = build_iomm(cfg, "cpu")
+        self.micro_batches = pcfg.num_microbatches if pcfg.num_microbatches > 1 else cfg.train.grad_accum
+        if self.micro_batches != pcfg.num_microbatches:
+            pcfg = ParallelConfig(**{**pcfg.__dict__, "num_microbatches": self.micro_batches})
+            self.pcfg = pcfg
+        keys = ("pixels",) if cfg.data.source == "builtin" else None
+        ds_extra = precision_extra(cfg, pcfg)
+        if cfg.optim.name == "muon" and cfg.optim.muon.implementation == "deepspeed":
+            ds_extra.update(deepspeed_muon_extra(cfg))
+        self.rt = ParallelRuntime.build(model, pcfg, optimizer_factory(cfg), micro_batch=cfg.data.batch_size,
+                                        grad_clip=cfg.optim.grad_clip, seed=cfg.train.seed, batch_keys=keys,
+                                        ds_extra=ds_extra, resume_full=resume_full)
+        opt = self.rt.engine.optimizer
+        routing = getattr(getattr(opt, "optimizer", opt), "routing_table", None)
+        if routing and self.is_logger:  # our Muon: the summary here, every name (TP-local shapes) in the file
+            (self.run_dir / "optimizer_routing.txt").write_text(routing + "\n")
+            print("\n".join(line for line in routing.splitlines() if line.startswith("[")), flush=True)
+        self.loader = build_loader(cfg, rank=self.layout.dp_rank, world_size=self.layout.dp)
+        self._stop = False
+        if resume_full is None:
+            self._maybe_resume()
+
+    # ---- checkpoints -----------------------------------------------------------------
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save(self) -> str:
+        tag = f"step_{self.rt.step:08d}"
+        self.rt.save(str(self.ckpt_root), tag=tag)
+        if self.layout.tp_rank == 0 and self.layout.pp_rank == 0:
+            torch.save(self.loader.state_dict(), self.ckpt_root / tag / f"data_dp{self.layout.dp_rank}.pt")
+        dist.barrier()
+        return tag
+
+    def _maybe_resume(self) -> None:
+        mode = self.cfg.train.resume
+        if mode == "never":
+            return
+        root = self.ckpt_root if mode == "auto" else Path(mode).parent
+        latest = root / "latest"  # written by DeepSpeed
+        if not latest.is_file():
+            return
+        tag = latest.read_text().strip() if mode == "auto" else Path(mode).name
+        self.rt.load(str(root), tag=tag)
+        data = root / tag / f"data_dp{self.layout.dp_rank}.pt"
+        if data.is_file():
+            self.loader.load_state_dict(torch.load(data, weights_only=False))
+        if self.is_logger:
+            print(f"[iomm] resumed from {root / tag} at step {self.rt.step}", flush=True)
+
+    # ---- loop ----------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        self._stop = True
+
+    def _agree_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag[0])
+
+    def next_batch(self) -> dict:
+        from ..train.trainer import to_device
+
+        return to_device(_merge([next(self.loader) for _ in range(self.micro_batches)]), self.device)
+
+    def fit(self) -> dict:
+        from ..optim.builder import lr_factor
+
+        cfg = self.cfg
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        metrics = open(self.run_dir / "metrics.jsonl", "a") if self.is_logger else None
+        last: dict = {}
+        t0 = time.perf_counter()
+        try:
+            while self.rt.step < cfg.train.steps:
+                if self._agree_stop():
+                    break
+                lr = cfg.optim.lr * lr_factor(self.rt.step, cfg)
+                self.rt.set_lr(lr)
+                out = self.rt.train_step(self.next_batch())
+                if self.is_logger and (self.rt.step % cfg.train.log_every == 0 or self.rt.step == cfg.train.steps):
+                    dt = time.perf_counter() - t0
+                    last = {**out, "lr": lr, "time": time.time(), "seconds": dt}
+                    metrics.write(json.dumps(last) + "\n")
+                    metrics.flush()
+                    print(f"[iomm] step {out['step']} loss {out['loss']:.5f} grad_norm {out['grad_norm']:.4f}", flush=True)
+                    t0 = time.perf_counter()
+                if cfg.train.ckpt_every and self.rt.step % cfg.train.ckpt_every == 0:
+                    self.save()
+            tag = self.save()
+            if self.save_full_at_end:
+                self.rt.save_full(str(self.run_dir / "full"))
+            if self.is_logger:
+                print(f"[iomm] {'stopped by signal' if self._stop else 'done'} at step {self.rt.step}; "
+                      f"checkpoint {self.ckpt_root / tag}", flush=True)
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            if metrics:
+                metrics.close()
+        return last
+
+
+def split_parallel_args(config_path: str | None, overrides: list[str]):
+    """(run config, its ParallelConfig); `parallel.*` keys are validated with the rest."""
+    from ..config import load_config
+
+    from ..config import ConfigError, format_errors
+
+    cfg = load_config(config_path, overrides)
+    errors = muon_launch_errors(cfg, cfg.parallel)
+    if errors:
+        raise ConfigError(format_errors(cfg.source, errors))
+    return cfg, cfg.parallel

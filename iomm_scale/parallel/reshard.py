@@ -1,0 +1,199 @@
+"""Layout-free checkpoints: save under one (tp, pp, dp, ZeRO stage), resume under another.
+
+DeepSpeed's engine checkpoints (`ParallelRuntime.save/load`) are per layout: ZeRO
+partitions and megatron TP shards are baked into the files. `save_full` writes instead,
+for every trainable parameter, its single-device fp32 value and Adam moments
+(`exp_avg`, `exp_avg_sq`), under its single-device name, plus the step counters:
+
+    <dir>/full_pp{stage}.pt     one file per pipeline stage (each owns distinct names),
+                                written by the stage's (tp 0, dp 0) rank
+
+Gathering uses DeepSpeed's documented `safe_get_full_fp32_param` /
+`safe_get_full_optimizer_state` (collective over the DP group, any ZeRO stage) and the
+TP un-sharding of `tensor_parallel` (fused segments respected). Loading shards the other
+way: parameters are written into the module before the engine exists (so ZeRO builds its
+fp32 master partitions from them), optimizer moments after, with
+`safe_set_full_optimizer_state` (ZeRO 1-3) or directly (ZeRO 0).
+
+Frozen parts (MLLM, VAE) are not written: they come from their source (path or seeded
+random init) in every layout. Optimizers other than Adam-style ones need their state keys
+listed in `OPT_KEYS`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .tensor_parallel import is_tp_layer, shard_tensor, unshard_tensors
+
+OPT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _tp_info(module: nn.Module) -> dict[str, tuple]:
+    """param name -> (sharded dim, fused sizes) for TP-sharded params."""
+    out = {}
+    for mname, m in module.named_modules():
+        if not is_tp_layer(m):
+            continue
+        for leaf, p in m.named_parameters(recurse=False):
+            if leaf == "bias" and m.tp_style == "row":
+                continue
+            dim = 0 if (m.tp_style == "column" or leaf == "bias") else 1
+            out[f"{mname}.{leaf}" if mname else leaf] = (dim, m.tp_fused_sizes)
+    return out
+
+
+def _inner_optimizer(engine):
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def _zero_stage(engine) -> int:
+    return engine.zero_optimization_stage()
+
+
+def _tp_gather(t: torch.Tensor, spec, group, tp: int) -> torch.Tensor:
+    if spec is None or tp == 1:
+        return t
+    shards = [torch.empty_like(t) for _ in range(tp)]
+    dist.all_gather(shards, t.contiguous(), group=group)
+    return unshard_tensors(shards, spec[0], spec[1])
+
+
+def full_state(rt, with_moments: bool = True) -> dict:
+    """{"params": {name: full fp32}, "exp_avg": {...}, "exp_avg_sq": {...}} for the trainable
+    parameters this rank's stage owns, single-device shapes and names. Collective over the
+    DP and TP groups (every rank gets the full tensors)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    engine, lay = rt.engine, rt.layout
+    tp_group = lay.tp_group()
+    specs = _tp_info(rt.module)
+    stage = _zero_stage(engine)
+    opt = _inner_optimizer(engine)
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    out = {"params": {}, **{k: {} for k in OPT_KEYS}}
+    for name, p in rt.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if stage == 0:
+            value = p.detach().float()
+            state = opt.state.get(p, {})
+            moments = {k: state[k].detach().float() if k in state else torch.zeros_like(value) for k in OPT_KEYS}
+        else:
+            value = safe_get_full_fp32_param(p)
+            moments = {k: safe_get_full_optimizer_state(p, k) for k in OPT_KEYS} if with_moments else {}
+        spec = specs.get(name)
+        out["params"][name] = _tp_gather(value.cpu(), spec, tp_group, lay.tp)
+        if with_moments:
+            for k in OPT_KEYS:
+                out[k][name] = _tp_gather(moments[k].cpu(), spec, tp_group, lay.tp)
+    steps = [s["step"] for s in opt.state.values() if "step" in s]
+    out["optimizer_step"] = int(float(steps[0])) if steps else 0
+    out["iomm_step"] = rt.step
+    out["layout"] = {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero_stage": stage}
+    return out
+
+
+def save_full(rt, save_dir: str) -> str | None:
+    """Collective over all ranks. Returns the file this rank wrote (or None)."""
+    out = full_state(rt)
+    lay = rt.layout
+    path = None
+    if lay.tp_rank == 0 and lay.dp_rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        path = os.path.join(save_dir, f"full_pp{lay.pp_rank}.pt")
+        torch.save(out, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    dist.barrier()
+    return path
+
+
+def _read_all(load_dir: str) -> dict:
+    files = sorted(glob.glob(os.path.join(load_dir, "full_pp*.pt")))
+    if not files:
+        raise FileNotFoundError(f"no full_pp*.pt layout-free checkpoint in {load_dir}")
+    merged = {"params": {}, **{k: {} for k in OPT_KEYS}}
+    for f in files:
+        part = torch.load(f, map_location="cpu", weights_only=True)
+        for key in ("params", *OPT_KEYS):
+            merged[key].update(part[key])
+        merged["optimizer_step"] = part["optimizer_step"]
+        merged["iomm_step"] = part["iomm_step"]
+        merged["layout"] = part["layout"]
+    return merged
+
+
+def _local(module, name, full, specs):
+    spec = specs.get(name)
+    if spec is None:
+        return full
+    from megatron.core import parallel_state as ps
+
+    return shard_tensor(full, spec[0], spec[1], ps.get_tensor_model_parallel_world_size(),
+                        ps.get_tensor_model_parallel_rank())
+
+
+def load_full_params(module: nn.Module, load_dir: str) -> int:
+    """Write the checkpoint's parameters (sharded for this rank) into `module` before the
+    engine is built. Returns how many were loaded; missing trainable ones are an error."""
+    data = _read_all(load_dir)
+    specs = _tp_info(module)
+    n, missing = 0, []
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name not in data["params"]:
+                missing.append(name)
+                continue
+            p.copy_(_local(module, name, data["params"][name], specs).to(p.dtype))
+            n += 1
+    if missing:
+        raise KeyError(f"layout-free checkpoint {load_dir} lacks {len(missing)} trainable parameters, e.g. {missing[:3]}")
+    return n
+
+
+def load_full_optimizer(rt, load_dir: str) -> int:
+    """Optimizer moments and step counters into the live engine; returns the run step."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    data = _read_all(load_dir)
+    engine = rt.engine
+    opt = _inner_optimizer(engine)
+    stage = _zero_stage(engine)
+    step = torch.tensor(float(data["optimizer_step"]))
+    # The tensors the inner optimizer keeps state for: ZeRO-3's flat fp32 partitions (its
+    # param_groups only point at them while step() runs), ZeRO-1/2's fp32 partitions, or
+    # the parameters themselves without ZeRO.
+    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) \
+        or getattr(engine.optimizer, "single_partition_of_fp32_groups", None) \
+        or [p for g in opt.param_groups for p in g["params"]]
+    for p in flat:
+        state = opt.state[p]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] = step.clone()
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    specs = _tp_info(rt.module)
+    with torch.no_grad():
+        for name, p in rt.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            for k in OPT_KEYS:
+                value = _local(rt.module, name, data[k][name], specs)
+                if stage == 0:
+                    opt.state[p][k].copy_(value.to(opt.state[p][k].dtype))
+                else:
+                    safe_set_full_optimizer_state(p, value.to(p.device), k)
+    engine.global_steps = int(data["iomm_step"])
+    return int(data["iomm_step"])

@@ -1,0 +1,354 @@
+"""One object that runs a model under a parallel layout: `ParallelRuntime`.
+
+    rt = ParallelRuntime.build(model, pcfg, optimizer_fn, micro_batch=..., grad_clip=...)
+    out = rt.train_step(batch)        # batch: this data-parallel rank's samples (dict)
+    rt.save(dir, tag) / rt.load(dir, tag)                 # DeepSpeed engine checkpoints
+    rt.save_full(dir) / ParallelRuntime.build(..., resume_full=dir)   # any layout -> any
+
+`build` applies, in order: tensor parallelism to the generator (megatron layers), the
+pipeline split (stage module), activation checkpointing, then the DeepSpeed engine
+(ZeRO over megatron's DP group) and, with pp > 1, the 1F1B schedule.
+
+Randomness inside the loss (timesteps, noise, MIM masks, condition dropout) is seeded per
+(seed, step, data-parallel rank, micro-batch): every TP rank and pipeline stage of one
+replica draws the same numbers, and a single-process run that walks the same slices in
+the same order reproduces the run exactly (that is how the parity tests compare).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ParallelConfig
+from .groups import Layout, current_layout
+
+
+def micro_seed(seed: int, step: int, dp_rank: int, micro: int) -> int:
+    return (seed * 1_000_003 + step * 10_007 + dp_rank * 101 + micro) % (2**63 - 1)
+
+
+# --------------------------------------------------------------------------- losses
+def generator_prologue(model, batch: dict):
+    """For a bare generator: the batch already holds the flow inputs."""
+    return batch["x_t"], batch["t"], batch["cond"], batch.get("cond_mask"), batch["target"]
+
+
+def iomm_prologue(model, batch: dict):
+    """IOMMModel.loss up to the generator call: (x_t, t, cond, cond_mask, target)."""
+    return model.prepare_generator_inputs(batch)
+
+
+def default_prologue(model):
+    return iomm_prologue if hasattr(model, "conditioner") else generator_prologue
+
+
+def default_loss_fn(model, batch: dict) -> torch.Tensor:
+    if hasattr(model, "loss"):
+        return model.loss(batch)
+    x_t, t, cond, cond_mask, target = generator_prologue(model, batch)
+    return F.mse_loss(model(x_t, t, cond, cond_mask).float(), target.float())
+
+
+class _Adopt(nn.Module):
+    """Registers `model`'s children as its own (state-dict keys unchanged)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        # parameters on the model's root (e.g. S3-DiT's pad tokens): the same objects, same names
+        for name, prm in model.named_parameters(recurse=False):
+            self.register_parameter(name, prm)
+        for name, buf in model.named_buffers(recurse=False):
+            self.register_buffer(name, buf)
+        object.__setattr__(self, "_model", model)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._model.training = mode
+        return self
+
+
+class LossModule(_Adopt):
+    """forward(batch) = loss_fn(model, batch): what the DeepSpeed engine wraps without PP."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable = default_loss_fn):
+        super().__init__(model)
+        object.__setattr__(self, "_loss_fn", loss_fn)
+
+    def forward(self, batch: dict):
+        return self._loss_fn(self._model, batch)
+
+
+# --------------------------------------------------------------------------- batches
+def split_batch(batch: dict, n: int) -> list[dict]:
+    """n equal micro-batches along dim 0 (tensors and lists)."""
+    size = None
+    for v in batch.values():
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            size = v.shape[0]
+            break
+        if isinstance(v, list):
+            size = len(v)
+            break
+    if size is None or size % n:
+        raise ValueError(f"batch of {size} samples does not split into {n} micro-batches")
+    m = size // n
+    out = []
+    for i in range(n):
+        mb = {}
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size:
+                mb[k] = v[i * m:(i + 1) * m]
+            elif isinstance(v, list) and len(v) == size:
+                mb[k] = v[i * m:(i + 1) * m]
+            else:
+                mb[k] = v
+        out.append(mb)
+    return out
+
+
+def dp_slice(batch: dict, dp: int, dp_rank: int) -> dict:
+    """This data-parallel rank's share of a global batch."""
+    return split_batch(batch, dp)[dp_rank]
+
+
+# --------------------------------------------------------------------------- runtime
+@dataclass
+class ParallelRuntime:
+    pcfg: ParallelConfig
+    layout: Layout
+    model: nn.Module          # the (TP-sharded, PP-pruned) model; shares modules with `module`
+    module: nn.Module         # what the engine wraps (LossModule or PipelineStageModule)
+    engine: Any
+    micro_batch: int
+    seed: int = 0
+    pipeline: Any = None
+    batch_keys: tuple[str, ...] = ()
+    step: int = 0
+    info: dict = field(default_factory=dict)
+
+    # ---- construction ------------------------------------------------------------------
+    @classmethod
+    def build(cls, model: nn.Module, pcfg: ParallelConfig, optimizer_fn: Callable, *, micro_batch: int,
+              grad_clip: float = 1.0, seed: int = 0, loss_fn: Callable | None = None,
+              prologue: Callable | None = None, batch_keys: tuple[str, ...] | None = None,
+              ds_extra: dict | None = None, persistence_threshold: int | None = None,
+              resume_full: str | None = None, layout: Layout | None = None) -> "ParallelRuntime":
+        """`model`: an IOMMModel (with .generator) or a bare generator, built whole (or built
+        sharded with `tensor_parallel.tp_linear_factory`). `micro_batch`: samples per
+        micro-batch per DP rank; pcfg.num_microbatches micro-batches make one step.
+        With pp > 1, `batch_keys` fixes the order of the (all-tensor) batch entries sent to
+        the first stage."""
+        from . import checkpointing
+        from .deepspeed_engine import assert_unmanaged_accumulation, deepspeed_config, initialize_engine
+        from .tensor_parallel import apply_tensor_parallel, is_tp_layer
+
+        layout = layout or current_layout()
+        gen = getattr(model, "generator", model)
+        info: dict = {}
+        if layout.tp > 1 and not any(is_tp_layer(m) for m in gen.modules()):
+            apply_tensor_parallel(gen)
+            info["tp_partial_grad"] = getattr(gen, "_iomm_tp_partial_grad", [])
+        pipeline_module = None
+        if layout.pp > 1:
+            from .pipeline import PipelineStageModule
+
+            prologue = prologue or default_prologue(model)
+            keys = tuple(batch_keys or ())
+
+            def stage0_prologue(m, *args):
+                # The last arg is the micro-batch index (see train_step): pipelining runs
+                # micro-batch 0 twice on its first step (metadata inference), so seeds
+                # come from the index, not from a call counter.
+                *values, index = args
+                mb = dict(zip(keys, values))
+                torch.manual_seed(pipeline_module.seeds(int(index[0])))
+                return prologue(m, mb)
+
+            pipeline_module = PipelineStageModule(model, layout.pp_rank, layout.pp, prologue=stage0_prologue)
+            pipeline_module.seeds = _Seeds()
+            module = pipeline_module
+        else:
+            module = LossModule(model, loss_fn or default_loss_fn)
+        if resume_full is not None:
+            from .reshard import load_full_params
+
+            info["resume_full_params"] = load_full_params(module, resume_full)
+        info["checkpointing"] = checkpointing.apply_to_model(model, pcfg.activation_checkpointing,
+                                                             pcfg.checkpoint_every_k, pcfg.checkpoint_mllm) \
+            if layout.pp == 1 else _checkpoint_stage(model, pcfg, pipeline_module)
+        if layout.pp > 1:
+            # The schedule runs the backwards itself (torch-style backward, which DeepSpeed
+            # scales by 1 / gradient_accumulation_steps) and our loss already divides by the
+            # micro-batch count: DeepSpeed sees one "micro-batch" of the whole per-rank batch.
+            ds_micro, ds_accum = micro_batch * pcfg.num_microbatches, 1
+        else:
+            ds_micro, ds_accum = micro_batch, pcfg.num_microbatches
+        ds_cfg = deepspeed_config(pcfg, micro_batch=ds_micro, dp=layout.dp, grad_accum=ds_accum,
+                                  grad_clip=grad_clip, persistence_threshold=persistence_threshold, extra=ds_extra)
+        engine = initialize_engine(module, optimizer_fn, ds_cfg)
+        assert_unmanaged_accumulation(engine)
+        if engine.zero_optimization_stage() == 0:
+            _record_zero0_grad_norm(engine)
+        rt = cls(pcfg=pcfg, layout=layout, model=model, module=module, engine=engine, micro_batch=micro_batch,
+                 seed=seed, batch_keys=tuple(batch_keys or ()), info=info)
+        if layout.pp > 1:
+            from .pipeline import Pipeline
+
+            rt.pipeline = Pipeline(engine, pipeline_module, pcfg.num_microbatches, layout.pp_group(),
+                                   n_extras=1, target_from_extras=True)
+        if resume_full is not None:
+            from .reshard import load_full_optimizer
+
+            _refuse_muon_layout_free(engine)
+            rt.step = load_full_optimizer(rt, resume_full)
+        return rt
+
+    # ---- training --------------------------------------------------------------------
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self, batch: dict) -> dict:
+        """One optimizer step on this DP rank's `batch` (num_microbatches x micro_batch
+        samples). Returns the global mean loss (over DP) and the clipped-before norm."""
+        m = self.pcfg.num_microbatches
+        self.engine.train()
+        if self.pipeline is None:
+            total = torch.zeros(())
+            for i, mb in enumerate(split_batch(batch, m)):
+                torch.manual_seed(micro_seed(self.seed, self.step, self.layout.dp_rank, i))
+                loss = self.engine(mb)
+                self.engine.backward(loss)  # scaled by 1 / num_microbatches inside
+                total += loss.detach().float() / m
+        else:
+            self.module.seeds.reset(self.seed, self.step, self.layout.dp_rank)
+            args = ()
+            if self.layout.is_first_stage:
+                args = tuple(batch[k] for k in self.batch_keys)
+                n = args[0].shape[0]
+                args += (torch.arange(m).repeat_interleave(n // m).float(),)
+            total = self.pipeline.step(args)
+        self.engine.step()
+        loss = total.detach().float().reshape(1).clone()
+        if self.layout.dp > 1:
+            dist.all_reduce(loss, group=self.layout.dp_group())
+            loss /= self.layout.dp
+        self.step += 1
+        norm = self.engine.get_global_grad_norm()
+        return {"step": self.step, "loss": float(loss[0]),
+                "grad_norm": float(norm) if norm is not None else float("nan")}
+
+    # ---- DeepSpeed engine checkpoints (same layout) ----------------------------------
+    # Our Muon at ZeRO-0 keeps each matrix's momentum on its data-parallel owner only, while
+    # DeepSpeed's ZeRO-0 checkpoint holds the optimizer state of DP rank 0: every rank also
+    # writes its own Muon state beside it, and loads it back after DeepSpeed's load.
+    def _muon_state_path(self, root: str, tag: str) -> str:
+        lay = self.layout
+        return os.path.join(root, tag, f"muon_state_pp{lay.pp_rank}_tp{lay.tp_rank}_dp{lay.dp_rank}.pt")
+
+    def save(self, save_dir: str, tag: str | None = None, client_state: dict | None = None) -> None:
+        tag = tag or f"step_{self.step}"
+        self.engine.save_checkpoint(save_dir, tag=tag, client_state={"iomm_step": self.step, **(client_state or {})})
+        muon = our_muon(self.engine)
+        if muon is not None and self.layout.dp > 1:
+            path = self._muon_state_path(save_dir, tag)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save({"dp": self.layout.dp, "state": muon.state_dict()}, path + ".tmp")
+            os.replace(path + ".tmp", path)
+            dist.barrier()
+
+    def load(self, load_dir: str, tag: str | None = None) -> dict:
+        _, client = self.engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True)
+        client = client or {}
+        self.step = int(client.get("iomm_step", self.step))
+        muon = our_muon(self.engine)
+        if muon is not None and self.layout.dp > 1:
+            if tag is None:
+                with open(os.path.join(load_dir, "latest")) as f:
+                    tag = f.read().strip()
+            path = self._muon_state_path(load_dir, tag)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} missing: this rank's Muon momenta (each matrix's momentum lives on "
+                                        "its data-parallel owner; resume with the layout that saved the checkpoint)")
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved["dp"] != self.layout.dp:
+                raise ValueError(f"{path}: saved with data-parallel size {saved['dp']}, resuming with "
+                                 f"{self.layout.dp}: Muon ownership (and so the momenta) differ; use the same layout")
+            muon.load_state_dict(saved["state"])
+        return client
+
+    # ---- layout-free checkpoints (any layout -> any layout) ------------------------------
+    def save_full(self, save_dir: str) -> None:
+        from .reshard import save_full
+
+        _refuse_muon_layout_free(self.engine)
+        save_full(self, save_dir)
+
+
+def _record_zero0_grad_norm(engine) -> None:
+    """DeepSpeed's fp32 ZeRO-0 step clips with `clip_grad_norm_(mpu=...)` (global over TP, shards
+    counted once) but drops the norm it computed, so `get_global_grad_norm()` stays None: keep it
+    (the only ZeRO stage our Muon runs at; the logs' grad_norm)."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record():
+        norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
+                               mpu=engine.mpu)
+        engine._global_grad_norm = float(norm)
+
+    engine.clip_fp32_gradients = clip_and_record
+
+
+def our_muon(engine):
+    """The engine's optimizer if it is our `MuonWithAdamW` / `DistributedMuon` (at ZeRO-0 it is
+    DeepSpeed's client optimizer itself, or inside a precision wrapper), else None."""
+    from ..optim.muon import MuonWithAdamW
+
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    return inner if isinstance(inner, MuonWithAdamW) else None
+
+
+def _refuse_muon_layout_free(engine) -> None:
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    if our_muon(engine) is not None or type(inner).__name__ == "MuonWithAuxAdam":
+        raise NotImplementedError("layout-free checkpoints (save_full / resume_full) carry Adam moments only, not "
+                                  "Muon momenta; use the DeepSpeed engine checkpoints (same layout)")
+
+
+class _Seeds:
+    """Per-micro-batch seeds for the first pipeline stage."""
+
+    def __init__(self):
+        self.seed = self.step = self.dp_rank = 0
+
+    def reset(self, seed, step, dp_rank):
+        self.seed, self.step, self.dp_rank = seed, step, dp_rank
+
+    def __call__(self, micro: int) -> int:
+        return micro_seed(self.seed, self.step, self.dp_rank, micro)
+
+
+def _checkpoint_stage(model, pcfg: ParallelConfig, stage) -> dict:
+    from . import checkpointing
+
+    gen = getattr(model, "generator", model)
+    blocks = gen.blocks()[stage.lo:stage.hi]
+    done = {"blocks": [stage.lo + i for i in checkpointing.apply_activation_checkpointing(
+        gen, pcfg.activation_checkpointing, pcfg.checkpoint_every_k, blocks=blocks)], "mllm": False}
+    if pcfg.checkpoint_mllm and stage.first:
+        mllm = checkpointing.find_mllm(model)
+        if mllm is not None:
+            checkpointing.checkpoint_module(mllm)
+            done["mllm"] = True
+    return done

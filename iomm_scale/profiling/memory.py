@@ -1,0 +1,835 @@
+"""Per-device memory planner: will this family x resolution x layout x micro-batch fit?
+
+    from iomm_scale.profiling.memory import Layout, plan_memory
+    plan = plan_memory(cfg, Layout(dp=8, zero_stage=2, micro_batch=32, checkpointing="full"))
+    print(plan.table())
+
+What is counted, per device (the most loaded pipeline stage when pp > 1):
+
+    parameters        trainable params on this rank (TP shard, PP stage), in the parameter
+                      dtype; / dp under ZeRO-3
+    gradients         same count, gradient dtype; / dp under ZeRO-2 and -3
+    optimizer         AdamW: 2 fp32 states per param; Muon: 1 fp32 momentum for the hidden
+                      matrices Muon owns (routing = optim/muon.py's rules) + AdamW states for
+                      the rest; + an fp32 master copy when parameters are bf16. / dp under
+                      ZeRO >= 1 (on the host with offload_optimizer)
+    ema               fp32 copy of the trainable parameters (replicated; / dp under ZeRO-3)
+    frozen            the MLLM (+ its ViT) and the VAE in their configured dtype, replicated,
+                      or / dp when ZeRO-3 partitions them; a LoRA base counts here too
+    zero3 buffers     gathered full parameters of the largest layer + DeepSpeed's prefetch
+                      bucket (stage3_prefetch_bucket_size, 5e7 elements by default), for the
+                      generator and, when partitioned, the frozen MLLM
+    comm buckets      DeepSpeed's gradient reduce / all-reduce bucket (reduce_bucket_size,
+                      5e8 elements by default) when dp > 1
+    activations       what autograd keeps for backward, *measured from the model itself*: the
+                      real modules (TP-sharded when tp > 1) run forward on the meta device at
+                      the real shapes with torch.autograd.graph.saved_tensors_hooks counting
+                      the bytes of every distinct storage saved for backward (parameters
+                      excluded), per unit (conditioner RQA / frozen LLM / projection,
+                      generator prologue, each block of generator.blocks(), head, loss).
+                      Attention is counted as the fused kernels keep it (q, k, v, out and
+                      the log-sum-exp; no S x S matrix) unless the family is configured with
+                      the `math` backend. Checkpointing (none / full / every_k) then keeps,
+                      for a checkpointed block, only its input (the residual stream), and
+                      rematerialises one block at a time during backward.
+    transients        backward working set (two copies of the largest tensor a block saves),
+                      the optimizer step's temporaries (torch's foreach AdamW: one fp32 copy;
+                      DeepSpeed: the fp32 gradient partition), bf16 weight copies under
+                      autocast (`amp`)
+
+Peaks are taken per phase and the largest reported: start of backward (all kept
+activations + recompute of the last block), during the generator's backward (kept
+activations of earlier blocks + one rematerialised block + gradients made so far), the
+frozen LLM's backward (its activations, or their recompute, + every generator gradient),
+and the optimizer step (all gradients + step temporaries). "allocated" is what
+torch.cuda.max_memory_allocated would report; "device" adds the CUDA context / NCCL /
+cuBLAS reserve and a fragmentation margin, which that counter does not see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GiB = 1024 ** 3
+DS_PREFETCH_BUCKET = 50_000_000  # DeepSpeed stage3_prefetch_bucket_size default (elements)
+DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed reduce_bucket_size / allreduce_bucket_size default (elements)
+PRECISIONS = ("fp32", "amp", "bf16")
+
+
+@dataclass
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    zero_stage: int = 0
+    micro_batch: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step (1F1B micro-batches when pp > 1)
+    checkpointing: str = "none"  # none | full | every_k
+    every_k: int = 1
+    checkpoint_mllm: bool | str = False  # False | True ("whole", as parallel/checkpointing.py) | "layers"
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def describe(self) -> str:
+        ck = self.checkpointing if self.checkpointing != "every_k" else f"every_{self.every_k}"
+        return (f"tp{self.tp} pp{self.pp} dp{self.dp} zero{self.zero_stage} mb{self.micro_batch} x{self.grad_accum} "
+                f"ckpt={ck}{_mllm_tag(self.checkpoint_mllm)}")
+
+
+def _mllm_tag(mode) -> str:
+    return "" if mode in (False, None, "none") else ("+mllm" if mode in (True, "whole") else "+mllm/layer")
+
+
+@dataclass
+class MemoryPlan:
+    layout: Layout
+    rows: list[tuple[str, float, str]]  # (component, bytes, how)
+    phases: dict[str, float]
+    allocated: float  # peak allocated bytes (what torch.cuda.max_memory_allocated / the RSS delta sees)
+    reserve: float  # CUDA context + NCCL + cuBLAS workspaces + fragmentation margin
+    host: float = 0.0  # offloaded bytes living in host memory
+    notes: list[str] = field(default_factory=list)
+    capacity: float | None = None
+
+    @property
+    def device_total(self) -> float:
+        return self.allocated + self.reserve
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.capacity is None else self.device_total <= self.capacity
+
+    def component(self, name: str) -> float:
+        return sum(b for n, b, _ in self.rows if n == name)
+
+    def table(self) -> str:
+        lines = [f"layout: {self.layout.describe()}"]
+        for name, b, how in self.rows:
+            lines.append(f"  {name:<26s} {b / GiB:>9.2f} GiB  {how}")
+        for name, b in self.phases.items():
+            lines.append(f"  phase {name:<20s} {b / GiB:>9.2f} GiB")
+        lines.append(f"  {'peak allocated':<26s} {self.allocated / GiB:>9.2f} GiB")
+        lines.append(f"  {'+ runtime reserve':<26s} {self.reserve / GiB:>9.2f} GiB")
+        fit = "" if self.capacity is None else f"  of {self.capacity / GiB:.0f} GiB: {'fits' if self.fits else 'DOES NOT FIT'}"
+        lines.append(f"  {'device total':<26s} {self.device_total / GiB:>9.2f} GiB{fit}")
+        if self.host:
+            lines.append(f"  {'host (offloaded)':<26s} {self.host / GiB:>9.2f} GiB")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# building the model on the meta device (TP-local shapes when tp > 1)
+# ------------------------------------------------------------------------------------------
+def _local_linear_factory(tp: int):
+    """What one TP rank holds: column layers keep out/tp outputs (each fused segment split),
+    row layers in/tp inputs; replicate layers are whole. Shapes only (meta device)."""
+
+    def factory(in_features, out_features, bias=True, tp_style="replicate", tp_fused_sizes=None):
+        if tp_style == "column":
+            out_features //= tp
+        elif tp_style == "row":
+            in_features //= tp
+        layer = nn.Linear(in_features, out_features, bias=bias)
+        layer.tp_style = tp_style
+        sharded = tp_fused_sizes and tp_style in ("column", "row")
+        layer.tp_fused_sizes = tuple(s // tp for s in tp_fused_sizes) if sharded else None
+        return layer
+
+    return factory
+
+
+def _numel(module) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+@dataclass
+class _Structure:
+    generator: nn.Module
+    blocks: list
+    rqa: nn.Module
+    proj: nn.Module
+    mllm: nn.Module | None
+    vae_params: int
+    mllm_params: int
+    mllm_largest_layer: int
+    lora_params: int
+    muon_params: int  # trainable params Muon would own
+    gen_prologue_params: int
+    gen_head_params: int
+    block_params: list[int]
+    block_trainable: list[int]
+
+
+def _build_structure(cfg, tp: int, lora_rank: int | None, dtype: torch.dtype, mllm_dtype: torch.dtype,
+                     build_mllm: bool = True) -> _Structure:
+    from ..models.layers import RMSNorm, linear, use_linear_factory
+    from ..models.registry import build_generator
+    from ..models.rqa import ResidualQueryAdapter
+    from .flops import LORA_TARGETS, mllm_spec
+
+    family = cfg.model.generator.family
+    spec = mllm_spec(cfg.model.conditioner.mllm)
+    with torch.device("meta"):
+        if tp > 1:
+            with use_linear_factory(_local_linear_factory(tp)):
+                gen = build_generator(family, cfg.generator)
+        else:
+            gen = build_generator(family, cfg.generator)
+        rqa = ResidualQueryAdapter(spec.hidden, cfg.model.conditioner.rqa)
+        proj = nn.Sequential(RMSNorm(spec.hidden), linear(spec.hidden, cfg.generator.context_dim))
+    gen.to(dtype)
+    rqa.to(dtype)
+    proj.to(dtype)
+    lora_params = 0
+    if lora_rank:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        gen.requires_grad_(False)
+        with torch.device("meta"):
+            gen = inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_rank,
+                                                     target_modules=LORA_TARGETS[family]), gen)
+        gen.to(dtype)
+        for n, p in gen.named_parameters():
+            p.requires_grad_("lora_" in n)
+        lora_params = sum(p.numel() for n, p in gen.named_parameters() if "lora_" in n)
+    blocks = list(gen.blocks())
+    block_params = [_numel(b) for b in blocks]
+    block_trainable = [sum(p.numel() for p in b.parameters() if p.requires_grad) for b in blocks]
+    head_names = ("norm_out_mod", "proj_out")
+    head = sum(_numel(getattr(gen, n, None)) for n in head_names)
+    prologue = _numel(gen) - sum(block_params) - head
+
+    mllm, mllm_params, largest = None, 0, 0
+    if build_mllm:
+        mllm = _mllm_on_meta(spec, mllm_dtype)
+        mllm_params = _numel(mllm)
+        layers = [m for m in mllm.modules() if type(m).__name__.endswith(("DecoderLayer", "VisionLayer", "VisionBlock"))]
+        largest = max((_numel(m) for m in layers), default=0)
+    vae_params = _vae_params(cfg.model.vae)
+
+    # what Muon would own (optim/muon.py's routing over the same tree as IOMMModel)
+    muon = 0
+    if cfg.optim.name == "muon":
+        from ..optim.muon import build_muon_param_groups
+
+        holder = nn.Module()
+        holder.generator = gen
+        holder.conditioner = nn.Module()
+        holder.conditioner.rqa = rqa
+        holder.conditioner.proj_norm, holder.conditioner.proj = proj[0], proj[1]
+        groups = build_muon_param_groups(holder, modulation=cfg.optim.muon.modulation)
+        muon = sum(p.numel() for g in groups if g["use_muon"] for p in g["params"])
+    return _Structure(gen, blocks, rqa, proj, mllm, vae_params, mllm_params, largest, lora_params, muon, prologue,
+                      head, block_params, block_trainable)
+
+
+def _mllm_on_meta(spec, dtype: torch.dtype) -> nn.Module:
+    with torch.device("meta"):
+        if spec.kind == "internvl":
+            from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+            model = InternVLForConditionalGeneration(InternVLConfig(**spec.hf_config))
+        else:
+            from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+            model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**spec.hf_config))
+    return model.to(dtype).requires_grad_(False).eval()
+
+
+@functools.lru_cache(maxsize=16)
+def _vae_params_cached(vtype, path, subfolder, random_init) -> int:
+    from types import SimpleNamespace
+
+    from .flops import _vae_model_on_meta
+
+    return _numel(_vae_model_on_meta(SimpleNamespace(type=vtype, path=path, subfolder=subfolder, random_init=random_init)))
+
+
+def _vae_params(vcfg) -> int:
+    if vcfg.type == "pixel":
+        return 0
+    return _vae_params_cached(vcfg.type, vcfg.path, vcfg.subfolder, bool(vcfg.random_init))
+
+
+# ------------------------------------------------------------------------------------------
+# activations: the real forward on the meta device, saved tensors counted per unit
+# ------------------------------------------------------------------------------------------
+class _FlashLikeAttention(torch.autograd.Function):
+    """What fused attention kernels (flash / memory-efficient / CPU flash) keep for
+    backward: q, k, v, the output and the fp32 log-sum-exp; never the S x S scores."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # pragma: no cover - the planner never runs backward
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+
+class _MetaFunctions(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") == "scaled_dot_product_attention" and args and args[0].is_meta:
+            return _FlashLikeAttention.apply(args[0], args[1] if len(args) > 1 else kwargs["key"],
+                                             args[2] if len(args) > 2 else kwargs["value"])
+        return func(*args, **kwargs)
+
+
+class _MetaScalars(torch.utils._python_dispatch.TorchDispatchMode):
+    """Data-dependent reads on meta tensors (e.g. `mask.all()` before choosing a kernel)
+    answer "true / 1": every token is real, nothing is padded."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
+            return True if args[0].dtype == torch.bool else 1
+        return func(*args, **(kwargs or {}))
+
+
+class _SavedTracker:
+    def __init__(self, exclude: set[int]):
+        self.exclude = exclude
+        self.owner: dict[int, str] = {}
+        self.bytes: dict[str, float] = {}
+        self.largest: dict[str, float] = {}
+        self.unit = "outside"
+
+    def pack(self, t: torch.Tensor):
+        try:
+            key = t.untyped_storage()._cdata
+            nbytes = t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. wrapper subclasses)
+            return t
+        if key in self.exclude or key in self.owner:
+            return t
+        self.owner[key] = self.unit
+        self.bytes[self.unit] = self.bytes.get(self.unit, 0.0) + nbytes
+        self.largest[self.unit] = max(self.largest.get(self.unit, 0.0), nbytes)
+        return t
+
+    @contextlib.contextmanager
+    def as_unit(self, name: str):
+        previous, self.unit = self.unit, name
+        try:
+            yield
+        finally:
+            self.unit = previous
+
+
+def _storage_keys(*modules) -> set[int]:
+    keys = set()
+    for m in modules:
+        if m is None:
+            continue
+        for t in list(m.parameters()) + list(m.buffers()):
+            keys.add(t.untyped_storage()._cdata)
+    return keys
+
+
+@dataclass
+class ActivationTrace:
+    units: dict[str, float]  # unit -> bytes first saved there
+    largest: dict[str, float]  # unit -> largest single saved storage
+    block_boundary: list[float]  # bytes of each block's residual-stream input (what a checkpoint keeps)
+    shared: float  # state tensors every block reads (temb, RoPE tables, masks): alive all along
+    mllm_boundary: float  # the LLM's input embeddings (what checkpointing the MLLM keeps)
+
+    @property
+    def blocks(self) -> list[float]:
+        return [self.units.get(f"block{i}", 0.0) for i in range(len(self.block_boundary))]
+
+    @property
+    def mllm_layers(self) -> list[float]:
+        return [v for k, v in self.units.items() if k.startswith("mllm.L")]
+
+    @property
+    def mllm_total(self) -> float:
+        return self.units.get("mllm", 0.0) + sum(self.mllm_layers)
+
+    def mllm_kept(self, mode) -> float:
+        """What the frozen LLM keeps until its backward: everything (False / "none"), its input
+        embeddings (True / "whole": parallel/checkpointing.py wraps the LLM as one unit), or
+        each decoder layer's input (\"layers\": per-layer checkpointing, not implemented)."""
+        if mode in (False, None, "none"):
+            return self.mllm_total
+        if mode in (True, "whole"):
+            return self.mllm_boundary
+        if mode == "layers":
+            return self.units.get("mllm", 0.0) + self.mllm_boundary * max(1, len(self.mllm_layers))
+        raise ValueError(f"checkpoint_mllm must be false, true / 'whole' or 'layers', got {mode!r}")
+
+    def mllm_recompute(self, mode) -> float:
+        """Activations alive at once during the LLM's backward."""
+        if mode == "layers":
+            return self.mllm_kept(mode) + max(self.mllm_layers, default=0.0)
+        return self.mllm_total
+
+
+def _tensor_bytes(t) -> float:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0.0
+
+
+def trace_activations(cfg, st: _Structure, batch: int, resolution, dtype: torch.dtype, mllm_dtype: torch.dtype,
+                      mllm_len: int | None = None) -> ActivationTrace:
+    """Run one IOMM forward on the meta device (conditioner chain + generator through its
+    pipeline adapter, one block at a time) and count what autograd saves for backward."""
+    from ..parallel.pipeline import get_adapter
+    from .flops import condition_lengths, latent_hw
+
+    lens = condition_lengths(cfg, mllm_len)
+    q = cfg.model.conditioner.rqa.num_queries
+    gen_cfg = cfg.generator
+    h, w = latent_hw(cfg, resolution)
+    tracker = _SavedTracker(_storage_keys(st.generator, st.rqa, st.proj, st.mllm))
+    adapter = get_adapter(st.generator)
+    boundary, shared = [], 0.0
+    meta = dict(device="meta")
+    with _MetaFunctions(), _MetaScalars(), torch.autograd.graph.saved_tensors_hooks(tracker.pack, lambda t: t):
+        context = torch.empty(batch, lens["context"], st.rqa.queries.shape[-1], dtype=mllm_dtype, **meta)
+        with tracker.as_unit("rqa"):
+            queries = st.rqa(context.to(dtype)).to(mllm_dtype)
+        mllm_boundary = 0.0
+        if st.mllm is not None:
+            lm = st.mllm.model.language_model
+            hooks = []
+            for i, layer in enumerate(getattr(lm, "layers", [])):  # per decoder layer: "mllm.L<i>"
+                hooks.append(layer.register_forward_pre_hook(
+                    lambda m, a, i=i: setattr(tracker, "unit", f"mllm.L{i}")))
+                hooks.append(layer.register_forward_hook(lambda m, a, o: setattr(tracker, "unit", "mllm")))
+            try:
+                with tracker.as_unit("mllm"):
+                    full = torch.cat([context, queries], 1)
+                    mllm_boundary = _tensor_bytes(full)
+                    pos = torch.arange(full.shape[1], **meta)[None].expand(batch, -1)
+                    hidden = lm(inputs_embeds=full, position_ids=pos, use_cache=False).last_hidden_state
+            finally:
+                for hk in hooks:
+                    hk.remove()
+        else:
+            hidden = torch.cat([context, queries], 1)
+        with tracker.as_unit("projection"):
+            tokens = hidden[:, -q:] if cfg.model.conditioner.condition_positions == "queries" else hidden
+            cond = st.proj(tokens.to(dtype))
+        latents = torch.empty(batch, gen_cfg.latent_channels, h, w, dtype=dtype, **meta)
+        t = torch.empty(batch, dtype=dtype, **meta)
+        with tracker.as_unit("prologue"):
+            state = tuple(adapter.embed(st.generator, latents, t, cond, None))
+        for i in range(len(st.blocks)):
+            ins = {id(x): x for x in state if isinstance(x, torch.Tensor)}
+            with tracker.as_unit(f"block{i}"):
+                new = tuple(adapter.run_blocks(st.generator, i, i + 1, state))
+            changed = [x for x in state if isinstance(x, torch.Tensor) and not any(x is y for y in new)]
+            if i == 0:
+                shared = sum(_tensor_bytes(x) for k, x in ins.items() if not any(x is c for c in changed))
+            boundary.append(sum(_tensor_bytes(x) for x in changed))
+            state = new
+        with tracker.as_unit("head"):
+            pred = adapter.head(st.generator, state)
+        with tracker.as_unit("loss"):
+            F.mse_loss(pred.float(), torch.empty(pred.shape, dtype=torch.float32, **meta))
+    return ActivationTrace(tracker.bytes, tracker.largest, boundary, shared, mllm_boundary)
+
+
+def _lerp(a: float, b: float, mb: int) -> float:
+    """Value at micro-batch `mb` of the line through (1, a) and (2, b)."""
+    return a + (b - a) * (mb - 1)
+
+
+def extrapolate(t1: ActivationTrace, t2: ActivationTrace, mb: int) -> ActivationTrace:
+    """Every activation autograd saves is either proportional to the micro-batch or
+    independent of it (RoPE tables), so the traces at micro-batch 1 and 2 give any other
+    exactly (tests/profiling checks it against a direct trace)."""
+    keys = set(t1.units) | set(t2.units)
+    return ActivationTrace(
+        {k: _lerp(t1.units.get(k, 0.0), t2.units.get(k, 0.0), mb) for k in keys},
+        {k: _lerp(t1.largest.get(k, 0.0), t2.largest.get(k, 0.0), mb) for k in set(t1.largest) | set(t2.largest)},
+        [_lerp(a, b, mb) for a, b in zip(t1.block_boundary, t2.block_boundary)],
+        _lerp(t1.shared, t2.shared, mb), _lerp(t1.mllm_boundary, t2.mllm_boundary, mb))
+
+
+def _trace_for(cache, cfg, st, lay, lora_rank, dtype, mllm_dtype, res, mllm_len) -> ActivationTrace:
+    def at(mb):
+        key = ("trace", lay.tp, lora_rank, dtype, mllm_dtype, mb, str(res), mllm_len)
+        if key not in cache:
+            cache[key] = trace_activations(cfg, st, mb, res, dtype, mllm_dtype, mllm_len)
+        return cache[key]
+
+    if lay.micro_batch <= 2:
+        return at(lay.micro_batch)
+    return extrapolate(at(1), at(2), lay.micro_batch)
+
+
+# ------------------------------------------------------------------------------------------
+# the plan
+# ------------------------------------------------------------------------------------------
+def _bytes_per(precision: str) -> tuple[int, int, int]:
+    """(parameter, gradient, fp32 master) bytes per trainable parameter."""
+    if precision == "fp32":
+        return 4, 4, 0
+    if precision == "amp":  # fp32 parameters, bf16 autocast (this repo's single-process trainer on CUDA)
+        return 4, 4, 0
+    return 2, 2, 4  # bf16 parameters + gradients, fp32 master in the optimizer (DeepSpeed bf16)
+
+
+def stage_blocks(num_blocks: int, pp: int, stage: int) -> tuple[int, int]:
+    if num_blocks % pp:
+        raise ValueError(f"{num_blocks} blocks do not split evenly into pp={pp} stages")
+    n = num_blocks // pp
+    return stage * n, (stage + 1) * n
+
+
+def checkpointed(num_blocks: int, layout: Layout) -> set[int]:
+    if layout.checkpointing == "none":
+        return set()
+    if layout.checkpointing == "full":
+        return set(range(num_blocks))
+    if layout.checkpointing == "every_k":
+        return set(range(0, num_blocks, max(1, layout.every_k)))
+    raise ValueError(f"checkpointing must be none | full | every_k, got {layout.checkpointing!r}")
+
+
+def plan_memory(cfg, layout: Layout, *, resolution=None, precision: str | None = None, ema: bool | None = None,
+                lora_rank: int | None = None, frozen: str = "auto", device: str = "cuda",
+                capacity_gib: float | None = None, prefetch_bucket: int = DS_PREFETCH_BUCKET,
+                reduce_bucket: int = DS_REDUCE_BUCKET, optimizer_impl: str | None = None,
+                runtime_reserve_gib: float | None = None, fragmentation: float | None = None,
+                mllm_len: int | None = None, _cache: dict | None = None) -> MemoryPlan:
+    """Estimate per-device memory of one training step of `cfg` under `layout`.
+
+    precision   "fp32" | "amp" (fp32 params + bf16 autocast, the single-process trainer) |
+                "bf16" (bf16 params and grads + fp32 master: DeepSpeed); default: fp32 when
+                train.precision is fp32, else amp for a single process without ZeRO, bf16 otherwise
+    frozen      "replicate" | "zero3" | "auto" (ZeRO-3 partitions the frozen modules too)
+    optimizer_impl  "torch" (foreach AdamW temporaries; default single process) or
+                "deepspeed" (fused, fp32 gradient partition at step; default with ZeRO / dp > 1)
+    """
+    lay = layout
+    if precision is None:
+        if cfg.train.precision == "fp32":
+            precision = "fp32"
+        else:
+            precision = "amp" if (lay.world == 1 and lay.zero_stage == 0) else "bf16"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if lay.pp > 1 and lay.zero_stage >= 2:
+        raise ValueError("ZeRO-2/3 cannot be combined with pipeline parallelism (see parallel/config.py)")
+    ema = bool(cfg.optim.ema_decay) if ema is None else ema
+    frozen = ("zero3" if lay.zero_stage == 3 else "replicate") if frozen == "auto" else frozen
+    distributed = lay.dp > 1 or lay.zero_stage > 0
+    optimizer_impl = optimizer_impl or ("deepspeed" if distributed else "torch")
+    cuda = device == "cuda"
+    reserve_fixed = (runtime_reserve_gib if runtime_reserve_gib is not None else (2.0 if cuda else 0.0)) * GiB
+    frag = fragmentation if fragmentation is not None else (0.05 if cuda else 0.0)
+
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    mllm_dtype = _dtype(cfg.model.conditioner.mllm.dtype)
+    if precision == "fp32":
+        mllm_dtype = torch.float32 if cfg.model.conditioner.mllm.dtype == "float32" else mllm_dtype
+    cache = _cache if _cache is not None else {}
+    skey = ("structure", lay.tp, lora_rank, dtype, mllm_dtype)
+    if skey not in cache:
+        cache[skey] = _build_structure(cfg, lay.tp, lora_rank, dtype, mllm_dtype)
+    st = cache[skey]
+    res = resolution if resolution is not None else cfg.data.resolution
+    tr = _trace_for(cache, cfg, st, lay, lora_rank, dtype, mllm_dtype, res, mllm_len)
+
+    p_b, g_b, master_b = _bytes_per(precision)
+    frozen_b = torch.finfo(mllm_dtype).bits // 8
+    vae_b = torch.finfo(_dtype(cfg.model.vae.dtype)).bits // 8
+    nb = len(st.blocks)
+    ckpt = checkpointed(nb, lay)
+    notes = []
+
+    # ---- per stage: parameters and activations ---------------------------------------
+    best = None
+    for stage in range(lay.pp):
+        lo, hi = stage_blocks(nb, lay.pp, stage)
+        first, last = stage == 0, stage == lay.pp - 1
+        gen_total = sum(st.block_params[lo:hi]) + (st.gen_prologue_params if first else 0) + \
+            (st.gen_head_params if last else 0)
+        cond_trainable = (_numel(st.rqa) + _numel(st.proj)) if first else 0
+        if lora_rank:
+            gen_train = sum(st.block_trainable[lo:hi])
+            base_frozen = gen_total - gen_train
+        else:
+            gen_train, base_frozen = gen_total, 0
+        trainable = gen_train + cond_trainable
+        frozen_params = (st.mllm_params if first else 0)
+        vae_params = st.vae_params if first else 0
+
+        rows: list[tuple[str, float, str]] = []
+        z = lay.zero_stage
+        dp = lay.dp
+        p_div = dp if z >= 3 else 1
+        g_div = dp if z >= 2 else 1
+        o_div = dp if z >= 1 else 1
+        param_bytes = trainable * p_b / p_div
+        if lay.offload_params and z == 3:
+            host_params = param_bytes
+            param_bytes = 0.0
+        else:
+            host_params = 0.0
+        rows.append(("parameters", param_bytes,
+                     f"{trainable / 1e6:.1f}M trainable x {p_b} B{' / dp' if p_div > 1 else ''}"
+                     f"{' (offloaded to host)' if host_params else ''}"))
+        grads_total = trainable * g_b / g_div
+        rows.append(("gradients", grads_total, f"x {g_b} B{' / dp' if g_div > 1 else ''}"))
+        if cfg.optim.name == "muon":
+            everything = st.gen_prologue_params + sum(st.block_trainable) + st.gen_head_params + _numel(st.rqa) + \
+                _numel(st.proj) if not lora_rank else sum(st.block_trainable) + _numel(st.rqa) + _numel(st.proj)
+            muon = st.muon_params if lay.pp == 1 else int(st.muon_params * trainable / max(1, everything))
+            states = muon * 4 + (trainable - muon) * 8
+            how = f"Muon momentum 4 B x {muon / 1e6:.1f}M + AdamW 8 B x {(trainable - muon) / 1e6:.1f}M"
+        else:
+            states = trainable * 8
+            how = "AdamW 2 x fp32"
+        states += trainable * master_b
+        if master_b:
+            how += " + fp32 master"
+        states /= o_div
+        host_opt = 0.0
+        if lay.offload_optimizer and z >= 1:
+            host_opt, states = states, 0.0
+            how += " (offloaded to host)"
+        rows.append(("optimizer states", states, how + (" / dp" if o_div > 1 else "")))
+        if ema:
+            rows.append(("ema", trainable * 4 / p_div, "fp32 copy" + (" / dp" if p_div > 1 else "")))
+        fz_div = dp if frozen == "zero3" else 1
+        rows.append(("frozen mllm", frozen_params * frozen_b / fz_div,
+                     f"{frozen_params / 1e9:.2f}B x {frozen_b} B" + (" / dp (ZeRO-3)" if fz_div > 1 else "")))
+        if vae_params:
+            rows.append(("frozen vae", vae_params * vae_b / fz_div, f"{vae_params / 1e6:.1f}M x {vae_b} B"
+                         + (" / dp (ZeRO-3)" if fz_div > 1 else "")))
+        if base_frozen:
+            rows.append(("frozen lora base", base_frozen * p_b / (dp if z >= 3 else 1),
+                         f"{base_frozen / 1e9:.2f}B x {p_b} B (LoRA r={lora_rank}: {st.lora_params / 1e6:.1f}M adapters)"))
+        gather = 0.0
+        if z == 3:
+            largest_block = max(st.block_params[lo:hi]) if hi > lo else 0
+            gather = (largest_block + min(prefetch_bucket, gen_total)) * p_b
+            if frozen == "zero3" and first:
+                gather += (st.mllm_largest_layer + min(prefetch_bucket, frozen_params)) * frozen_b
+            rows.append(("zero3 gathered params", gather, "largest layer + prefetch bucket"))
+        bucket = 0.0
+        if dp > 1:
+            bucket = min(reduce_bucket, trainable) * g_b
+            rows.append(("comm buckets", bucket, f"gradient reduce bucket {min(reduce_bucket, trainable) / 1e6:.0f}M el."))
+        if precision == "amp":
+            rows.append(("autocast weight copies", trainable * 2, "bf16 casts of fp32 weights, kept for backward"))
+
+        # activations of this stage per micro-batch
+        kept, full_acts = [], []
+        for i in range(lo, hi):
+            a = tr.units.get(f"block{i}", 0.0)
+            full_acts.append(a)
+            kept.append(tr.block_boundary[i] if i in ckpt else a)
+        pre = 0.0
+        if first:
+            pre += tr.units.get("rqa", 0.0) + tr.units.get("projection", 0.0) + tr.units.get("prologue", 0.0)
+            pre += tr.mllm_kept(lay.checkpoint_mllm)
+            pre += tr.shared
+        post = (tr.units.get("head", 0.0) + tr.units.get("loss", 0.0)) if last else 0.0
+        per_mb = pre + sum(kept) + post
+        in_flight = min(lay.pp - stage, lay.grad_accum) if lay.pp > 1 else 1
+        acts = per_mb * in_flight
+        recompute = max((full_acts[j] for j, i in enumerate(range(lo, hi)) if i in ckpt), default=0.0)
+        # backward working set at the start of block i's backward: the gradient of its output
+        # (one residual-stream tensor) and of its largest intermediate
+        work = [tr.block_boundary[i] + tr.largest.get(f"block{i}", 0.0) for i in range(lo, hi)]
+        rows.append(("activations", acts, f"{per_mb / GiB:.2f} GiB / micro-batch"
+                                          + (f" x {in_flight} in flight (1F1B)" if in_flight > 1 else "")))
+        rows.append(("recompute + bwd working set", recompute + max(work, default=0.0),
+                     f"one rematerialised block {recompute / GiB:.2f} + output and largest-tensor gradients "
+                     f"{max(work, default=0.0) / GiB:.2f}"))
+
+        static = sum(b for n, b, _ in rows if n in ("parameters", "optimizer states", "ema", "frozen mllm", "frozen vae",
+                                                     "frozen lora base", "comm buckets", "autocast weight copies"))
+        grads_held = grads_total if lay.grad_accum > 1 else 0.0  # accumulated across micro-batches
+        g_blocks = [st.block_trainable[i] * g_b / g_div for i in range(lo, hi)]
+        g_head = st.gen_head_params * g_b / g_div if (last and not lora_rank) else 0.0
+        phases = {}
+        prev = acts - per_mb  # other in-flight micro-batches (1F1B)
+        head_work = (tr.block_boundary[hi - 1] if hi > lo else 0.0) + max(tr.largest.get("head", 0.0),
+                                                                           tr.largest.get("loss", 0.0))
+        phases["start of backward"] = static + gather + grads_held + acts + (head_work if last else 0.0)
+        peak_blocks = 0.0
+        for j in range(len(kept)):
+            # block j's backward begins: earlier blocks' kept activations, block j's full set
+            # (kept, or rematerialised), gradients of the blocks after it (made already)
+            alive = prev + pre + sum(kept[:j]) + full_acts[j]
+            grads_now = grads_held if grads_held else sum(g_blocks[j + 1:]) + g_head
+            peak_blocks = max(peak_blocks, static + gather + grads_now + alive + work[j])
+        phases["generator backward"] = peak_blocks
+        if first and st.mllm is not None:
+            mllm_alive = tr.mllm_recompute(lay.checkpoint_mllm) + tr.units.get("rqa", 0.0) + \
+                tr.units.get("projection", 0.0)
+            gen_grads = grads_held if grads_held else (gen_train * g_b / g_div)
+            phases["mllm backward"] = static + gather + gen_grads + mllm_alive + prev + \
+                tr.mllm_boundary + max((v for k, v in tr.largest.items() if k.startswith("mllm")), default=0.0)
+        step_tmp = 0.0
+        if optimizer_impl == "torch":
+            step_tmp = trainable * 4 / o_div  # foreach AdamW: one fp32 temporary over all params
+        elif master_b:
+            step_tmp = trainable * 4 / o_div  # DeepSpeed: fp32 gradient partition during step
+        if lay.offload_optimizer:
+            step_tmp = 0.0
+        phases["optimizer step"] = static + grads_total + step_tmp
+        allocated = max(phases.values())
+        plan = MemoryPlan(lay, rows, phases, allocated, reserve_fixed + frag * allocated, host_params + host_opt,
+                          notes, capacity_gib * GiB if capacity_gib else None)
+        if best is None or plan.allocated > best.allocated:
+            best = plan
+            if lay.pp > 1:
+                best.notes = [f"pipeline stage {stage} of {lay.pp} (the most loaded)"]
+    if precision == "amp" and device == "cuda":
+        best.notes.append("amp: fp32 master weights on device, bf16 autocast (the single-process trainer)")
+    return best
+
+
+def max_micro_batch(cfg, layout: Layout, capacity_gib: float, *, limit: int = 256, **kw) -> tuple[int, MemoryPlan | None]:
+    """Largest micro-batch whose plan fits `capacity_gib` (doubling then bisection)."""
+    cache = kw.pop("_cache", {})
+    fits = lambda mb: plan_memory(cfg, replace(layout, micro_batch=mb), capacity_gib=capacity_gib, _cache=cache, **kw)
+    lo, best = 0, None
+    mb = 1
+    while mb <= limit:
+        plan = fits(mb)
+        if not plan.fits:
+            break
+        lo, best = mb, plan
+        mb *= 2
+    hi = min(mb, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        plan = fits(mid)
+        if plan.fits:
+            lo, best = mid, plan
+        else:
+            hi = mid
+    return lo, best
+
+
+def format_sweep(plans: list[MemoryPlan]) -> str:
+    head = (f"{'layout':<50s} {'params':>7s} {'grads':>7s} {'optim':>7s} {'frozen':>7s} {'acts':>7s} {'peak':>7s} "
+            f"{'device':>7s}  fits")
+    lines = [head, "-" * len(head)]
+    for p in plans:
+        fz = p.component("frozen mllm") + p.component("frozen vae") + p.component("frozen lora base")
+        lines.append(f"{p.layout.describe():<50s} {p.component('parameters') / GiB:>7.1f} "
+                     f"{p.component('gradients') / GiB:>7.1f} {p.component('optimizer states') / GiB:>7.1f} "
+                     f"{fz / GiB:>7.1f} {p.component('activations') / GiB:>7.1f} {p.allocated / GiB:>7.1f} "
+                     f"{p.device_total / GiB:>7.1f}  {'-' if p.fits is None else ('yes' if p.fits else 'NO')}")
+    lines.append("(GiB per device; peak = allocated peak over the phases; device = + CUDA/NCCL reserve "
+                 "and fragmentation margin)")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# command line (tools/plan_memory.py)
+# ------------------------------------------------------------------------------------------
+def _bool_or_str(text: str):
+    t = text.strip().lower()
+    return {"false": False, "no": False, "none": False, "0": False, "true": True, "whole": True, "yes": True,
+            "1": True}.get(t, t)
+
+
+def main(argv=None) -> list[MemoryPlan]:  # tools/plan_memory.py
+    import argparse
+
+    from ..config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(prog="plan_memory", description="Per-device memory estimate of a training step "
+                                 "for a config x layout x micro-batch sweep (see profiling/memory.py).")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
+    ap.add_argument("--gpus", type=int, default=1, help="world size (dp = gpus / (tp * pp))")
+    ap.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per device")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--zero", default="0", help="comma list of ZeRO stages")
+    ap.add_argument("--checkpointing", default="none,full", help="comma list: none, full, every_<k>")
+    ap.add_argument("--checkpoint-mllm", default="false", help="comma list: false, true (whole LLM), layers")
+    ap.add_argument("--micro-batch", default=None, help="comma list (default data.batch_size)")
+    ap.add_argument("--global-batch", type=int, default=None, help="sets grad_accum = global / (micro x dp)")
+    ap.add_argument("--resolution", type=int, default=None)
+    ap.add_argument("--precision", choices=PRECISIONS, default=None)
+    ap.add_argument("--lora-rank", type=int, default=None)
+    ap.add_argument("--frozen", choices=("auto", "replicate", "zero3"), default="auto")
+    ap.add_argument("--offload-optimizer", action="store_true")
+    ap.add_argument("--max-micro-batch", action="store_true", help="also search the largest micro-batch that fits")
+    ap.add_argument("--detail", action="store_true", help="print every plan's component table")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}")
+    if args.gpus % (args.tp * args.pp):
+        raise SystemExit(f"--gpus {args.gpus} is not divisible by tp*pp = {args.tp * args.pp}")
+    dp = args.gpus // (args.tp * args.pp)
+    mbs = [int(x) for x in args.micro_batch.split(",")] if args.micro_batch else [cfg.data.batch_size]
+    cache: dict = {}
+    kw = dict(resolution=args.resolution, precision=args.precision, lora_rank=args.lora_rank, frozen=args.frozen,
+              device=args.device, capacity_gib=args.gpu_mem, _cache=cache)
+    plans, best = [], []
+    res = args.resolution or cfg.data.resolution
+    print(f"{cfg.source}: {cfg.model.generator.family}, {res} px, {args.gpus} x {args.gpu_mem:.0f} GiB "
+          f"(tp {args.tp}, pp {args.pp}, dp {dp})" + (f", global batch {args.global_batch}" if args.global_batch else "")
+          + (f", LoRA r={args.lora_rank}" if args.lora_rank else ""))
+    for z in (int(x) for x in args.zero.split(",")):
+        for ck in args.checkpointing.split(","):
+            mode, k = (("every_k", int(ck.split("_")[1])) if ck.startswith("every_") else (ck, 1))
+            for cm in (_bool_or_str(x) for x in args.checkpoint_mllm.split(",")):
+                base = Layout(tp=args.tp, pp=args.pp, dp=dp, zero_stage=z, checkpointing=mode, every_k=k,
+                              checkpoint_mllm=cm, offload_optimizer=args.offload_optimizer)
+                for mb in mbs:
+                    accum = cfg.train.grad_accum
+                    if args.global_batch:
+                        if args.global_batch % (mb * dp):
+                            continue
+                        accum = args.global_batch // (mb * dp)
+                    try:
+                        p = plan_memory(cfg, replace(base, micro_batch=mb, grad_accum=accum), **kw)
+                    except ValueError as e:
+                        print(f"  {base.describe()}: {e}")
+                        continue
+                    plans.append(p)
+                    if args.detail:
+                        print(p.table())
+                if args.max_micro_batch:
+                    per_rank = args.global_batch // dp if args.global_batch else None
+                    accum = 2 if per_rank else max(1, cfg.train.grad_accum)
+                    n, p = max_micro_batch(cfg, replace(base, grad_accum=accum), args.gpu_mem,
+                                           limit=per_rank or 256, **{k2: v for k2, v in kw.items() if k2 != "capacity_gib"})
+                    best.append((base, n, p, per_rank))
+    print(format_sweep(plans))
+    if best:
+        print("\nlargest micro-batch that fits (gradients held across accumulation steps):")
+        for base, n, p, per_rank in best:
+            extra = "" if p is None else f" ({p.device_total / GiB:.1f} GiB)"
+            use = ""
+            if per_rank:
+                d = max((k for k in range(1, n + 1) if per_rank % k == 0), default=0)
+                use = (f"; with global batch {args.global_batch}: micro-batch {d} x {dp} dp x {per_rank // d} accumulation"
+                       if d else "; does not fit at micro-batch 1")
+            print(f"  {base.describe().replace(' mb1 x1', ''):<46s} max {n}{extra}{use}")
+    return plans

@@ -1,0 +1,502 @@
+"""`iomm-profile`: step time, samples/s, TFLOP/s, MFU and peak memory over a sweep of
+micro-batch x activation checkpointing x attention backend x torch.compile.
+
+    iomm-profile --config configs/tiny.yaml --micro-batch 2,4 --checkpointing none,full \\
+                 --attention sdpa,math --compile off --steps 3 --csv profile.csv
+    iomm-profile --preset b --scope generator --micro-batch 8 --checkpointing full   # on a GPU
+
+Scopes:
+    step       the trainer's step without data loading: IOMMModel.loss (VAE, ViT, MIM, RQA,
+               frozen LLM with gradients through it, DiT) + backward + grad clipping +
+               optimizer step (+ EMA when configured), on a synthetic batch
+    generator  the DiT alone: forward + backward + optimizer step on synthetic x_t and an
+               RQA-shaped condition (what dominates; needs no MLLM or VAE weights)
+
+`--random-frozen` builds the frozen MLLM at its real size with random weights (from the
+offline config table in profiling/flops.py) and feeds latents + vision features as
+feature shards would, so a full IOMM step can be timed on a machine without the weights.
+
+Peak memory: on CUDA torch.cuda.max_memory_allocated over the timed steps (absolute). On
+CPU there is no allocator counter, so the process's peak resident set is used: glibc is
+told to return every allocation of >= 64 KiB to the OS on free (mallopt M_MMAP_THRESHOLD /
+M_TRIM_THRESHOLD), the kernel's peak-RSS mark is reset by writing "5" to
+/proc/self/clear_refs before the timed steps, and the figure is VmHWM minus the resident
+set measured before the case's model was built (after a warm-up that loaded every
+library). So it counts parameters, optimizer state, activations and temporaries, but not
+the Python runtime and libraries. `act_saved_GiB` is the exact byte count of the tensors
+autograd saved for backward in one forward (torch.autograd.graph.saved_tensors_hooks,
+distinct storages, parameters excluded); `plan_GiB` is profiling/memory.py's estimate for
+the same case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import ctypes
+import gc
+import itertools
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+PRESETS = ("tiny", "b", "l", "xl", "qwen_image_lora")
+COLUMNS = ["scope", "micro_batch", "checkpointing", "attention", "compile", "step_s", "step_min_s", "cpu_s",
+           "samples_per_s",
+           "image_tokens_per_s", "tflops_per_step", "tflops_per_s", "mfu", "peak_mem_GiB", "act_saved_GiB", "plan_GiB",
+           "status"]
+
+
+# ------------------------------------------------------------------------------------------
+# memory probes
+# ------------------------------------------------------------------------------------------
+def release_freed_memory(precise: bool = True) -> bool:
+    """precise: make glibc serve every block of >= 64 KiB with its own mmap and hand it back
+    to the OS on free, so RSS follows what is live (every such allocation then costs a
+    system call and page faults: steps run several times slower). precise=False: the fast
+    setting for timing (blocks up to 32 MiB come from the reusable heap). Returns False where
+    this is not glibc Linux."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mmap_at, trim_at = (65536, 65536) if precise else (32 * 2**20, 128 * 2**20)
+    return bool(libc.mallopt(m_mmap_threshold, mmap_at)) and bool(libc.mallopt(m_trim_threshold, trim_at))
+
+
+def trim_freed_memory() -> None:
+    """Return whole free pages inside glibc's heaps to the OS (malloc_trim), so that memory
+    freed by an earlier case is not reused unseen by the next one."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _status(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def rss(trim: bool = True) -> int | None:
+    """Resident set size now (after returning freed heap pages to the OS when `trim`)."""
+    if trim:
+        trim_freed_memory()
+    return _status("VmRSS:")
+
+
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int | None:
+    return _status("VmHWM:")
+
+
+class PeakMemory:
+    """Peak memory of a region: CUDA max allocated, or CPU peak RSS above `baseline`."""
+
+    def __init__(self, device: torch.device, baseline: int | None = None):
+        self.device, self.baseline = device, baseline
+        self.peak: float | None = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            trim_freed_memory()  # freed heap pages back to the OS before the peak mark is reset
+            self.ok = reset_peak_rss() and self.baseline is not None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = float(torch.cuda.max_memory_allocated())
+        elif self.ok:
+            self.peak = float(peak_rss() - self.baseline)
+        return False
+
+
+def count_saved(fn, exclude: set[int]) -> float:
+    """Bytes of the distinct storages autograd saves for backward while `fn()` runs, those in
+    `exclude` (parameter / buffer storages) left out."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            key = t.untyped_storage()._cdata
+        except (RuntimeError, NotImplementedError):
+            return t
+        if key not in exclude and key not in seen:
+            seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return float(sum(seen.values()))
+
+
+# ------------------------------------------------------------------------------------------
+# building what a case runs
+# ------------------------------------------------------------------------------------------
+def load_preset_or_config(preset: str | None, config: str | None, overrides: list[str]):
+    from ..config import load_config
+
+    if config is None:
+        if preset is None:
+            raise SystemExit("give --config FILE or --preset NAME")
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        config = os.path.join(root, "configs", f"{preset}.yaml")
+        if not os.path.isfile(config):
+            raise SystemExit(f"preset {preset!r}: {config} does not exist (yet); use --config")
+    return load_config(config, overrides)
+
+
+def _random_frozen_mllm(cfg, device, dtype):
+    from ..models.tiny_mllm import build_tokenizer
+    from .flops import mllm_spec
+    from .memory import _mllm_on_meta
+
+    spec = mllm_spec(cfg.model.conditioner.mllm)
+    if spec.kind != "internvl":
+        raise SystemExit(f"--random-frozen builds InternVL MLLMs only, not {spec.kind}")
+    model = _mllm_on_meta(spec, dtype).to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+        for name, b in model.named_buffers():
+            if "inv_freq" in name:  # recompute RoPE frequencies (to_empty left them uninitialised)
+                dim = b.numel() * 2
+                tc = model.config.text_config
+                theta = (getattr(tc, "rope_parameters", None) or {}).get("rope_theta") or getattr(tc, "rope_theta", 1e6)
+                b.copy_(1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)))
+    model.requires_grad_(False).eval()
+    return model, build_tokenizer(512)
+
+
+def build_model(cfg, device, random_frozen: bool = False):
+    from ..iomm import IOMMModel, build_iomm
+    from ..models.conditioner import IOMMConditioner
+    from ..models.registry import build_generator
+    from ..models.vae import FrozenVAE, VAEConfig
+
+    if not random_frozen:
+        return build_iomm(cfg, device)
+    mdtype = getattr(torch, cfg.model.conditioner.mllm.dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        with torch.device(device):  # initialised where it runs (a 1.6B DiT initialises slowly on a CPU)
+            generator = build_generator(cfg.model.generator.family, cfg.generator)
+        mllm, tok = _random_frozen_mllm(cfg, device, mdtype)
+        cond = IOMMConditioner(cfg.model.conditioner, mllm, tok, condition_dim=cfg.generator.context_dim)
+        vae = FrozenVAE(VAEConfig(type="pixel", pixel_factor=1))  # unused: batches carry latents
+        vae.latent_channels = cfg.generator.latent_channels
+    return IOMMModel(cfg, generator, cond, vae).to(device)
+
+
+def synthetic_batch(cfg, model, b: int, device, features: bool):
+    from .flops import latent_hw
+
+    res = cfg.data.resolution
+    g = torch.Generator(device="cpu").manual_seed(0)
+    if features:
+        h, w = latent_hw(cfg)
+        spec_tokens = model.conditioner.num_image_tokens
+        return {"latents": torch.randn(b, cfg.generator.latent_channels, h, w, generator=g).to(device),
+                "vision_features": (0.02 * torch.randn(b, spec_tokens, model.conditioner.hidden_size, generator=g)).to(
+                    device, model.conditioner.mllm.dtype),
+                "captions": [None] * b}
+    return {"pixels": (torch.rand(b, 3, res, res, generator=g) * 2 - 1).to(device), "captions": [None] * b}
+
+
+def set_attention_backend(module: torch.nn.Module, backend: str) -> int:
+    n = 0
+    for m in module.modules():
+        if hasattr(m, "backend") and isinstance(getattr(m, "backend"), str):
+            m.backend = backend
+            n += 1
+    return n
+
+
+def apply_checkpointing(generator: torch.nn.Module, mode: str, every_k: int = 2) -> None:
+    try:
+        from ..parallel.checkpointing import apply_activation_checkpointing
+    except ImportError:  # parallel/ absent: torch.utils.checkpoint per block
+        from torch.utils.checkpoint import checkpoint
+
+        blocks = generator.blocks()
+        chosen = range(len(blocks)) if mode == "full" else (range(0, len(blocks), every_k) if mode == "every_k" else [])
+        for i in chosen:
+            original = blocks[i].forward
+            blocks[i].forward = lambda *a, _f=original, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+        return
+    apply_activation_checkpointing(generator, mode, every_k)
+
+
+# ------------------------------------------------------------------------------------------
+# one case
+# ------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    micro_batch: int
+    checkpointing: str
+    attention: str
+    compile: bool
+
+
+def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: int = 1, device=None,
+             random_frozen: bool = False, peak_tflops: float | None = None, baseline: int | None = None,
+             plan: bool = True) -> dict:
+    from ..models.attention import check_backend
+    from ..optim.builder import EMA, build_optimizer, set_lr
+    from .flops import image_tokens, training_flops
+    from .mfu import mfu as mfu_of, peak_tflops_for
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    row = {"scope": scope, "micro_batch": case.micro_batch, "checkpointing": case.checkpointing,
+           "attention": case.attention, "compile": "on" if case.compile else "off"}
+    try:
+        check_backend(case.attention)
+    except Exception as e:  # noqa: BLE001
+        return {**row, "status": f"skipped: {e}".split(". ")[0]}
+    bf16 = cfg.train.precision == "bf16" and device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    base = rss() if baseline is None else baseline
+    features = random_frozen
+    b = case.micro_batch
+    if scope == "generator":  # the DiT alone: no MLLM / VAE is built (no weights needed)
+        from ..models.registry import build_generator
+        from .flops import condition_lengths, generator_flops, latent_hw
+
+        with torch.random.fork_rng(devices=[]), torch.device(device):  # initialised where it runs
+            torch.manual_seed(cfg.train.seed)
+            generator = build_generator(cfg.model.generator.family, cfg.generator).train()
+        model = torch.nn.Module()
+        model.generator = generator
+    else:
+        model = build_model(cfg, device, random_frozen).train()
+    set_attention_backend(model.generator, case.attention)
+    apply_checkpointing(model.generator, case.checkpointing)
+    if case.compile:
+        for blk in model.generator.blocks():
+            blk.compile()
+    if scope == "generator":
+        params = [p for p in model.generator.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        ema = None
+        cond_len = condition_lengths(cfg)["generator"]
+        h, w = latent_hw(cfg)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        dt = next(model.generator.parameters()).dtype
+        x_t = torch.randn(b, cfg.generator.latent_channels, h, w, generator=g).to(device, dt)
+        cond = torch.randn(b, cond_len, cfg.generator.context_dim, generator=g).to(device, dt)
+        target = torch.randn_like(x_t)
+        t = torch.rand(b, generator=g).to(device)
+        flops = generator_flops(cfg.model.generator.family, cfg.generator, b, (h, w), cond_len, cond_grad=False).total
+
+        def loss_fn():
+            with autocast:
+                out = model.generator(x_t, t, cond)
+            return torch.nn.functional.mse_loss(out.float(), target.float())
+    else:
+        opt = build_optimizer(model, cfg)
+        ema = EMA(model.trainable_state_dict(), cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+        params = model.trainable_parameters()
+        batch = synthetic_batch(cfg, model, b, device, features)
+        flops = training_flops(cfg, batch=b, precomputed=features)["total"]
+
+        def loss_fn():
+            with autocast:
+                return model.loss(batch)
+
+    def step(i: int):
+        loss = loss_fn()
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        set_lr(opt, i, cfg)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model.trainable_state_dict())
+
+    try:
+        cpu = device.type == "cpu"
+        for i in range(warmup):
+            step(i)
+        if cpu:  # peak RSS first, with the precise allocator setting and a clean heap, untimed
+            release_freed_memory(precise=True)
+            with PeakMemory(device, base) as pm:
+                step(warmup)
+            warmup += 1
+            release_freed_memory(precise=False)  # then time with the fast setting
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times = []
+        with contextlib.ExitStack() as stack:
+            if not cpu:
+                pm = stack.enter_context(PeakMemory(device, base))
+            cpu_times = []
+            for i in range(steps):
+                t0, c0 = time.perf_counter(), time.process_time()
+                step(warmup + i)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+                cpu_times.append(time.process_time() - c0)
+        if cpu:
+            release_freed_memory(precise=True)
+        from .memory import _storage_keys
+
+        saved = count_saved(loss_fn, _storage_keys(model))
+    except torch.OutOfMemoryError:
+        del model
+        return {**row, "status": "out of memory"}
+    step_s = sorted(times)[len(times) // 2]
+    row.update(step_min_s=min(times), cpu_s=sorted(cpu_times)[len(cpu_times) // 2])
+    peak = peak_tflops if peak_tflops else (peak_tflops_for(device) if device.type == "cuda" else None)
+    achieved = flops / step_s / 1e12
+    row.update(step_s=step_s, samples_per_s=b / step_s, image_tokens_per_s=b * image_tokens(cfg) / step_s,
+               tflops_per_step=flops / 1e12, tflops_per_s=achieved,
+               mfu=mfu_of(achieved, peak) if peak else None,
+               peak_mem_GiB=None if pm.peak is None else pm.peak / 2**30, act_saved_GiB=saved / 2**30, status="ok")
+    del model, opt
+    if plan and scope == "step":
+        try:
+            from .memory import Layout, plan_memory
+
+            p = plan_memory(cfg, Layout(micro_batch=b, checkpointing=case.checkpointing),
+                            device=device.type, precision=None if device.type == "cuda" else "fp32")
+            row["plan_GiB"] = p.allocated / 2**30
+        except Exception as e:  # noqa: BLE001 - the estimate is a convenience column
+            row["plan_GiB"] = None
+            row["status"] = f"ok (plan failed: {type(e).__name__})"
+    return row
+
+
+def warm_up(cfg, scope: str, random_frozen: bool) -> None:
+    run_case(cfg, Case(1, "none", "sdpa", False), scope=scope, steps=1, warmup=0, device="cpu",
+             random_frozen=random_frozen, plan=False)
+    gc.collect()
+
+
+def sweep(cfg, micro_batches, checkpointing, attention, compile_modes, **kw) -> list[dict]:
+    rows = []
+    for mb, ck, at, co in itertools.product(micro_batches, checkpointing, attention, compile_modes):
+        rows.append(run_case(cfg, Case(mb, ck, at, co), **kw))
+        print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+def _fmt(v, spec):
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    return format(v, spec)
+
+
+def format_row(r: dict) -> str:
+    return (f"{r['scope']:<9s} {r['micro_batch']:>4d} {r['checkpointing']:<7s} {r['attention']:<6s} {r['compile']:<4s} "
+            f"{_fmt(r.get('step_s'), '9.4f')} {_fmt(r.get('samples_per_s'), '10.2f')} "
+            f"{_fmt(r.get('image_tokens_per_s'), '12.0f')} {_fmt(r.get('tflops_per_s'), '9.4g')} "
+            f"{_fmt(None if r.get('mfu') is None else 100 * r['mfu'], '6.1f')} {_fmt(r.get('peak_mem_GiB'), '9.3f')} "
+            f"{_fmt(r.get('act_saved_GiB'), '9.3f')} {_fmt(r.get('plan_GiB'), '8.3f')}  {r.get('status', '')}")
+
+
+HEADER = (f"{'scope':<9s} {'mb':>4s} {'ckpt':<7s} {'attn':<6s} {'comp':<4s} {'step_s':>9s} {'samples/s':>10s} "
+          f"{'img_tok/s':>12s} {'TFLOP/s':>9s} {'MFU%':>6s} {'peak_GiB':>9s} {'saved_GiB':>9s} {'plan_GiB':>8s}  status")
+
+
+def format_table(rows: list[dict]) -> str:
+    return "\n".join([HEADER, *map(format_row, rows)])
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in COLUMNS})
+
+
+def _csv_list(text: str, conv=str):
+    return [conv(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="iomm-profile", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML run config")
+    parser.add_argument("--preset", choices=PRESETS, help="configs/<preset>.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    parser.add_argument("--scope", choices=("step", "generator"), default="step")
+    parser.add_argument("--micro-batch", default=None, help="comma list (default: data.batch_size)")
+    parser.add_argument("--checkpointing", default="none,full", help="comma list of none,full,every_k")
+    parser.add_argument("--attention", default="sdpa", help="comma list of sdpa,math,flash (flash skipped when absent)")
+    parser.add_argument("--compile", default="off", help="comma list of off,on")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per case (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    parser.add_argument("--random-frozen", action="store_true",
+                        help="random MLLM at its real size + precomputed-feature batches (no weights needed)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="override the device's bf16 dense peak")
+    parser.add_argument("--csv", default=None, help="write the table as CSV here")
+    parser.add_argument("--no-plan", action="store_true", help="skip the memory planner's column")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    release_freed_memory()
+    cfg = load_preset_or_config(args.preset, args.config, args.overrides)
+    mbs = _csv_list(args.micro_batch, int) if args.micro_batch else [cfg.data.batch_size]
+    compile_modes = [c == "on" for c in _csv_list(args.compile)]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":  # load every library a case touches before the first RSS baseline
+        warm_up(cfg, args.scope, args.random_frozen)
+
+    print(f"iomm-profile: {cfg.source}, scope {args.scope}, device "
+          f"{args.device or ('cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')}, "
+          f"threads {torch.get_num_threads()}")
+    print(HEADER, flush=True)
+    try:
+        rows = sweep(cfg, mbs, _csv_list(args.checkpointing), _csv_list(args.attention), compile_modes,
+                     scope=args.scope, steps=args.steps, warmup=args.warmup, device=args.device,
+                     random_frozen=args.random_frozen, peak_tflops=args.peak_tflops, plan=not args.no_plan)
+    finally:
+        release_freed_memory(precise=False)  # leave the process with a fast allocator setting
+    if args.csv:
+        write_csv(rows, args.csv)
+        print(f"wrote {args.csv}")
+    return rows
+
+
+def cli(argv=None) -> None:
+    """The `iomm-profile` console script (exit status 0 unless an exception escapes)."""
+    main(argv)
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

@@ -1,0 +1,61 @@
+"""Shared entry for the launcher scripts (pretrain.py, pretrain_xl.py, finetune.py).
+
+    deepspeed launchers/pretrain.py --config configs/b.yaml [--run-dir DIR] [dotted.key=value ...]
+    torchrun --nproc_per_node 8 launchers/pretrain.py --config ...
+    srun python launchers/pretrain.py --config ...            (SLURM; env mapped in parallel/groups.py)
+
+Same arguments as iomm-train, plus the `parallel.*` keys (tp, pp, zero_stage, ...).
+The deepspeed launcher's `--local_rank N` is accepted and ignored (LOCAL_RANK is read
+from the environment). A bad config or layout exits with status 2 before any process
+group work, with one message naming the file and key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("DS_BUILD_OPS", "0")
+
+
+def main(description: str, default_config: str | None = None, argv=None) -> None:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=default_config, required=default_config is None,
+                        help="YAML run config (see configs/)")
+    parser.add_argument("--run-dir", help="checkpoints, metrics.jsonl (default runs/<name>)")
+    parser.add_argument("--resume-full", help="layout-free checkpoint directory to start from (any layout)")
+    parser.add_argument("--save-full", action="store_true", help="also write a layout-free checkpoint at the end")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. parallel.tp=2 train.steps=100")
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after --run-dir
+
+    from iomm_scale.config import ConfigError
+    from iomm_scale.parallel.config import LayoutError
+    from iomm_scale.parallel.dist_trainer import DistributedTrainer, split_parallel_args
+
+    try:
+        cfg, pcfg = split_parallel_args(args.config, args.overrides)
+        pcfg.validate_or_raise()  # the parts that need no world size, before start-up
+    except (ConfigError, LayoutError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    import warnings
+
+    warnings.filterwarnings("ignore", module="megatron")
+    try:
+        trainer = DistributedTrainer(cfg, pcfg, run_dir=args.run_dir, resume_full=args.resume_full,
+                                     save_full=args.save_full)
+    except LayoutError as e:
+        print(f"config error: {cfg.source}: parallel: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ConfigError as e:  # e.g. --save-full / --resume-full with Muon
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    trainer.fit()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

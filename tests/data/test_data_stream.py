@@ -1,0 +1,201 @@
+"""The webdataset stream: rank x worker split, determinism, exact resume, the mixture."""
+
+import json
+import math
+import os
+from collections import Counter
+
+import pytest
+import torch
+
+from data_shardkit import write_clean_shards
+from iomm_scale.data import WebDatasetConfig, bucket_sizes, build_webdataset_loader
+
+R = 32
+
+
+def run(cfg, rank=0, world_size=1, seed=0, batch_size=5, limit=None, loader=None):
+    """Batches as (keys, captions, pixel checksums) until the end or `limit` batches."""
+    loader = loader or build_webdataset_loader(cfg, R, batch_size, rank, world_size, seed)
+    out = []
+    for batch in loader:
+        assert batch["pixels"].dtype == torch.float32 and batch["pixels"].shape[1:] == (3, R, R)
+        assert -1.0 <= batch["pixels"].min() and batch["pixels"].max() <= 1.0
+        out.append((batch["keys"], batch["captions"], [round(float(p.double().sum()), 3) for p in batch["pixels"]]))
+        if limit is not None and len(out) == limit:
+            break
+    return out, loader
+
+
+def keys_of(batches):
+    return [k for b in batches for k in b[0]]
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clean")
+    pattern, keys = write_clean_shards(folder, n_shards=9, per_shard=11)
+    return folder, pattern, keys
+
+
+def test_every_sample_exactly_once_per_epoch_over_2_ranks_x_2_workers(clean):
+    _, pattern, keys = clean
+    cfg = WebDatasetConfig(image_shards=[pattern], num_workers=2, epochs=2, shuffle_buffer=8)
+    per_rank = [run(cfg, rank=r, world_size=2)[0] for r in range(2)]
+    seen = Counter(k for batches in per_rank for k in keys_of(batches))
+    assert seen == Counter({k: 2 for k in keys})  # 2 epochs: each sample twice, none lost
+    # ranks own disjoint shards (the permutation changes per epoch, so compare within one epoch)
+    one = WebDatasetConfig(image_shards=[pattern], num_workers=2, epochs=1, shuffle_buffer=8)
+    r0, r1 = (set(keys_of(run(one, rank=r, world_size=2)[0])) for r in range(2))
+    assert not r0 & r1 and r0 | r1 == set(keys)
+    assert all(c is None for b in per_rank[0] for c in b[1])  # image-only shards: no captions
+
+
+def test_fewer_shards_than_slots_splits_by_sample(tmp_path):
+    pattern, keys = write_clean_shards(tmp_path, n_shards=2, per_shard=13)
+    cfg = WebDatasetConfig(image_shards=[pattern], num_workers=2, epochs=1, shuffle_buffer=4)
+    got = [k for r in range(2) for k in keys_of(run(cfg, rank=r, world_size=2, batch_size=3)[0])]
+    assert sorted(got) == sorted(keys)
+
+
+def test_same_seed_same_batches_other_seed_other_order(clean):
+    _, pattern, _ = clean
+    cfg = WebDatasetConfig(image_shards=[pattern], num_workers=2, epochs=1, shuffle_buffer=8)
+    a, b = run(cfg, seed=3)[0], run(cfg, seed=3)[0]
+    assert a == b
+    c = run(cfg, seed=4)[0]
+    assert keys_of(c) != keys_of(a) and sorted(keys_of(c)) == sorted(keys_of(a))
+
+
+def _json_roundtrip(state):
+    return json.loads(json.dumps(state))  # the state must survive any checkpoint format
+
+
+@pytest.mark.parametrize("stop_after", [3, 14])
+def test_resume_mid_epoch_yields_exactly_the_remaining_batches(clean, stop_after):
+    """Two workers, two epochs (14 batches crosses the epoch boundary of some workers):
+    interrupted + resumed in a new loader == uninterrupted, batch for batch, pixel for pixel."""
+    _, pattern, _ = clean
+    cfg = WebDatasetConfig(image_shards=[pattern], num_workers=2, epochs=2, shuffle_buffer=6)
+    full, _ = run(cfg, rank=1, world_size=2)
+    head, loader = run(cfg, rank=1, world_size=2, limit=stop_after)
+    state = _json_roundtrip(loader.state_dict())
+    loader.close()
+    resumed = build_webdataset_loader(cfg, R, 5, 1, 2, 0)
+    resumed.load_state_dict(state)
+    tail, _ = run(cfg, loader=resumed)
+    assert head + tail == full
+    assert resumed.stats()["seen"] == len(keys_of(full))
+
+
+def test_resume_with_mixture_and_aspect_buckets_is_exact(tmp_path):
+    """Partially filled buckets at the save point are re-read and refilled on resume."""
+    img, _ = write_clean_shards(tmp_path, 4, 10, prefix="img", captions=False, sizes=((48, 36), (36, 48), (40, 40)))
+    par, _ = write_clean_shards(tmp_path, 4, 10, prefix="par", sizes=((40, 40), (48, 36)))
+    cfg = WebDatasetConfig(image_shards=[img], paired_shards=[par], image_only_fraction=0.5, num_workers=2,
+                           shuffle_buffer=5, buckets=["1:1", "4:3", "3:4"], bucket_multiple=8)
+
+    def shapes_run(loader, limit):
+        out = []
+        for batch in loader:
+            out.append((batch["keys"], batch["captions"], tuple(batch["pixels"].shape),
+                        float(batch["pixels"].double().sum())))
+            if len(out) == limit:
+                break
+        return out
+
+    full = shapes_run(build_webdataset_loader(cfg, R, 3, 0, 1, 0), 24)
+    first = build_webdataset_loader(cfg, R, 3, 0, 1, 0)
+    head = shapes_run(first, 7)
+    state = _json_roundtrip(first.state_dict())
+    assert any(w["pending"] for w in state["workers"].values())  # the case under test
+    first.close()
+    second = build_webdataset_loader(cfg, R, 3, 0, 1, 0)
+    second.load_state_dict(state)
+    assert head + shapes_run(second, 17) == full
+    assert {s[2][2:] for s in full} == {(h, w) for w, h in bucket_sizes(R, [1, 4 / 3, 3 / 4], 8)}
+    for keys, captions, _, _ in full:  # captions exactly for the paired draws
+        assert all((c is None) == k.startswith("img") for k, c in zip(keys, captions))
+
+
+def test_mixture_fraction_within_binomial_bound(tmp_path):
+    img, _ = write_clean_shards(tmp_path, 3, 10, prefix="img", captions=False, sizes=((32, 32),))
+    par, _ = write_clean_shards(tmp_path, 3, 10, prefix="par", sizes=((32, 32),))
+    lam, n = 0.3, 2000
+    cfg = WebDatasetConfig(image_shards=[img], paired_shards=[par], image_only_fraction=lam, num_workers=2,
+                           shuffle_buffer=10)
+    batches, _ = run(cfg, batch_size=50, limit=n // 50)
+    captions = [c for b in batches for c in b[1]]
+    image_only = sum(c is None for c in captions)
+    assert len(captions) == n
+    assert abs(image_only - lam * n) <= 4 * math.sqrt(n * lam * (1 - lam)), image_only
+    assert all((c is None) == k.startswith("img") for b in batches for k, c in zip(b[0], b[1]))
+    assert all(c == f"photo number {int(k[3:])}" for b in batches for k, c in zip(b[0], b[1]) if c is not None)
+
+
+def test_paired_only_withholds_captions_with_probability_lambda(tmp_path):
+    par, _ = write_clean_shards(tmp_path, 2, 10, prefix="par")
+    lam, n = 0.5, 600
+    cfg = WebDatasetConfig(paired_shards=[par], image_only_fraction=lam, num_workers=0, shuffle_buffer=10)
+    batches, _ = run(cfg, batch_size=50, limit=n // 50)
+    withheld = sum(c is None for b in batches for c in b[1])
+    assert abs(withheld - lam * n) <= 4 * math.sqrt(n * lam * (1 - lam))
+
+
+def test_pipe_urls_read_like_local_paths(clean):
+    folder, pattern, keys = clean
+    local = WebDatasetConfig(image_shards=[pattern], num_workers=0, epochs=1, shuffle_buffer=8)
+    piped = WebDatasetConfig(image_shards=[f"pipe:cat {folder}/img-{{000000..000008}}.tar"], num_workers=0,
+                             epochs=1, shuffle_buffer=8)
+    assert run(local)[0] == run(piped)[0]
+
+
+def test_resample_is_deterministic_and_infinite(clean):
+    _, pattern, keys = clean
+    cfg = WebDatasetConfig(image_shards=[pattern], resample=True, num_workers=0, shuffle_buffer=8)
+    a, _ = run(cfg, limit=30)
+    assert a == run(cfg, limit=30)[0] and len(keys_of(a)) == 150 > len(keys)
+
+
+def test_resume_refuses_a_changed_setup(clean):
+    _, pattern, _ = clean
+    cfg = WebDatasetConfig(image_shards=[pattern], num_workers=0, epochs=3, shuffle_buffer=8)
+    _, loader = run(cfg, limit=25)  # 125 samples: inside epoch 1
+    state = loader.state_dict()
+    other = WebDatasetConfig(image_shards=[pattern], num_workers=2, epochs=3, shuffle_buffer=8)
+    with pytest.raises(ValueError, match="num_workers: 0 -> 2"):
+        build_webdataset_loader(other, R, 5, 0, 1, 0).load_state_dict(state)
+    relaxed = build_webdataset_loader(other, R, 5, 0, 1, 0)
+    relaxed.load_state_dict(state, strict=False)  # restarts at epoch 1: 2 more epochs
+    assert len(keys_of(run(other, loader=relaxed)[0])) == 2 * 99
+
+
+def test_bad_config_is_reported_before_work_starts(tmp_path):
+    cfg = WebDatasetConfig(image_shards=[str(tmp_path / "nope-{0..3}.tar")], image_only_fraction=1.5)
+    with pytest.raises(ValueError, match="image_only_fraction: must be in"):
+        build_webdataset_loader(cfg, R, 4, 0, 1, 0)
+    cfg.image_only_fraction = 0.5
+    with pytest.raises(ValueError, match=r"4 of 4 shards do not exist: .*nope-0\.tar"):
+        build_webdataset_loader(cfg, R, 4, 0, 1, 0)
+    assert os.path.exists(tmp_path)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_resume_at_every_batch_boundary(tmp_path, drop_last):
+    """In-process (the worker logic is the same): a save after any batch, through chunk,
+    bucket, epoch and end-of-stream boundaries, resumes to exactly the rest."""
+    img, _ = write_clean_shards(tmp_path, 3, 5, prefix="img", captions=False, sizes=((48, 36), (40, 40)))
+    par, _ = write_clean_shards(tmp_path, 2, 5, prefix="par", sizes=((36, 48), (40, 40)))
+    cfg = WebDatasetConfig(image_shards=[img], paired_shards=[par], image_only_fraction=0.5, num_workers=0,
+                           epochs=2, shuffle_buffer=4, buckets=["1:1", "4:3", "3:4"], bucket_multiple=8,
+                           drop_last=drop_last)
+    full = build_webdataset_loader(cfg, R, 3, 0, 1, 0)
+    reference = [b["keys"] for b in full]
+    assert len(reference) >= 8 and (min(map(len, reference)) == 3) == drop_last
+    for k in range(1, len(reference)):
+        first = build_webdataset_loader(cfg, R, 3, 0, 1, 0)
+        head = [b["keys"] for _, b in zip(range(k), first)]
+        second = build_webdataset_loader(cfg, R, 3, 0, 1, 0)
+        second.load_state_dict(_json_roundtrip(first.state_dict()))
+        assert head + [b["keys"] for b in second] == reference, k
+        assert second.stats() == full.stats()

@@ -1,0 +1,615 @@
+"""Multi-process parity worker, launched by tests/parallel/test_*.py under torchrun.
+
+    torchrun --nproc_per_node N tests/parallel/_worker.py OUT.json SCENARIO [SCENARIO ...]
+
+One process group runs several scenarios (start-up dominates on CPU). Each scenario
+builds a tiny model, trains it 3 steps under a layout through ParallelRuntime, and
+compares with a single-process reference computed on every rank on the same global
+batch (same per-(dp rank, micro-batch) seeds): losses of every step, and the final
+trainable parameters (gathered to single-device shapes). Results (max relative
+differences) go to OUT.json from rank 0; the pytest side asserts the tolerances.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("DS_BUILD_OPS", "0")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from iomm_scale.parallel.config import ParallelConfig  # noqa: E402
+from iomm_scale.parallel.groups import init_distributed, init_parallel_state  # noqa: E402
+from iomm_scale.parallel.runtime import ParallelRuntime, default_loss_fn, dp_slice, micro_seed, split_batch  # noqa: E402
+
+STEPS = int(os.environ.get("IOMM_TEST_STEPS", "3"))
+LR, EPS = 1e-3, 1e-6
+CLIP = float(os.environ.get("IOMM_TEST_CLIP", "0.05"))
+SEED = 1234
+
+
+# --------------------------------------------------------------------------- models/data
+def flux_cfg(**kw):
+    from iomm_scale.models.flux_mmdit import FluxConfig
+
+    base = dict(in_channels=16, num_layers=2, num_single_layers=2, num_heads=4, head_dim=16, context_dim=32,
+                pooled_dim=32, axes_dims_rope=(4, 6, 6), latent_patch=2, attention_backend="sdpa")
+    base.update(kw)
+    return FluxConfig(**base)
+
+
+def build_generator(family="flux"):
+    torch.manual_seed(0)
+    if family == "flux":
+        from iomm_scale.models.flux_mmdit import FluxMMDiT
+
+        return FluxMMDiT(flux_cfg())
+    from iomm_scale.models.registry import FAMILIES
+
+    cfg_cls, model_cls = FAMILIES[family]
+    return model_cls(tiny_family_cfg(family, cfg_cls))
+
+
+def tiny_family_cfg(family, cfg_cls):
+    if family == "s3dit":
+        return cfg_cls(**_s3dit_kwargs())
+    if family == "qwen_mmdit":
+        return cfg_cls(**_qwen_kwargs())
+    raise KeyError(family)
+
+
+def _s3dit_kwargs():
+    return dict(in_channels=4, num_layers=4, num_refiner_layers=1, num_heads=4, head_dim=16, context_dim=32,
+                axes_dims=(4, 6, 6), attention_backend="sdpa")
+
+
+def _qwen_kwargs():
+    return dict(in_channels=16, out_channels=4, num_layers=4, num_heads=4, head_dim=16, context_dim=32,
+                axes_dims_rope=(4, 6, 6), attention_backend="sdpa")
+
+
+def generator_batch(gen, step: int, n: int) -> dict:
+    g = torch.Generator().manual_seed(SEED + step)
+    c = getattr(gen.cfg, "latent_channels", 4)
+    x = torch.randn(n, c, 8, 8, generator=g)
+    noise = torch.randn(n, c, 8, 8, generator=g)
+    t = torch.rand(n, generator=g)
+    ctx = gen.cfg.context_dim
+    cond = torch.randn(n, 6, ctx, generator=g)
+    mask = torch.ones(n, 6, dtype=torch.bool)
+    mask[1::3, 4:] = False
+    tt = t.view(-1, 1, 1, 1)
+    return {"x_t": (1 - tt) * x + tt * noise, "t": t, "cond": cond, "cond_mask": mask, "target": noise - x}
+
+
+def build_iomm_model():
+    from iomm_scale.config import load_config
+    from iomm_scale.iomm import build_iomm
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.yaml"),
+                      ["data.resolution=16", "flow.cond_dropout=0.25"])
+    return build_iomm(cfg)
+
+
+def iomm_batch(model, step: int, n: int) -> dict:
+    g = torch.Generator().manual_seed(SEED + step)
+    res = model.cfg.data.resolution
+    return {"pixels": torch.rand(n, 3, res, res, generator=g) * 2 - 1}
+
+
+def optimizer_fn(params):
+    # weight_decay 0 (the paper's setting): DeepSpeed's flat optimizers decay parameters that
+    # got no gradient (e.g. the unused text stream of Qwen's last block), torch skips them.
+    return torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), eps=EPS, weight_decay=0.0)
+
+
+# --------------------------------------------------------------------------- reference
+def reference(model, make_batch, dp: int, m: int, steps: int, loss_fn=default_loss_fn, start_state=None,
+              make_opt=None, clip=None):
+    """Single process: walks the same (dp rank, micro-batch) slices with the same seeds.
+    `make_opt(model)` builds the optimizer (default: AdamW over the trainable parameters)."""
+    model = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_opt(model) if make_opt is not None else optimizer_fn(params)
+    clip = CLIP if clip is None else clip
+    losses, history = [], []
+    for step in range(steps):
+        batch = make_batch(model, step)
+        total = 0.0
+        for r in range(dp):
+            for i, mb in enumerate(split_batch(dp_slice(batch, dp, r), m)):
+                torch.manual_seed(micro_seed(0, step, r, i))
+                loss = loss_fn(model, mb)
+                (loss / (dp * m)).backward()
+                total += loss.item() / (dp * m)
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+        history.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    return losses, history
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+def run_layout(model, make_batch, pcfg, micro_batch, steps=STEPS, batch_keys=None, opt_fn=optimizer_fn, clip=CLIP,
+               **build_kw):
+    lay = init_parallel_state(pcfg)
+    rt = ParallelRuntime.build(copy.deepcopy(model), pcfg, opt_fn, micro_batch=micro_batch, grad_clip=clip,
+                               persistence_threshold=0, batch_keys=batch_keys, **build_kw)
+    losses = []
+    for step in range(rt.step, rt.step + steps):
+        batch = dp_slice(make_batch(model, step), lay.dp, lay.dp_rank)
+        losses.append(rt.train_step(batch)["loss"])
+    return rt, losses
+
+
+def compare(rt, losses, ref_losses, ref_params, init_params=None) -> dict:
+    """Max relative differences: losses, final params, and (with init_params) the total
+    update final - initial, which is the sharper check (it is ~lr*steps, not ~|param|)."""
+    from iomm_scale.parallel.reshard import full_state
+
+    full = full_state(rt, with_moments=False)["params"]
+    # param_rel: max |p - p_ref| over all params / max |p_ref| over all params (global scale);
+    # update_rel: per param max |dp - dp_ref| / max(max |dp_ref|, lr / 100), worst param.
+    worst_abs, scale, worst_name, worst_upd = 0.0, 0.0, "", 0.0
+    for name, v in full.items():
+        ref = ref_params[name]
+        d = float((v - ref).abs().max())
+        scale = max(scale, float(ref.abs().max()))
+        if d > worst_abs:
+            worst_abs, worst_name = d, name
+        if init_params is not None:
+            du, dr = v - init_params[name], ref - init_params[name]
+            worst_upd = max(worst_upd, float((du - dr).abs().max()) / max(float(dr.abs().max()), LR / 100))
+            if os.environ.get("IOMM_TEST_DEBUG"):
+                print(f"[rank {dist.get_rank()}] {name} upd_rel={float((du - dr).abs().max()) / max(float(dr.abs().max()), LR / 100):.3g}", flush=True)
+    t = torch.tensor([worst_abs, worst_upd])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    sc = torch.tensor([scale])
+    dist.all_reduce(sc, op=dist.ReduceOp.MAX)
+    t[0] = t[0] / sc[0]
+    n = torch.tensor([len(full)])
+    dist.all_reduce(n)
+    loss_diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, ref_losses))
+    return {"loss_rel": loss_diff, "param_rel": float(t[0]), "update_rel": float(t[1]), "worst_param": worst_name,
+            "losses": losses,
+            "ref_losses": ref_losses, "n_params_checked": int(n[0])}
+
+
+def teardown(rt):
+    try:
+        rt.engine.destroy()
+    except Exception:
+        pass
+    from iomm_scale.parallel.groups import destroy_parallel_state
+
+    destroy_parallel_state()
+
+
+# --------------------------------------------------------------------------- scenarios
+def scenario_generator(name: str, family="flux", **p) -> dict:
+    world = dist.get_world_size()
+    tp, pp = p.get("tp", 1), p.get("pp", 1)
+    dp = world // (tp * pp)
+    m = p.get("num_microbatches", 1)
+    micro = p.pop("micro", 2)
+    pcfg = ParallelConfig(**p)
+    gen = build_generator(family)
+    make = lambda model, step: generator_batch(gen, step, dp * m * micro)  # noqa: E731
+    ref_losses, hist = reference(gen, make, dp, m, STEPS)
+    keys = ("x_t", "t", "cond", "cond_mask", "target")
+    init = {n: q.detach().clone() for n, q in gen.named_parameters()}
+    rt, losses = run_layout(gen, make, pcfg, micro, batch_keys=keys)
+    out = compare(rt, losses, ref_losses, hist[-1], init)
+    out["checkpointing"] = rt.info.get("checkpointing")
+    out["tp_partial_grad"] = len(rt.info.get("tp_partial_grad", []))
+    teardown(rt)
+    return out
+
+
+def scenario_iomm(name: str, **p) -> dict:
+    world = dist.get_world_size()
+    tp, pp = p.get("tp", 1), p.get("pp", 1)
+    dp = world // (tp * pp)
+    m = p.get("num_microbatches", 1)
+    micro = p.pop("micro", 2)
+    pcfg = ParallelConfig(**p)
+    model = build_iomm_model()
+    make = lambda mdl, step: iomm_batch(model, step, dp * m * micro)  # noqa: E731
+    ref_losses, hist = reference(model, make, dp, m, STEPS)
+    frozen_before = {n: t.clone() for n, t in model.conditioner.mllm.state_dict().items()}
+    init = {n: q.detach().clone() for n, q in model.named_parameters()}
+    rt, losses = run_layout(model, make, pcfg, micro, batch_keys=("pixels",))
+    out = compare(rt, losses, ref_losses, hist[-1], init)
+    # frozen parts: no optimizer state, not trained
+    from iomm_scale.parallel.reshard import _inner_optimizer
+
+    inner = _inner_optimizer(rt.engine)
+    out["optimizer_numel_local"] = sum(p.numel() for g in inner.param_groups for p in g["params"])
+    out["optimizer_state_numel_local"] = sum(v.numel() for st in inner.state.values() for v in st.values()
+                                             if isinstance(v, torch.Tensor) and v.dim() > 0)
+    out["frozen_numel"] = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    from iomm_scale.parallel.deepspeed_engine import optimized_parameters
+
+    managed = {id(q) for q in optimized_parameters(rt.engine)}
+    local_trainable = [q for q in rt.module.parameters() if q.requires_grad]
+    local_frozen = [q for q in rt.module.parameters() if not q.requires_grad]
+    flags = torch.tensor([int(all(id(q) in managed for q in local_trainable)),
+                          int(not any(id(q) in managed for q in local_frozen)), len(local_frozen)])
+    dist.all_reduce(flags[:2], op=dist.ReduceOp.MIN)
+    out["all_trainable_optimized"], out["no_frozen_optimized"] = bool(flags[0]), bool(flags[1])
+    out["frozen_params_on_rank0"] = int(flags[2])
+    out["dp"] = dp
+    out["tp"] = tp
+    out["trainable_numel"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if rt.layout.is_first_stage and rt.layout.rank == 0 and pcfg.zero_stage < 3:
+        after = rt.model.conditioner.mllm.state_dict()
+        out["frozen_unchanged"] = all(torch.equal(after[k], v) for k, v in frozen_before.items())
+    teardown(rt)
+    return out
+
+
+def scenario_reshard(name: str, save: dict, load: dict, native: dict | None = None) -> dict:
+    """Train 2 steps under `save`, write a layout-free checkpoint, resume under `load`
+    for 2 more steps; compare with 4 uninterrupted single-process steps."""
+    world = dist.get_world_size()
+    gen = build_generator()
+
+    def layout_dp(p):
+        return world // (p.get("tp", 1) * p.get("pp", 1))
+
+    micro = 2
+    dp_a, m_a = layout_dp(save), save.get("num_microbatches", 1)
+    dp_b, m_b = layout_dp(load), load.get("num_microbatches", 1)
+    if dp_a * m_a != dp_b * m_b:
+        raise ValueError("the two layouts must see the same global batch")
+    # The reference walks the slices of the *first* layout for steps 0-1 and of the second
+    # for steps 2-3 (per-slice seeds only matter for in-model randomness; none here).
+    make = lambda model, step: generator_batch(gen, step, dp_a * m_a * micro)  # noqa: E731
+    ref_losses, hist = reference(gen, make, dp_a, m_a, 4)
+    keys = ("x_t", "t", "cond", "cond_mask", "target")
+    rt, losses_a = run_layout(gen, make, ParallelConfig(**save), micro, steps=2, batch_keys=keys)
+    ckpt_dir = _shared_tmpdir()
+    rt.save_full(ckpt_dir)
+    teardown(rt)
+    rt, losses_b = run_layout(gen, make, ParallelConfig(**load), micro, steps=2, batch_keys=keys,
+                              resume_full=ckpt_dir)
+    out = compare(rt, losses_a + losses_b, ref_losses, hist[-1])
+    out["resumed_step"] = rt.step
+    teardown(rt)
+    return out
+
+
+def scenario_native_ckpt(name: str, **p) -> dict:
+    """DeepSpeed engine save/load under one layout (ZeRO-3 with a frozen MLLM: #3090)."""
+    world = dist.get_world_size()
+    tp, pp = p.get("tp", 1), p.get("pp", 1)
+    dp = world // (tp * pp)
+    micro = 2
+    pcfg = ParallelConfig(**p)
+    model = build_iomm_model()
+    make = lambda mdl, step: iomm_batch(model, step, dp * micro)  # noqa: E731
+    ref_losses, hist = reference(model, make, dp, 1, 4)
+    rt, losses_a = run_layout(model, make, pcfg, micro, steps=2, batch_keys=("pixels",))
+    ckpt_dir = _shared_tmpdir()
+    rt.save(ckpt_dir, tag="s2")
+    teardown(rt)
+    # Fresh model with DIFFERENT frozen weights: the load must restore them.
+    model2 = copy.deepcopy(model)
+    with torch.no_grad():
+        for prm in model2.conditioner.mllm.parameters():
+            prm.add_(1.0)
+        for prm in model2.parameters():
+            if prm.requires_grad:
+                prm.zero_()
+    lay = init_parallel_state(pcfg)
+    from iomm_scale.parallel.runtime import ParallelRuntime as PR
+
+    rt = PR.build(model2, pcfg, optimizer_fn, micro_batch=micro, grad_clip=CLIP, persistence_threshold=0,
+                  batch_keys=("pixels",))
+    rt.load(ckpt_dir, tag="s2")
+    losses_b = [rt.train_step(dp_slice(make(model, s), lay.dp, lay.dp_rank))["loss"] for s in (2, 3)]
+    out = compare(rt, losses_a + losses_b, ref_losses, hist[-1])
+    # frozen weights equal to the original (gathered under ZeRO-3)
+    from iomm_scale.parallel.deepspeed_engine import zero3_gathered
+
+    mllm = rt.model.conditioner.mllm
+    ok = True
+    with zero3_gathered(list(mllm.parameters())):
+        orig = dict(model.conditioner.mllm.named_parameters())
+        for n_, prm in mllm.named_parameters():
+            ok &= torch.equal(prm.detach(), orig[n_].detach())
+    t = torch.tensor([1 if ok else 0])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    out["frozen_restored"] = bool(t[0])
+    out["step"] = rt.step
+    teardown(rt)
+    return out
+
+
+def scenario_managed_refused(name: str) -> dict:
+    """Our runtime refuses an engine with managed gradient accumulation re-enabled."""
+    pcfg = ParallelConfig()
+    init_parallel_state(pcfg)
+    gen = build_generator()
+    try:
+        ParallelRuntime.build(gen, pcfg, optimizer_fn, micro_batch=2, ds_extra={"managed_gradient_accumulation": True})
+        return {"refused": False}
+    except RuntimeError as e:
+        return {"refused": "managed_gradient_accumulation" in str(e)}
+    finally:
+        from iomm_scale.parallel.groups import destroy_parallel_state
+
+        destroy_parallel_state()
+
+
+
+
+# --------------------------------------------------------------------------- Muon
+# The launchers' own wiring (dist_trainer.optimizer_factory / deepspeed_muon_extra /
+# precision_extra) on the tiny IOMM model (frozen MLLM + RQA + FLUX generator), against the
+# single-process MuonWithAdamW (build_muon_optimizer) on the same global batch with the same
+# gradient clipping. Settings exercise every layout path: per-head q|k|v blocks, AdaLN chunks
+# to Muon, weight decay; Newton-Schulz in fp32 (CPU "auto").
+MUON_OVERRIDES = ["optim.name=muon", "optim.lr=1e-3", "optim.weight_decay=0.1", "optim.eps=1e-6",
+                  "optim.muon.per_head=true", "optim.muon.ns_dtype=float32"]
+
+
+def muon_cfg(extra=()):
+    from iomm_scale.config import load_config
+
+    return load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.yaml"),
+                       ["data.resolution=16", "flow.cond_dropout=0.25", *MUON_OVERRIDES, *extra])
+
+
+def per_shard(factory):
+    """The DeepSpeed #7807 pattern, for the check that must fail: Newton-Schulz on each TP rank's
+    local shard as if it were the whole matrix (no TP gather; fused segments scaled to the shard)."""
+
+    def make(module):
+        opt = factory(module)
+        for g in opt.param_groups:
+            if not g["use_muon"]:
+                continue
+            for i, lay in enumerate(g["layouts"]):
+                if lay and lay.get("tp_dim") is not None:
+                    lay = dict(lay, tp_dim=None, blocks=None)
+                    if lay.get("segments"):
+                        lay["segments"] = [x // opt.tp_world for x in lay["segments"]]
+                    g["layouts"][i] = lay
+        opt.tp_group, opt.tp_world, opt.tp_rank = None, 1, 0
+        return opt
+
+    make.wants_module = True
+    return make
+
+
+_MUON_CACHE: dict = {}
+
+
+def _cached(key, build):
+    """The Muon scenarios share the tiny IOMM model and, where layouts see the same global batch
+    and settings, their single-process references (copies handed out; start-up is the budget)."""
+    if key not in _MUON_CACHE:
+        _MUON_CACHE[key] = build()
+    return copy.deepcopy(_MUON_CACHE[key])
+
+
+def _gather_ints(values: list[int]) -> list[list[int]]:
+    t = torch.tensor(values)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [o.tolist() for o in out]
+
+
+def scenario_muon(name: str, shard_check=False, resume_after=None, bf16=False, clip=CLIP, **p) -> dict:
+    """Our Muon (DistributedMuon) as DeepSpeed's client optimizer at ZeRO-0. resume_after=k: save
+    a DeepSpeed checkpoint after k steps, rebuild from a corrupted model, load, finish. bf16: the
+    run config's train.precision bf16 (fp32 weights + bf16 torch autocast, `precision_extra`)."""
+    from iomm_scale.optim.muon import build_muon_optimizer
+    from iomm_scale.parallel.dist_trainer import optimizer_factory, precision_extra
+    from iomm_scale.parallel.runtime import our_muon
+
+    world = dist.get_world_size()
+    tp = p.get("tp", 1)
+    dp = world // tp
+    micro = 2
+    pcfg = ParallelConfig(**p)
+    cfg = muon_cfg(["train.precision=bf16"] if bf16 else [])
+    model = _cached("model", build_iomm_model)
+    make = lambda mdl, step: iomm_batch(model, step, dp * micro)  # noqa: E731
+    loss_fn = default_loss_fn
+    if bf16:  # the reference runs the single-process trainer's way: fp32 weights, bf16 autocast
+        def loss_fn(mdl, mb):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return default_loss_fn(mdl, mb)
+    ref_losses, hist = _cached(("ours", dp, bf16, clip), lambda: reference(
+        model, make, dp, 1, STEPS, loss_fn=loss_fn, clip=clip, make_opt=lambda mdl: build_muon_optimizer(mdl, cfg)))
+    init = {n: q.detach().clone() for n, q in model.named_parameters()}
+    factory = per_shard(optimizer_factory(cfg)) if shard_check else optimizer_factory(cfg)
+    extra = precision_extra(cfg, pcfg)
+    if resume_after is None:
+        rt, losses = run_layout(model, make, pcfg, micro, batch_keys=("pixels",), opt_fn=factory, clip=clip,
+                                ds_extra=extra)
+    else:
+        rt, losses = run_layout(model, make, pcfg, micro, steps=resume_after, batch_keys=("pixels",),
+                                opt_fn=factory, clip=clip, ds_extra=extra)
+        ckpt_dir = _shared_tmpdir()
+        rt.save(ckpt_dir, tag="s")
+        teardown(rt)
+        model2 = copy.deepcopy(model)
+        with torch.no_grad():
+            for prm in model2.parameters():
+                if prm.requires_grad:
+                    prm.zero_()
+        lay = init_parallel_state(pcfg)
+        rt = ParallelRuntime.build(model2, pcfg, factory, micro_batch=micro, grad_clip=clip, batch_keys=("pixels",),
+                                   ds_extra=extra)
+        rt.load(ckpt_dir, tag="s")
+        losses += [rt.train_step(dp_slice(make(model, s_), lay.dp, lay.dp_rank))["loss"]
+                   for s_ in range(resume_after, STEPS)]
+    out = compare(rt, losses, ref_losses, hist[-1], init)
+    opt = our_muon(rt.engine)
+    out["optimizer"] = type(opt).__name__
+    out["engine_optimizer"] = type(rt.engine.optimizer).__name__
+    out["zero_stage"] = rt.engine.zero_optimization_stage()
+    out["autocast"] = bool(rt.engine.torch_autocast_enabled())
+    out["param_dtypes"] = sorted({str(q.dtype) for q in rt.module.parameters() if q.requires_grad})
+    muon = next(g for g in opt.param_groups if g["use_muon"])
+    owners = opt.owners(muon)
+    dp_rank = rt.layout.dp_rank
+    owned = sum(r == dp_rank for r in owners)
+    buffers = sum("momentum_buffer" in opt.state[q] for q in muon["params"])
+    # per global rank: [dp rank, matrices owned, momentum buffers kept, Muon matrices]
+    out["ownership"] = _gather_ints([dp_rank, owned, buffers, len(muon["params"])])
+    out["tp_group"] = opt.tp_world
+    teardown(rt)
+    return out
+
+
+def _ds_rule(name, prm):  # deepspeed.set_optimizer_flags
+    return prm.ndim >= 2 and not any(k in name.lower() for k in ("embed", "lm_head"))
+
+
+def scenario_ds_muon(name: str, **p) -> dict:
+    """DeepSpeed's built-in Muon through the launchers' wiring (optim.muon.implementation:
+    deepspeed, grad_clip 0, scaling original) under ZeRO-p, against DeepSpeed's own Muon on one
+    process (MuonWithAuxAdam over whole matrices, torch AdamW), and against ours."""
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    from iomm_scale.optim.muon import build_muon_optimizer
+    from iomm_scale.parallel.dist_trainer import deepspeed_muon_extra, muon_launch_errors, optimizer_factory
+
+    world = dist.get_world_size()
+    dp, micro = world, 2
+    pcfg = ParallelConfig(**p)
+    cfg = muon_cfg(["optim.muon.implementation=deepspeed", "optim.grad_clip=0", "optim.muon.scaling=original",
+                    "optim.muon.per_head=false"])
+    assert not muon_launch_errors(cfg, pcfg), muon_launch_errors(cfg, pcfg)
+    o = cfg.optim
+    model = _cached("model", build_iomm_model)
+    make = lambda mdl, step: iomm_batch(model, step, dp * micro)  # noqa: E731
+
+    def ds_single(mdl):
+        named = [(n, q) for n, q in mdl.named_parameters() if q.requires_grad]
+        return MuonWithAuxAdam([
+            dict(params=[q for n, q in named if _ds_rule(n, q)], use_muon=True, lr=o.lr, momentum=o.muon.momentum,
+                 weight_decay=o.weight_decay, ns_method="gram"),
+            dict(params=[q for n, q in named if not _ds_rule(n, q)], use_muon=False, lr=o.lr, betas=tuple(o.betas),
+                 eps=o.eps, weight_decay=o.weight_decay)], adam_optimizer=torch.optim.AdamW)
+
+    ref_losses, hist = _cached(("ds", dp), lambda: reference(model, make, dp, 1, STEPS, make_opt=ds_single, clip=0.0))
+    _, ours = _cached(("ours_ds_settings", dp), lambda: reference(
+        model, make, dp, 1, STEPS, make_opt=lambda mdl: build_muon_optimizer(mdl, cfg), clip=0.0))
+    init = {n: q.detach().clone() for n, q in model.named_parameters()}
+    rt, losses = run_layout(model, make, pcfg, micro, batch_keys=("pixels",), opt_fn=optimizer_factory(cfg), clip=0.0,
+                            ds_extra=deepspeed_muon_extra(cfg))
+    out = compare(rt, losses, ref_losses, hist[-1], init)
+    vs = compare(rt, losses, ref_losses, ours[-1], init)
+    out["vs_ours_param_rel"], out["vs_ours_update_rel"] = vs["param_rel"], vs["update_rel"]
+    inner = getattr(rt.engine.optimizer, "optimizer", rt.engine.optimizer)
+    out["zero_stage"] = rt.engine.zero_optimization_stage()
+    out["inner"] = type(inner).__name__
+    out["aux"] = type(getattr(inner, "aux_optimizer", None)).__name__
+    out["muon_tensors"] = sum(len(g["params"]) for g in inner.param_groups if g["use_muon"]) if out["zero_stage"] == 0 \
+        else sum(bool(getattr(q, "use_muon", False)) for q in rt.module.parameters() if q.requires_grad)
+    teardown(rt)
+    return out
+
+
+def _shared_tmpdir() -> str:
+    obj = [tempfile.mkdtemp(prefix="iomm_ckpt_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(obj, src=0)
+    return obj[0]
+
+
+SCENARIOS = {
+    # world 2
+    "dp2_zero0": lambda: scenario_generator("dp2_zero0", zero_stage=0),
+    "dp2_zero1": lambda: scenario_generator("dp2_zero1", zero_stage=1, num_microbatches=2),
+    "dp2_zero2": lambda: scenario_generator("dp2_zero2", zero_stage=2),
+    "dp2_zero3": lambda: scenario_generator("dp2_zero3", zero_stage=3),
+    "dp2_zero3_ckpt": lambda: scenario_generator("dp2_zero3_ckpt", zero_stage=3, activation_checkpointing="full"),
+    "tp2": lambda: scenario_generator("tp2", tp=2, zero_stage=1),
+    "tp2_ckpt_every2": lambda: scenario_generator("tp2_ckpt_every2", tp=2, zero_stage=0,
+                                                  activation_checkpointing="every_k", checkpoint_every_k=2),
+    "pp2": lambda: scenario_generator("pp2", pp=2, zero_stage=1, num_microbatches=4, micro=1),
+    "pp2_ckpt": lambda: scenario_generator("pp2_ckpt", pp=2, zero_stage=1, num_microbatches=4, micro=1,
+                                           activation_checkpointing="full"),
+    "s3dit_tp2": lambda: scenario_generator("s3dit_tp2", family="s3dit", tp=2, zero_stage=1),
+    "qwen_tp2": lambda: scenario_generator("qwen_tp2", family="qwen_mmdit", tp=2, zero_stage=1),
+    "s3dit_pp2": lambda: scenario_generator("s3dit_pp2", family="s3dit", pp=2, zero_stage=1, num_microbatches=4, micro=1),
+    "qwen_pp2": lambda: scenario_generator("qwen_pp2", family="qwen_mmdit", pp=2, zero_stage=1, num_microbatches=4, micro=1),
+    "iomm_dp2_zero3": lambda: scenario_iomm("iomm_dp2_zero3", zero_stage=3, checkpoint_mllm=True),
+    "managed_refused": lambda: scenario_managed_refused("managed_refused"),
+    "muon_dp2_zero0": lambda: scenario_muon("muon_dp2_zero0", zero_stage=0),
+    "muon_tp2_zero0": lambda: scenario_muon("muon_tp2_zero0", tp=2, zero_stage=0),
+    "muon_tp2_per_shard": lambda: scenario_muon("muon_tp2_per_shard", shard_check=True, tp=2, zero_stage=0),
+    # clip 0: DeepSpeed's and torch's clip coefficients differ in the last bit (the ~1e-7 of the fp32
+    # runs), which bf16 autocast rounding would amplify; clipping is proved by the fp32 runs.
+    "muon_dp2_bf16_autocast": lambda: scenario_muon("muon_dp2_bf16_autocast", bf16=True, clip=0.0, zero_stage=0),
+    "ds_muon_dp2_zero1": lambda: scenario_ds_muon("ds_muon_dp2_zero1", zero_stage=1),
+    "ds_muon_dp2_zero2": lambda: scenario_ds_muon("ds_muon_dp2_zero2", zero_stage=2),
+    "ds_muon_dp2_zero3": lambda: scenario_ds_muon("ds_muon_dp2_zero3", zero_stage=3),
+    # world 4
+    "tp2dp2_zero1": lambda: scenario_generator("tp2dp2_zero1", tp=2, zero_stage=1),
+    "tp2dp2_zero2": lambda: scenario_generator("tp2dp2_zero2", tp=2, zero_stage=2),
+    "tp2dp2_zero3": lambda: scenario_generator("tp2dp2_zero3", tp=2, zero_stage=3),
+    "tp2pp2": lambda: scenario_generator("tp2pp2", tp=2, pp=2, zero_stage=1, num_microbatches=4, micro=1),
+    "iomm_tp2dp2": lambda: scenario_iomm("iomm_tp2dp2", tp=2, zero_stage=1),
+    "iomm_tp2pp2": lambda: scenario_iomm("iomm_tp2pp2", tp=2, pp=2, zero_stage=1, num_microbatches=4, micro=1),
+    "reshard_tp2dp2_to_dp4": lambda: scenario_reshard("reshard", dict(tp=2, zero_stage=1, num_microbatches=2),
+                                                      dict(zero_stage=3)),
+    "native_ckpt_tp2dp2_zero3": lambda: scenario_native_ckpt("native", tp=2, zero_stage=3),
+    "muon_tp2dp2_zero0": lambda: scenario_muon("muon_tp2dp2_zero0", tp=2, zero_stage=0),
+    "muon_tp2dp2_resume": lambda: scenario_muon("muon_tp2dp2_resume", resume_after=2, tp=2, zero_stage=0),
+}
+
+
+def main():
+    out_path, names = sys.argv[1], sys.argv[2:]
+    init_distributed()
+    torch.set_num_threads(1)
+    results = {}
+    for name in names:
+        t0 = time.time()
+        try:
+            res = SCENARIOS[name]()
+            res["ok"] = True
+        except Exception as e:
+            # A rank that fails leaves its peers inside a collective: record the failure and
+            # exit hard so the launcher tears the group down instead of hanging.
+            res = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:],
+                   "rank": dist.get_rank()}
+            print(f"[rank {dist.get_rank()}] scenario {name} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            results[name] = res
+            with open(f"{out_path}.rank{dist.get_rank()}.failed", "w") as f:
+                json.dump(results, f, indent=1)
+            os._exit(1)
+        res["seconds"] = round(time.time() - t0, 2)
+        results[name] = res
+        if dist.get_rank() == 0:
+            print(f"{name}: {json.dumps({k: v for k, v in res.items() if k != 'trace'})}", flush=True)
+            with open(out_path, "w") as f:  # after every scenario: partial results survive a crash
+                json.dump(results, f, indent=1)
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""MFU arithmetic, the peak table, the trainer's throughput fields and iomm-profile on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from iomm_scale.profiling import mfu as U
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0),
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H200", 989.0),
+    ("NVIDIA H800", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100-PCIE-40GB", 312.0),
+    ("NVIDIA H100 NVL", None),  # not in the table: no guess
+    ("NVIDIA GeForce RTX 4090", None),
+])
+def test_peak_lookup(name, peak):
+    assert U.lookup_peak(name) == peak
+
+
+def test_mfu_math():
+    assert U.mfu(494.5, 989.0) == pytest.approx(0.5)
+    assert U.mfu(100.0, None) is None
+    assert U.peak_tflops_for("cpu") is None
+    assert U.peak_tflops_for("cpu", override=123.0) == 123.0
+
+
+def test_throughput_log_fields(tiny_cfg):
+    from iomm_scale.profiling.flops import image_tokens, training_flops
+
+    cfg = tiny_cfg("train.peak_tflops=100")
+    log = U.ThroughputLog(cfg, torch.device("cpu"))
+    out = log(2.0)
+    assert out["image_tokens_per_s"] == pytest.approx(2.0 * image_tokens(cfg))
+    assert out["tflops_per_device"] == pytest.approx(2.0 * training_flops(cfg)["total"] / 1e12)
+    assert "mfu" not in out  # CPU: no MFU
+    log.peak = 100.0  # as on a CUDA device with train.peak_tflops=100
+    assert log(2.0)["mfu"] == pytest.approx(out["tflops_per_device"] / 100.0)
+
+
+def test_trainer_logs_throughput(tiny_cfg, tmp_path):
+    from iomm_scale.train.trainer import Trainer
+
+    cfg = tiny_cfg("train.steps=2", "train.ckpt_every=0")
+    trainer = Trainer(cfg, run_dir=tmp_path)
+    trainer.fit()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = lines[-1]
+    assert last["tflops_per_device"] > 0 and last["image_tokens_per_s"] > 0
+    assert last["tflops_per_device"] == pytest.approx(last["samples_per_s"] * trainer.throughput.flops_per_sample / 1e12)
+    assert "mfu" not in last
+
+
+def test_profile_cli_cpu(tmp_path, tiny_cfg):
+    from iomm_scale.profiling.profile import main
+
+    csv_path = tmp_path / "p.csv"
+    rows = main(["--config", "configs/tiny.yaml", "data.batch_size=2", "data.resolution=32", "--micro-batch", "2",
+                 "--checkpointing", "none,full", "--attention", "sdpa,flash", "--steps", "1", "--warmup", "1",
+                 "--csv", str(csv_path), "--threads", "1"])
+    ok = [r for r in rows if r["status"].startswith("ok")]
+    assert len(ok) == 2 and all(r["tflops_per_s"] > 0 and r["peak_mem_GiB"] > 0 for r in ok)
+    assert any(r["status"].startswith("skipped") for r in rows)  # flash: no CUDA here
+    assert csv_path.read_text().startswith("scope,micro_batch")
+    full = next(r for r in ok if r["checkpointing"] == "full")
+    none = next(r for r in ok if r["checkpointing"] == "none")
+    assert full["act_saved_GiB"] < none["act_saved_GiB"]

@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Raw image shards -> feature shards (VAE latents + frozen vision features, before masking).
+
+    python tools/precompute_features.py --config configs/b.yaml --out data/feat \
+        [--set data.resolution=512 ...] [--device cuda] [--dtype float16] [--batch-size 64]
+    # several processes / nodes: each takes its share of the shards
+    torchrun --nproc_per_node 8 tools/precompute_features.py --config configs/b.yaml --out data/feat
+
+Reads the run config's data.webdataset.image_shards and paired_shards (one pass each, no
+shuffle, bad images skipped and counted), encodes every image with the config's frozen
+VAE and vision tower at data.resolution, and writes OUT-image[-rRRR]-000000.tar ... and
+OUT-paired[-rRRR]-000000.tar .... Train on them with data.webdataset.features: true and
+the printed shard patterns; the MIM mask is still drawn per step, so one pass serves
+every epoch. Features are tied to the model's VAE, vision tower and the resolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="run config (YAML) with a data.webdataset section")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, repeatable (e.g. data.resolution=512)")
+    p.add_argument("--out", required=True, help="output prefix")
+    p.add_argument("--device", default=None, help="default: cuda (local rank) when available, else cpu")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="storage dtype (float16 halves the size; float32 keeps the encoders' values exactly)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: data.batch_size")
+    p.add_argument("--max-count", type=int, default=1000, help="samples per feature shard at most")
+    p.add_argument("--max-size-mb", type=float, default=1000.0, help="feature shard size in MB at most")
+    p.add_argument("--num-workers", type=int, default=None, help="default: data.webdataset.num_workers")
+    p.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
+    p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from iomm_scale.config import load_config
+    from iomm_scale.data.features import precompute_feature_shards
+    from iomm_scale.data.stream import build_webdataset_loader
+    from iomm_scale.data.writer import brace_pattern
+    from iomm_scale.iomm import build_iomm
+
+    cfg = load_config(args.config, args.overrides)
+    wds_cfg = cfg.data.webdataset
+    if cfg.data.source != "webdataset" or wds_cfg is None:
+        print(f"error: {args.config}: data.source must be 'webdataset' with a data.webdataset section", file=sys.stderr)
+        return 2
+    if wds_cfg.features:
+        print("error: data.webdataset.features is true: the config already reads feature shards", file=sys.stderr)
+        return 2
+    device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    model = build_iomm(cfg, device=device).eval()
+    resolution, batch_size = cfg.data.resolution, args.batch_size or cfg.data.batch_size
+    suffix = f"-r{args.rank:03d}" if args.world_size > 1 else ""
+    report = {}
+    for kind, shards in (("image", wds_cfg.image_shards), ("paired", wds_cfg.paired_shards)):
+        if not shards:
+            continue
+        # One ordered pass: no shuffle, one epoch, every caption kept for paired shards.
+        one_pass = dataclasses.replace(
+            wds_cfg, image_shards=shards if kind == "image" else [], paired_shards=shards if kind == "paired" else [],
+            image_only_fraction=0.0 if kind == "paired" else 1.0, epochs=1, resample=False, shuffle_buffer=1,
+            drop_last=False, num_workers=wds_cfg.num_workers if args.num_workers is None else args.num_workers)
+        loader = build_webdataset_loader(one_pass, resolution, batch_size, args.rank, args.world_size, seed=0)
+        summary = precompute_feature_shards(
+            loader, model.vae.encode, model.conditioner.vision_features, f"{args.out}-{kind}{suffix}-%06d.tar",
+            resolution, device=device, dtype=args.dtype, max_count=args.max_count, max_size_mb=args.max_size_mb)
+        stats = summary["stats"]
+        print(f"[rank {args.rank}] {kind}: {summary['samples']} samples -> {len(summary['shards'])} shards "
+              f"({summary['bytes'] / 1e6:.1f} MB); skipped {stats.get('bad', 0)} bad samples, "
+              f"{stats.get('shard_errors', 0)} bad shards: "
+              f"{json.dumps({r: n for r, n in stats.get('reasons', {}).items() if n})}")
+        if summary["shards"]:
+            report[f"{kind}_shards"] = [brace_pattern(summary["shards"])]
+    print("config for training on these features (per rank when several wrote):")
+    print(json.dumps({"data": {"webdataset": {"features": True, **report}}}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
