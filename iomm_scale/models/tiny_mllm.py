@@ -70,14 +70,9 @@ def build_tokenizer(vocab_size: int = 512):
     return fast
 
 
-def build_tiny_internvl(cfg: TinyMLLMConfig, seed: int = 0):
-    """-> (InternVLForConditionalGeneration with random weights, tokenizer)."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
-
-    tokenizer = build_tokenizer(cfg.vocab_size)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    tokens_per_image = (cfg.image_size // cfg.vision_patch) ** 2 // 4
-    config = InternVLConfig(
+def tiny_internvl_config(cfg: TinyMLLMConfig) -> dict:
+    """InternVLConfig keyword arguments (all but the image token id, which the tokenizer fixes)."""
+    return dict(
         vision_config=dict(hidden_size=cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
                            num_attention_heads=cfg.vision_heads, intermediate_size=2 * cfg.vision_hidden,
                            image_size=[cfg.image_size, cfg.image_size], patch_size=[cfg.vision_patch, cfg.vision_patch]),
@@ -85,8 +80,16 @@ def build_tiny_internvl(cfg: TinyMLLMConfig, seed: int = 0):
                          intermediate_size=cfg.text_intermediate, num_hidden_layers=cfg.text_layers,
                          num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads,
                          max_position_embeddings=1024, tie_word_embeddings=True),
-        image_token_id=image_token_id, image_seq_length=tokens_per_image, downsample_ratio=0.5,
+        image_seq_length=(cfg.image_size // cfg.vision_patch) ** 2 // 4, downsample_ratio=0.5,
     )
+
+
+def build_tiny_internvl(cfg: TinyMLLMConfig, seed: int = 0):
+    """-> (InternVLForConditionalGeneration with random weights, tokenizer)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    tokenizer = build_tokenizer(cfg.vocab_size)
+    config = InternVLConfig(**tiny_internvl_config(cfg), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     # A private RNG stream: building the MLLM must not shift the training run's random numbers.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -379,17 +379,6 @@ def _internvl_spec(name: str, conf: dict) -> MLLMSpec:
         cls_token=True, projector_hidden=t["hidden_size"])
 
 
-QWEN2_5_VL_7B = dict(
-    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                       fullatt_block_indexes=[7, 15, 23, 31]),
-    text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                     num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
-                     max_position_embeddings=128000),
-    tie_word_embeddings=False,
-)
-
-
 def _qwen2_5_vl_spec(name: str, conf: dict, image_size: int = 448) -> MLLMSpec:
     v, t = conf["vision_config"], conf["text_config"]
     merge = v.get("spatial_merge_size", 2)
@@ -409,29 +398,19 @@ def _spec_from_conf(name: str, conf: dict) -> MLLMSpec:
 
 
 def known_mllms() -> dict[str, MLLMSpec]:
-    """Hub ids this module can describe offline (profiling/params.py's KNOWN_MLLMS, plus
-    Qwen2.5-VL-7B, Qwen-Image's text encoder, written out from its published config.json).
-    A Qwen2.5-VL image is assumed resized to one 448 px tile (256 tokens); the paper does
+    """Hub ids this module can describe offline (profiling/params.py's KNOWN_MLLMS: InternVL3-2B
+    and Qwen2.5-VL-7B, Qwen-Image's text encoder). A Qwen2.5-VL image is assumed resized to one 448 px tile (256 tokens); the paper does
     not say."""
     from .params import KNOWN_MLLMS
 
-    specs = {name: _spec_from_conf(name, conf) for name, conf in KNOWN_MLLMS.items()}
-    specs.setdefault("Qwen/Qwen2.5-VL-7B-Instruct", _qwen2_5_vl_spec("Qwen/Qwen2.5-VL-7B-Instruct", QWEN2_5_VL_7B))
-    return specs
+    return {name: _spec_from_conf(name, conf) for name, conf in KNOWN_MLLMS.items()}
 
 
 def tiny_mllm_spec(tiny) -> MLLMSpec:
     """The spec of models/tiny_mllm.build_tiny_internvl(tiny) (same config it builds)."""
-    conf = dict(
-        vision_config=dict(hidden_size=tiny.vision_hidden, num_hidden_layers=tiny.vision_layers,
-                           num_attention_heads=tiny.vision_heads, intermediate_size=2 * tiny.vision_hidden,
-                           image_size=[tiny.image_size, tiny.image_size], patch_size=[tiny.vision_patch, tiny.vision_patch]),
-        text_config=dict(model_type="qwen2", vocab_size=tiny.vocab_size, hidden_size=tiny.text_hidden,
-                         intermediate_size=tiny.text_intermediate, num_hidden_layers=tiny.text_layers,
-                         num_attention_heads=tiny.text_heads, num_key_value_heads=tiny.text_kv_heads,
-                         max_position_embeddings=1024, tie_word_embeddings=True),
-        image_seq_length=(tiny.image_size // tiny.vision_patch) ** 2 // 4, downsample_ratio=0.5,
-    )
+    from ..models.tiny_mllm import tiny_internvl_config
+
+    conf = tiny_internvl_config(tiny)
     return _internvl_spec("tiny-internvl", conf)
 
 

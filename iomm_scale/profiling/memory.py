@@ -32,14 +32,16 @@ What is counted, per device (the most loaded pipeline stage when pp > 1):
                       the `math` backend. Checkpointing (none / full / every_k) then keeps,
                       for a checkpointed block, only its input (the residual stream), and
                       rematerialises one block at a time during backward.
-    transients        backward working set (two copies of the largest tensor a block saves),
+    transients        backward working set (the gradient of a block's output and of its
+                      largest saved tensor), one rematerialised block under checkpointing,
                       the optimizer step's temporaries (torch's foreach AdamW: one fp32 copy;
                       DeepSpeed: the fp32 gradient partition), bf16 weight copies under
                       autocast (`amp`)
 
 Peaks are taken per phase and the largest reported: start of backward (all kept
-activations + recompute of the last block), during the generator's backward (kept
-activations of earlier blocks + one rematerialised block + gradients made so far), the
+activations + the head's working set), the start of each block's backward (kept
+activations of earlier blocks + that block's full set, kept or rematerialised + gradients
+of the later blocks + its working set), the
 frozen LLM's backward (its activations, or their recompute, + every generator gradient),
 and the optimizer step (all gradients + step temporaries). "allocated" is what
 torch.cuda.max_memory_allocated would report; "device" adds the CUDA context / NCCL /
@@ -260,10 +262,22 @@ def _vae_params_cached(vtype, path, subfolder, random_init) -> int:
     return _numel(_vae_model_on_meta(SimpleNamespace(type=vtype, path=path, subfolder=subfolder, random_init=random_init)))
 
 
+# Parameter counts of the known VAEs (from their diffusers configs, built on the meta device
+# here), for machines without diffusers (the GPU check runs without it).
+KNOWN_VAE_PARAMS = {"autoencoder_kl": 83_819_683, "autoencoder_kl_qwenimage": 126_892_531}
+
+
 def _vae_params(vcfg) -> int:
     if vcfg.type == "pixel":
         return 0
-    return _vae_params_cached(vcfg.type, vcfg.path, vcfg.subfolder, bool(vcfg.random_init))
+    try:
+        return _vae_params_cached(vcfg.type, vcfg.path, vcfg.subfolder, bool(vcfg.random_init))
+    except ImportError:
+        from .flops import KNOWN_VAES
+
+        if (vcfg.type, vcfg.path) in KNOWN_VAES:
+            return KNOWN_VAE_PARAMS[vcfg.type]
+        raise
 
 
 # ------------------------------------------------------------------------------------------

@@ -372,7 +372,10 @@ def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: in
 
         saved = count_saved(loss_fn, _storage_keys(model))
     except torch.OutOfMemoryError:
-        del model
+        model = opt = params = ema = None  # noqa: F841 - drop the closures' references before the next case
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         return {**row, "status": "out of memory"}
     step_s = sorted(times)[len(times) // 2]
     row.update(step_min_s=min(times), cpu_s=sorted(cpu_times)[len(cpu_times) // 2])

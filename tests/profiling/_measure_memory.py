@@ -35,15 +35,16 @@ def measure(family: str, mode: str, batch: int = 4, resolution: int = 128) -> di
     cfg = make_cfg(family, batch, resolution)
     gc.collect()
     base = rss()
-    trainer = Trainer(cfg, run_dir=tempfile.mkdtemp(prefix="iomm_mem_"))
-    apply_to_model(trainer.model, mode, every_k=2)
-    trainer.train_step()
-    gc.collect()
-    reset_peak_rss()
-    static = rss() - base
-    trainer.train_step()
-    peak = peak_rss() - base
-    del trainer
+    with tempfile.TemporaryDirectory(prefix="iomm_mem_") as run_dir:
+        trainer = Trainer(cfg, run_dir=run_dir)
+        apply_to_model(trainer.model, mode, every_k=2)
+        trainer.train_step()
+        gc.collect()
+        static = rss() - base
+        reset_peak_rss()
+        trainer.train_step()
+        peak = peak_rss() - base
+        del trainer
     gc.collect()
     return {"family": family, "checkpointing": mode, "peak": peak, "static": static}
 

@@ -137,3 +137,10 @@ def test_muon_and_lora_and_tp(flux_cfg):
     tp1 = M.plan_memory(flux_cfg, M.Layout(tp=1, micro_batch=2), precision="fp32", ema=False)
     assert 0.5 < tp2.component("parameters") / tp1.component("parameters") < 0.7  # embedders stay whole
     assert tp2.component("activations") < tp1.component("activations")
+
+
+def test_known_vae_counts_match_their_configs():
+    from iomm_scale.profiling.flops import KNOWN_VAES
+
+    for (vtype, path), _ in KNOWN_VAES.items():
+        assert M._vae_params_cached(vtype, path, "vae", False) == M.KNOWN_VAE_PARAMS[vtype]

@@ -106,3 +106,13 @@ def test_mixed_finetune_starts_from_pretrained_weights(tiny_cfg, tmp_path):
     assert any(c is None for c in captions) and any(c is not None for c in captions)
     out = ft.train_step()
     assert out["loss"] > 0
+
+
+def test_wandb_offline_run_is_written(tiny_cfg, tmp_path, monkeypatch):
+    import wandb  # noqa: F401  (in the test extra)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    t = Trainer(tiny_cfg("train.steps=2", "train.log_every=1", "train.wandb.enabled=true"), run_dir=tmp_path)
+    t.fit()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and any(f.suffix == ".wandb" for f in runs[0].iterdir())
