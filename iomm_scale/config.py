@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from .flow import FlowConfig
-from .models.attention import BACKENDS
+from .models.attention import BACKENDS, AttentionBackendError, check_backend
 from .models.conditioner import ConditionerConfig
 from .models.registry import FAMILIES
 from .models.vae import VAEConfig
@@ -275,8 +275,14 @@ def validate(cfg: RunConfig) -> list[tuple[str, str]]:
     gen = cfg.generator
     if gen is not None:
         sub("model.generator", gen.validate())
-        if getattr(gen, "attention_backend", "auto") not in BACKENDS:
-            errors.append(("model.generator.attention_backend", f"must be one of {BACKENDS}"))
+        backend = getattr(gen, "attention_backend", "auto")
+        if backend not in BACKENDS:
+            errors.append(("model.generator.attention_backend", f"must be one of {BACKENDS}, got {backend!r}"))
+        elif backend == "flash":
+            try:
+                check_backend(backend)  # flash-attn importable and a CUDA device visible
+            except AttentionBackendError as e:
+                errors.append(("model.generator.attention_backend", str(e)))
     sub("model.conditioner", cfg.model.conditioner.validate())
     sub("model.vae", cfg.model.vae.validate())
     sub("flow", cfg.flow.validate())

@@ -28,6 +28,8 @@ TINY = os.path.join(ROOT, "configs", "tiny.yaml")
         (["data.source=webdataset"], "data.webdataset", "missing"),
         (["model.vae.type=vqgan"], "model.vae.type", "must be one of"),
         (["train.precision=fp16"], "train.precision", "fp32 or bf16"),
+        (["model.generator.attention_backend=flash"], "model.generator.attention_backend", "'flash' is unavailable"),
+        (["model.generator.attention_backend=xformers"], "model.generator.attention_backend", "must be one of"),
     ],
 )
 def test_bad_values_name_file_and_key(overrides, key, words):
