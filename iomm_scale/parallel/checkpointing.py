@@ -86,6 +86,15 @@ def find_mllm(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def mllm_decoder_layers(mllm: nn.Module) -> list[nn.Module]:
+    """The frozen LLM's decoder layers (InternVL: mllm.model.language_model.layers)."""
+    lm = getattr(getattr(mllm, "model", mllm), "language_model", None)
+    layers = getattr(lm, "layers", None) if lm is not None else None
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise ValueError(f"cannot find the decoder layers of {type(mllm).__name__} (expected .model.language_model.layers)")
+    return list(layers)
+
+
 def apply_to_model(model: nn.Module, mode: str, every_k: int = 1, checkpoint_mllm: bool = False) -> dict:
     """Apply the `parallel.activation_checkpointing` settings to an IOMM model (with
     `.generator`) or to a bare generator. Returns what was wrapped."""
@@ -96,6 +105,9 @@ def apply_to_model(model: nn.Module, mode: str, every_k: int = 1, checkpoint_mll
         if mllm is None:
             raise ValueError("parallel.checkpoint_mllm is true but the model has no conditioner MLLM "
                              "(looked for .mllm / .conditioner.mllm / .language_model)")
-        checkpoint_module(mllm)
+        # Per decoder layer: the conditioner calls the language model directly (not mllm.forward),
+        # and one checkpoint around the whole LLM would only move its activation peak into backward.
+        for layer in mllm_decoder_layers(mllm):
+            checkpoint_module(layer)
         done["mllm"] = True
     return done

@@ -74,7 +74,7 @@ class Layout:
     grad_accum: int = 1  # micro-batches per optimizer step (1F1B micro-batches when pp > 1)
     checkpointing: str = "none"  # none | full | every_k
     every_k: int = 1
-    checkpoint_mllm: bool | str = False  # False | True ("whole", as parallel/checkpointing.py) | "layers"
+    checkpoint_mllm: bool | str = False  # False | True ("layers", as parallel/checkpointing.py does) | "whole" (what-if)
     offload_optimizer: bool = False
     offload_params: bool = False
 
@@ -89,7 +89,7 @@ class Layout:
 
 
 def _mllm_tag(mode) -> str:
-    return "" if mode in (False, None, "none") else ("+mllm" if mode in (True, "whole") else "+mllm/layer")
+    return "" if mode in (False, None, "none") else ("+mllm" if mode == "whole" else "+mllm/layer")
 
 
 @dataclass
@@ -381,19 +381,19 @@ class ActivationTrace:
 
     def mllm_kept(self, mode) -> float:
         """What the frozen LLM keeps until its backward: everything (False / "none"), its input
-        embeddings (True / "whole": parallel/checkpointing.py wraps the LLM as one unit), or
-        each decoder layer's input (\"layers\": per-layer checkpointing, not implemented)."""
+        embeddings ("whole": one checkpoint around the LLM, a what-if), or each decoder layer's
+        input (True / "layers": what parallel/checkpointing.py does)."""
         if mode in (False, None, "none"):
             return self.mllm_total
-        if mode in (True, "whole"):
+        if mode == "whole":
             return self.mllm_boundary
-        if mode == "layers":
+        if mode in (True, "layers"):
             return self.units.get("mllm", 0.0) + self.mllm_boundary * max(1, len(self.mllm_layers))
         raise ValueError(f"checkpoint_mllm must be false, true / 'whole' or 'layers', got {mode!r}")
 
     def mllm_recompute(self, mode) -> float:
         """Activations alive at once during the LLM's backward."""
-        if mode == "layers":
+        if mode in (True, "layers"):
             return self.mllm_kept(mode) + max(self.mllm_layers, default=0.0)
         return self.mllm_total
 
@@ -762,7 +762,7 @@ def format_sweep(plans: list[MemoryPlan]) -> str:
 # ------------------------------------------------------------------------------------------
 def _bool_or_str(text: str):
     t = text.strip().lower()
-    return {"false": False, "no": False, "none": False, "0": False, "true": True, "whole": True, "yes": True,
+    return {"false": False, "no": False, "none": False, "0": False, "true": True, "whole": "whole", "yes": True,
             "1": True}.get(t, t)
 
 

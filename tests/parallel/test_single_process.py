@@ -90,3 +90,31 @@ def test_shard_maths_fused_segments():
     assert torch.equal(unshard_tensors(shards, 0, sizes), full)
     with pytest.raises(ValueError, match="not divisible by tp=3"):
         shard_index(20, sizes, 3, 0)
+
+
+def test_checkpoint_mllm_really_drops_the_llm_activations(tiny_cfg):
+    """checkpoint_mllm must change what autograd keeps (per decoder layer), not only leave the
+    gradients alone: count the bytes saved for backward in the frozen LLM's forward."""
+    import torch
+
+    from iomm_scale.iomm import build_iomm
+    from iomm_scale.parallel import checkpointing
+
+    def saved_bytes(model):
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        feats = torch.randn(2, model.conditioner.num_image_tokens, model.conditioner.hidden_size)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.conditioner(feats, [None, None])
+        return total[0]
+
+    plain = build_iomm(tiny_cfg())
+    ck = build_iomm(tiny_cfg())
+    checkpointing.apply_to_model(ck, "none", checkpoint_mllm=True)
+    layers = checkpointing.mllm_decoder_layers(ck.conditioner.mllm)
+    assert layers and all(getattr(layer, "_iomm_checkpointed", False) for layer in layers)
+    assert saved_bytes(ck) < 0.6 * saved_bytes(plain)
