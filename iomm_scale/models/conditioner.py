@@ -158,8 +158,8 @@ class IOMMConditioner(nn.Module):
 
     def prompt_ids(self, caption: str) -> list[int]:
         out = self.tokenizer.apply_chat_template([{"role": "user", "content": caption}], add_generation_prompt=True,
-                                                 tokenize=True)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+                                                 tokenize=True, return_dict=True)
+        return list(out["input_ids"])
 
     # ---- the condition -------------------------------------------------------------------
     def forward(self, vision_features: torch.Tensor | None, captions: list[str | None] | None = None,

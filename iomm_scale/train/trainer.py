@@ -179,7 +179,7 @@ class Trainer:
                 loss = self.model.loss(batch)
             (loss / accum).backward()
             total += loss.item() / accum
-            samples += len(batch.get("keys", [])) or batch[next(iter(batch))].shape[0]
+            samples += len(batch["keys"])  # every loader (built-in, raw or feature shards) gives keys
         params = self.model.trainable_parameters()
         if cfg.optim.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip).item()
