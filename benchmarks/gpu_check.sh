@@ -10,6 +10,10 @@
 #   1 pytest -m gpu  every CUDA test of the repository (tests/profiling/test_gpu.py among them)
 #   2 blocks         IOMM-B FLUX double + single block (hidden 1536, 1024 + 256 tokens), bf16,
 #                    fwd + bwd, SDPA and (when importable) flash-attn: ms, TFLOP/s, MFU
+#   2b muon          issue 6: IOMM-XL generator (8 of 34 S3-DiT blocks at real shapes, micro-batch 16,
+#                    1024 + 256 tokens, fp32 weights + bf16 autocast): fwd + bwd vs MuonWithAdamW.step()
+#                    (bf16 Newton-Schulz) and fused AdamW, ratios vs the <= 3% goal, Newton-Schulz per
+#                    owner rank (1/2/4/8/32) as DistributedMuon assigns it (benchmarks/bench_muon_gpu.py)
 #   3 generator      whole IOMM-B generator step (DiT fwd + bwd + AdamW), bf16 autocast,
 #                    micro-batch 4 / 8 / 16 x checkpointing none / full x attention backends
 #   4 iomm step      the full IOMM-B step (random-weight InternVL3-2B at its real size, feature
@@ -92,6 +96,10 @@ fi
 # ---- 2: IOMM-B blocks, bf16, SDPA / flash -------------------------------------------------
 run_stage blocks 120 $PY benchmarks/bench_throughput.py "${BLOCKS[@]}" --out "$OUT"
 
+# ---- 2b: Muon step vs forward + backward at IOMM-XL shapes (issue 6) ---------------------------
+MUON=(); [[ $DRY == 1 ]] && MUON=(--device cpu --dry-run)
+run_stage muon 90 $PY benchmarks/bench_muon_gpu.py ${MUON[@]+"${MUON[@]}"} --out "$OUT"
+
 # ---- 3: IOMM-B generator step -------------------------------------------------------------
 ATTN=sdpa
 $PY -c "from iomm_scale.models.attention import flash_available as f; raise SystemExit(0 if f() else 1)" \
@@ -125,6 +133,7 @@ run_stage compile 150 $PY -m iomm_scale.profiling.profile --config $B_CFG "${B_O
   while IFS=$'\t' read -r name rc dt note; do echo "| $name | $rc | $dt | ${note//|//} |"; done < "$SUMMARY"
   echo
   [[ -f "$OUT/blocks.md" ]] && { echo "## Blocks"; echo; cat "$OUT/blocks.md"; echo; }
+  [[ -f "$OUT/muon.md" ]] && { echo "## Muon (IOMM-XL)"; echo; cat "$OUT/muon.md"; echo; }
   for s in generator iomm_step compile; do
     if [[ -f "$OUT/$s.log" ]]; then
       echo "## $s"; echo; echo '```'
