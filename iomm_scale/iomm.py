@@ -17,6 +17,7 @@ from .models.layers import upcast
 from .models.conditioner import IOMMConditioner, load_mllm
 from .models.registry import build_generator
 from .models.vae import FrozenVAE
+from .data.preprocess import unit_pixels
 
 
 class IOMMModel(nn.Module):
@@ -41,14 +42,16 @@ class IOMMModel(nn.Module):
         from precomputed feature shards."""
         if "latents" in batch:
             return batch["latents"], batch["vision_features"]
-        pixels = batch["pixels"]
+        pixels = unit_pixels(batch["pixels"])
         return self.vae.encode(pixels), self.conditioner.vision_features(pixels)
 
     def prepare_generator_inputs(self, batch: dict):
         """Everything before the generator: -> (x_t, t, cond, cond_mask, target). The pipeline
         runtime calls this on its first stage, so the two paths cannot drift apart."""
         latents, feats = self.encode_batch(batch)
-        latents = latents.to(next(self.generator.parameters()).dtype)  # float32 (float64 in gradient checks)
+        # float32 (float64 in gradient checks; a trainable weight's: a LoRA base may be bfloat16)
+        latents = latents.to(next((p for p in self.generator.parameters() if p.requires_grad),
+                                  next(self.generator.parameters())).dtype)
         b = latents.shape[0]
         device = latents.device
         num_tokens = latents.shape[-2] * latents.shape[-1] // 4
@@ -78,7 +81,7 @@ class IOMMModel(nn.Module):
         steps = steps or fcfg.sample_steps
         cfg_scale = fcfg.cfg_scale if cfg_scale is None else cfg_scale
         device = self.conditioner.aux_ids.device
-        feats = self.conditioner.vision_features(pixels.to(device)) if pixels is not None else None
+        feats = self.conditioner.vision_features(unit_pixels(pixels.to(device))) if pixels is not None else None
         cond = self.conditioner(feats, captions or [None] * batch_size, mask_ratio=0.0 if mask_ratio is None else mask_ratio)
         null = self.null_condition(batch_size)
         if cond[0].shape[1] != null[0].shape[1]:  # "all" positions with prompts of another length: no batching
@@ -104,7 +107,18 @@ def build_iomm(cfg, device: str | torch.device = "cpu") -> IOMMModel:
         torch.manual_seed(seed)
         vae = FrozenVAE(cfg.model.vae, seed=seed + 2)
         check_shapes(cfg, vae)  # before the expensive parts are built
-        generator = build_generator(cfg.model.generator.family, gen_cfg)
+        family, gen_path = cfg.model.generator.family, cfg.model.generator.path
+        if gen_path:
+            from .models.pretrained import load_generator
+
+            base_dtype = getattr(torch, cfg.model.lora.base_dtype) if cfg.model.lora is not None else torch.float32
+            generator = load_generator(family, gen_cfg, gen_path, cfg.model.generator.subfolder, base_dtype)
+        else:
+            generator = build_generator(family, gen_cfg)
+        if cfg.model.lora is not None:  # base frozen, adapters train (models/lora.py)
+            from .models.lora import apply_lora
+
+            generator = apply_lora(generator, cfg.model.lora, family)
         mllm, tokenizer = load_mllm(cfg.model.conditioner.mllm, seed=seed + 1)
         conditioner = IOMMConditioner(cfg.model.conditioner, mllm, tokenizer, condition_dim=gen_cfg.context_dim)
     return IOMMModel(cfg, generator, conditioner, vae).to(device)

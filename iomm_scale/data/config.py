@@ -43,6 +43,9 @@ class WebDatasetConfig:
     min_size_fraction: float = 0.5  # reject images whose shorter side < fraction x resolution
     min_image_size: int = 0  # and whose shorter side < this many pixels
     max_image_pixels: int = 178_956_970  # reject larger images (decompression bombs)
+    # Antialiased resampling of the crop: "bilinear" (the diffusers / torchvision training
+    # scripts' choice, ~1.5x cheaper) or "bicubic" (a little sharper).
+    resize_filter: str = "bilinear"
 
     # Bad data.
     error_budget: float = 0.05  # stop when (bad samples + bad shards) / seen exceeds this
@@ -78,6 +81,8 @@ class WebDatasetConfig:
             errors.append(("min_size_fraction", f"must be >= 0, got {self.min_size_fraction}"))
         if self.min_image_size < 0:
             errors.append(("min_image_size", f"must be >= 0, got {self.min_image_size}"))
+        if self.resize_filter not in ("bilinear", "bicubic"):
+            errors.append(("resize_filter", f"must be 'bilinear' or 'bicubic', got {self.resize_filter!r}"))
         if self.max_image_pixels < 1:
             errors.append(("max_image_pixels", f"must be >= 1, got {self.max_image_pixels}"))
         if not 0.0 <= self.error_budget <= 1.0:

@@ -22,9 +22,10 @@ from typing import Iterable, Optional
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from .errors import BadSample
+from .preprocess import unit_pixels
+from .writer import final_name, shard_writer
 
 LATENTS, VISION = "latents.npy", "vision.npy"
 
@@ -51,8 +52,7 @@ def write_feature_shards(samples: Iterable[dict], out_pattern: str, *, max_count
     os.makedirs(os.path.dirname(os.path.abspath(out_pattern % 0)), exist_ok=True)
     shards: list[str] = []
     count = size = 0
-    with wds.ShardWriter(out_pattern, maxcount=max_count, maxsize=max_size_mb * 1e6, verbose=0,
-                         encoder=False, mtime=0) as sink:
+    with shard_writer(out_pattern, max_count, max_size_mb) as sink:
         for s in samples:
             lat, vis = s["latents"], s["vision_features"]
             if len(lat.shape) != 3 or len(vis.shape) != 2:
@@ -64,8 +64,8 @@ def write_feature_shards(samples: Iterable[dict], out_pattern: str, *, max_count
             if s.get("caption") is not None:
                 record["txt"] = s["caption"].encode("utf-8")
             sink.write(record)
-            if sink.fname not in shards:
-                shards.append(sink.fname)
+            if final_name(sink.fname) not in shards:
+                shards.append(final_name(sink.fname))
             count += 1
             size += sum(len(v) for k, v in record.items() if not k.startswith("__"))
     return {"samples": count, "shards": shards, "bytes": size}
@@ -76,16 +76,17 @@ _FORTRAN = re.compile(rb"""['"]fortran_order['"]\s*:\s*(True|False)""")
 _SHAPE = re.compile(rb"""['"]shape['"]\s*:\s*\(([^)]*)\)""")
 
 
-def npy_view(data: bytes) -> np.ndarray:
-    """A .npy payload as an array viewing `data` (no copy, never unpickles). np.load would
-    copy and parse the header with ast: both show up at feature-shard speeds."""
-    if data[:6] != b"\x93NUMPY":
+def npy_view(data) -> np.ndarray:
+    """A .npy payload (bytes or a memoryview of a mapped shard) as an array viewing `data`
+    (no copy, never unpickles). np.load would copy and parse the header with ast: both show
+    up at feature-shard speeds."""
+    if bytes(data[:6]) != b"\x93NUMPY":
         raise ValueError("not a .npy payload")
     if data[6] == 1:
         (hlen,), start = struct.unpack("<H", data[8:10]), 10
     else:
         (hlen,), start = struct.unpack("<I", data[8:12]), 12
-    header = data[start:start + hlen]
+    header = bytes(data[start:start + hlen])
     descr, fortran, shape = _DESCR.search(header), _FORTRAN.search(header), _SHAPE.search(header)
     if not (descr and fortran and shape):
         raise ValueError("unparseable .npy header")
@@ -96,7 +97,7 @@ def npy_view(data: bytes) -> np.ndarray:
     return arr.reshape(dims)
 
 
-_EXPONENT = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}
+_STORED = (np.dtype(np.float16), np.dtype(np.float32))
 
 
 def _load(data: bytes, ndim: int, name: str) -> torch.Tensor:
@@ -106,14 +107,15 @@ def _load(data: bytes, ndim: int, name: str) -> torch.Tensor:
         raise BadSample("bad_features", f"{name}: {type(exn).__name__}: {exn}") from None
     if arr.ndim != ndim or arr.dtype.kind != "f" or arr.size == 0:
         raise BadSample("bad_features", f"{name}: expected a {ndim}-d float array, got {arr.dtype} {arr.shape}")
-    if arr.dtype not in _EXPONENT:  # float64, big-endian, ...: stored otherwise than we write
+    if arr.dtype not in _STORED:  # float64, big-endian, ...: stored otherwise than we write
         arr = arr.astype(np.float32)
-    bits, exponent = _EXPONENT[arr.dtype]
-    if int(np.bitwise_and(arr.view(bits), exponent).max()) == exponent:  # all-ones exponent: NaN or inf
-        raise BadSample("bad_features", f"{name}: non-finite values")
     with warnings.catch_warnings():  # a read-only view of the tar member: the batch copy only reads it
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(arr)
+        tensor = torch.from_numpy(arr)
+    low, high = torch.aminmax(tensor)  # NaN propagates, inf is an extreme: one pass, no temporary
+    if not (math.isfinite(low.item()) and math.isfinite(high.item())):
+        raise BadSample("bad_features", f"{name}: non-finite values")
+    return tensor
 
 
 def decode_features(sample: dict, resolution: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,14 +139,14 @@ def precompute_feature_shards(loader: Iterable[dict], encode_latents, encode_vis
     """Run a raw-image loader once through the frozen encoders and write feature shards.
 
     `encode_latents(pixels) -> [B, C, h, w]` and `encode_vision(pixels) -> [B, T, D]` get
-    the loader's pixels ([-1, 1]) on `device`; keys and captions are carried over (None
+    the loader's pixels in [-1, 1] on `device`; keys and captions are carried over (None
     captions stay image-only). Returns write_feature_shards' summary plus the loader's
     bad-data stats (bad images are skipped and counted here, once, not every epoch).
     """
 
     def samples():
         for batch in loader:
-            pixels = batch["pixels"].to(device)
+            pixels = unit_pixels(batch["pixels"].to(device))
             with torch.no_grad():
                 lat, vis = encode_latents(pixels).float().cpu(), encode_vision(pixels).float().cpu()
             for i, key in enumerate(batch["keys"]):

@@ -2,7 +2,7 @@
 mixture, preprocessing, aspect buckets, bad-data counting, exact mid-epoch resume.
 
     loader = build_webdataset_loader(cfg, resolution=512, batch_size=32, rank=r, world_size=n, seed=0)
-    for batch in loader:          # {"pixels" [B,3,R,R] in [-1,1], "captions", "keys"}
+    for batch in loader:          # {"pixels" uint8 [B,3,R,R], "captions", "keys"} (unit_pixels -> [-1, 1])
         ...                       # (feature shards: "latents", "vision_features" instead of pixels)
         ckpt["data"] = loader.state_dict()
     loader.load_state_dict(ckpt["data"])   # in a new process: continues exactly
@@ -72,7 +72,8 @@ class _Worker:
         self.counter = BadDataCounter(cfg.warn_first, cfg.warn_interval_s, state.get("stats"))
         saved = state.get("streams", {})
         self.streams = {
-            sid: ChunkedShuffle(SlotPlan(tuple(u), sid, seed, slot, num_slots, cfg.resample), cfg.shuffle_buffer,
+            sid: ChunkedShuffle(SlotPlan(tuple(u), sid, seed, slot, num_slots, cfg.resample,
+                                             views=(LATENTS, VISION) if cfg.features else ()), cfg.shuffle_buffer,
                                 cfg.epochs, self.counter.shard_error, saved.get(str(sid)))
             for sid, u in urls.items() if u}
         self.lam = cfg.image_only_fraction if PAIRED in self.streams else 1.0
@@ -109,7 +110,7 @@ class _Worker:
         caption = None if image_only else caption_of(sample)
         chw = decode_image_chw(data, self.resolution, buckets=self.buckets_px,
                                min_size_fraction=self.cfg.min_size_fraction, min_image_size=self.cfg.min_image_size,
-                               max_image_pixels=self.cfg.max_image_pixels)
+                               max_image_pixels=self.cfg.max_image_pixels, resize_filter=self.cfg.resize_filter)
         return tuple(chw.shape), chw, caption
 
     def _restore_pending(self, refs: list) -> None:
@@ -140,10 +141,12 @@ class _Worker:
                 batch = {"latents": torch.stack(lat, out=_alloc((len(lat), *lat[0].shape), lat[0].dtype)),
                          "vision_features": torch.stack(vis, out=_alloc((len(vis), *vis[0].shape), vis[0].dtype))}
             else:
-                pixels = _alloc((len(entries), *entries[0][0].shape))
+                # uint8: a quarter of float32's bytes to fill, share and copy to the device; the
+                # model converts to [-1, 1] there (iomm.unit_pixels)
+                pixels = _alloc((len(entries), *entries[0][0].shape), torch.uint8)
                 for i, e in enumerate(entries):
-                    pixels[i].copy_(e[0])  # uint8 [3, H, W] -> float32
-                batch = {"pixels": pixels.div_(127.5).sub_(1.0)}  # as the built-in set: x / 127.5 - 1
+                    pixels[i].copy_(e[0])
+                batch = {"pixels": pixels}
             batch["captions"] = [e[1] for e in entries]
             batch["keys"] = [e[2] for e in entries]
         return {"worker": self.logical, "batch": batch, "state": self.state()}

@@ -42,6 +42,22 @@ class ShardSummary:
         return "\n".join(lines)
 
 
+PARTIAL = ".partial"
+
+
+def shard_writer(out_pattern: str, max_count: int, max_size_mb: float) -> wds.ShardWriter:
+    """webdataset's ShardWriter, atomic per shard: each shard is written as `<name>.partial`
+    and renamed when complete, so a reader (or a run started meanwhile) never sees a
+    half-written shard, and a crash leaves only a `.partial` file. `final_name(sink.fname)`
+    is the name the current shard will have."""
+    return wds.ShardWriter(out_pattern + PARTIAL, maxcount=max_count, maxsize=max_size_mb * 1e6, verbose=0,
+                           encoder=False, mtime=0, post=lambda fname: os.replace(fname, final_name(fname)))
+
+
+def final_name(fname: str) -> str:
+    return fname[: -len(PARTIAL)] if fname.endswith(PARTIAL) else fname
+
+
 def brace_pattern(paths: list[str]) -> str:
     """['d/img-000000.tar', ..., 'd/img-000009.tar'] -> 'd/img-{000000..000009}.tar' (for configs)."""
     m0, m1 = re.search(r"(\d+)(\D*)$", paths[0]), re.search(r"(\d+)(\D*)$", paths[-1])
@@ -187,11 +203,10 @@ def make_shards(entries: Iterable[dict], out_pattern: str, *, max_count: int = 1
                 summary.rejected[status] = summary.rejected.get(status, 0) + 1
                 continue
             if sink is None:  # opened lazily: no empty shard when everything is rejected
-                sink = wds.ShardWriter(out_pattern, maxcount=max_count, maxsize=max_size_mb * 1e6, verbose=0,
-                                       encoder=False, mtime=0)
+                sink = shard_writer(out_pattern, max_count, max_size_mb)
             sink.write(payload)
-            if sink.fname not in summary.shards:
-                summary.shards.append(sink.fname)
+            if final_name(sink.fname) not in summary.shards:
+                summary.shards.append(final_name(sink.fname))
             summary.written += 1
             summary.bytes += sum(len(v) for k, v in payload.items() if not k.startswith("__"))
     finally:

@@ -110,13 +110,27 @@ class Trainer:
             frozen["conditioner.mllm"] = self.model.conditioner.mllm.state_dict()
         if self.cfg.model.vae.random_init:
             frozen["vae"] = self.model.vae.state_dict()
-        return {
+        state = {
             "step": self.step, "model": model_state, "frozen": frozen, "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None, "rng": ckpt.rng_state(),
             "data": self.loader.state_dict(), "history": self.history, "config": self.cfg.to_dict(),
         }
+        if self.cfg.model.lora is not None:  # LoRA: the frozen base is not saved, its checksum is
+            state["lora_base"] = self._lora_base()
+        return state
+
+    def _lora_base(self) -> str:
+        """Checksum of the frozen generator base under LoRA (computed once: it never changes)."""
+        if getattr(self, "_lora_base_fp", None) is None:
+            from ..models.lora import base_fingerprint
+
+            self._lora_base_fp = base_fingerprint(self.model.generator)
+        return self._lora_base_fp
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("lora_base") is not None and state["lora_base"] != self._lora_base():
+            raise ValueError("checkpoint's LoRA adapters were trained on another base generator (frozen-weight checksum "
+                             f"{state['lora_base']} != {self._lora_base()}): check model.generator.path / train.seed")
         params = dict(self.model.named_parameters())
         missing = [n for n in self.model.trainable_state_dict() if n not in state["model"]]
         if missing:
@@ -242,6 +256,10 @@ class Trainer:
             print(f"stopped by signal at step {self.step}; checkpoint {final}")
             return last
         self.write_outputs()
+        if self.cfg.model.lora is not None:  # diffusers-format LoRA (+ RQA / projection) of the final weights
+            from ..models.lora import export_trained
+
+            print(f"LoRA exported to {export_trained(self.model, self.run_dir / 'lora', self.ema)}")
         if wandb_run is not None:
             wandb_run.finish()
         return last
@@ -286,5 +304,7 @@ class Trainer:
             photos = self.loader.samples[: self.loader.num_photos]
             step = self.cfg.data.builtin.crops_per_photo  # one crop of each photo first
             return torch.stack([img for img, _, _ in (photos[::step] + photos)[:n]])
+        from ..data.preprocess import unit_pixels
+
         batch = next(build_loader(self.cfg))
-        return batch["pixels"][:n]
+        return unit_pixels(batch["pixels"][:n])  # the grid shows references in [-1, 1]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from data_shardkit import write_clean_shards, write_shard
-from iomm_scale.data import WebDatasetConfig, build_webdataset_loader, write_feature_shards
+from iomm_scale.data import WebDatasetConfig, build_webdataset_loader, unit_pixels, write_feature_shards
 from iomm_scale.data.features import precompute_feature_shards
 
 R = 32
@@ -113,7 +113,8 @@ def test_precompute_writes_what_the_encoders_return(tmp_path):
     expected = {}
     for batch in build_webdataset_loader(raw, R, 4, 0, 1, 0):
         for i, k in enumerate(batch["keys"]):
-            expected[k] = (latents(batch["pixels"][i:i + 1])[0], vision(batch["pixels"][i:i + 1])[0],
+            px = unit_pixels(batch["pixels"][i:i + 1])
+            expected[k] = (latents(px)[0], vision(px)[0],
                            batch["captions"][i])
     feat = WebDatasetConfig(paired_shards=[str(tmp_path / "feat-{000000..000002}.tar")], features=True,
                             image_only_fraction=0.0, num_workers=0, epochs=1)

@@ -85,3 +85,25 @@ def test_manifest_and_cli(folder, tmp_path, capsys):
     assert "written: 4 samples in 2 shards" in out and "not_an_image: 1" in out
     assert os.path.exists(tmp_path / "cli" / "pairs-000001.tar")
     assert "pairs-{000000..000001}.tar" in out
+
+
+def test_shards_appear_only_when_complete(tmp_path):
+    """A writer killed mid-shard leaves the finished shards under their names and the one in
+    progress as `.partial` only: a reader's brace pattern never matches a half-written tar."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, torch
+from iomm_scale.data import write_feature_shards
+def samples():
+    for i in range(5):
+        if i == 3:
+            os._exit(9)  # killed: no cleanup runs
+        yield {{"key": f"k{{i}}", "latents": torch.zeros(2, 2, 2), "vision_features": torch.zeros(3, 4), "resolution": 16}}
+write_feature_shards(samples(), {str(tmp_path / "feat-%06d.tar")!r}, max_count=2)
+"""
+    assert subprocess.run([sys.executable, "-c", script]).returncode == 9
+    assert sorted(os.listdir(tmp_path)) == ["feat-000000.tar", "feat-000001.tar.partial"]
+    with tarfile.open(tmp_path / "feat-000000.tar") as tar:
+        assert len(tar.getnames()) == 2 * 3  # two complete samples (latents, vision, json)

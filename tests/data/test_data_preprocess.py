@@ -41,6 +41,34 @@ def test_jpeg_reduced_decode_matches_full_decode():
     assert mad(fast, full) < 3.0
 
 
+@pytest.mark.parametrize("size, mode, subsampling", [
+    ((1024, 683), "RGB", 2), ((683, 1024), "RGB", 0), ((1536, 1024), "RGB", 2), ((4000, 2600), "RGB", 1),
+    ((600, 600), "L", 0), ((1200, 900), "L", 0), ((512, 512), "RGB", 2), ((2000, 1500), "CMYK", 0)])
+def test_simplejpeg_path_gives_pils_pixels(monkeypatch, size, mode, subsampling):
+    """The fast JPEG decoder (simplejpeg) is bit-identical to PIL's path at every DCT scale,
+    and a CMYK JPEG (which simplejpeg cannot make RGB) still decodes through PIL."""
+    import iomm_scale.data.preprocess as pre
+
+    pytest.importorskip("simplejpeg")  # a declared dependency; only a platform without wheels lacks it
+    data = encode(photo("astronaut", *size).convert(mode), "JPEG", quality=90, subsampling=subsampling)
+    fast = decode_image(data, 512).copy()
+    used_fast = pre._decode_jpeg_fast(data, Image.open(io.BytesIO(data)), 512, 512) is not None
+    assert used_fast == (mode != "CMYK")
+    monkeypatch.setattr(pre, "simplejpeg", None)
+    assert np.array_equal(fast, decode_image(data, 512))
+
+
+def test_dct_factor_keeps_the_target_covered():
+    from iomm_scale.data.preprocess import _dct_factor
+
+    assert _dct_factor(1024, 683, 512, 512) == 1  # 6/8 would fit but is slower than a full decode
+    assert _dct_factor(1536, 1024, 512, 512) == 2
+    assert _dct_factor(4096, 3000, 512, 512) == 4
+    assert _dct_factor(8192, 8192, 512, 512) == 8 and _dct_factor(20000, 20000, 512, 512) == 8
+    assert _dct_factor(1025, 1023, 512, 512) == 2  # ceil(1023 / 2) = 512 still covers the target
+    assert _dct_factor(1025, 1022, 512, 512) == 1  # ceil(1022 / 2) = 511 does not
+
+
 def test_grayscale_and_1bit_become_rgb():
     gray = photo("coffee", 64, 48).convert("L")
     out = decode_image(encode(gray, "PNG"), 48)

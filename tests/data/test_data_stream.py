@@ -19,8 +19,7 @@ def run(cfg, rank=0, world_size=1, seed=0, batch_size=5, limit=None, loader=None
     loader = loader or build_webdataset_loader(cfg, R, batch_size, rank, world_size, seed)
     out = []
     for batch in loader:
-        assert batch["pixels"].dtype == torch.float32 and batch["pixels"].shape[1:] == (3, R, R)
-        assert -1.0 <= batch["pixels"].min() and batch["pixels"].max() <= 1.0
+        assert batch["pixels"].dtype == torch.uint8 and batch["pixels"].shape[1:] == (3, R, R)
         out.append((batch["keys"], batch["captions"], [round(float(p.double().sum()), 3) for p in batch["pixels"]]))
         if limit is not None and len(out) == limit:
             break
