@@ -1,4 +1,5 @@
-"""Console entry points: iomm-train, iomm-sample, iomm-params.
+"""Console entry points: iomm-train, iomm-sample, iomm-params (and `python -m iomm_scale.cli
+export_lora`).
 
 All take `--config FILE [dotted.key=value ...]`; a bad config prints one clear message
 naming the file and key, and exits with status 2 before any model is built.
@@ -72,8 +73,27 @@ def params_main(argv=None) -> None:
     print(format_counts(cfg, count_config(cfg)))
 
 
-if __name__ == "__main__":  # python -m iomm_scale.cli {train,sample,params} ...
-    commands = {"train": train_main, "sample": sample_main, "params": params_main}
+def export_lora_main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m iomm_scale.cli export_lora",
+                                     description="Write a LoRA run's checkpoint as diffusers LoRA weights "
+                                                 "(pytorch_lora_weights.safetensors) + iomm_conditioner.safetensors.")
+    _config_args(parser)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (…/checkpoints/step_N)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--no-ema", action="store_true", help="the live weights even if the checkpoint has EMA")
+    args = parser.parse_args(argv)
+    cfg = _load(args)
+    if cfg.model.lora is None:
+        print(f"config error: {cfg.source}: model.lora: no LoRA section, nothing to export", file=sys.stderr)
+        raise SystemExit(2)
+    from .models.lora import export_lora
+    from .sampling import load_trained
+
+    print(f"wrote {export_lora(load_trained(cfg, args.checkpoint, use_ema=not args.no_ema), args.out)}")
+
+
+if __name__ == "__main__":  # python -m iomm_scale.cli {train,sample,params,export_lora} ...
+    commands = {"train": train_main, "sample": sample_main, "params": params_main, "export_lora": export_lora_main}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         raise SystemExit(f"usage: python -m iomm_scale.cli {{{','.join(commands)}}} --config FILE ...")
     commands[sys.argv[1]](sys.argv[2:])

@@ -36,6 +36,8 @@ class ConfigError(ValueError):
 class GeneratorSection:
     family: str = "flux"
     config: Any = None  # the family's config dataclass, built from the remaining keys
+    path: str | None = None  # pretrained weights: a diffusers transformer directory or hub id (models/pretrained.py)
+    subfolder: str | None = None  # e.g. "transformer" under a whole-pipeline directory / hub id
 
 
 @dataclass
@@ -43,6 +45,7 @@ class ModelConfig:
     generator: GeneratorSection = field(default_factory=GeneratorSection)
     conditioner: ConditionerConfig = field(default_factory=ConditionerConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
+    lora: Any = None  # models.lora.LoRAConfig when the section is given: LoRA on the generator, base frozen
 
 
 @dataclass
@@ -221,10 +224,12 @@ def _build(cls, data: dict, prefix: str, errors: list):
 def _build_generator(data: dict, errors: list) -> GeneratorSection:
     data = dict(data or {})
     family = data.pop("family", "flux")
+    path = _coerce(data.pop("path", None), str | None, "model.generator.path", errors)
+    subfolder = _coerce(data.pop("subfolder", None), str | None, "model.generator.subfolder", errors)
     if family not in FAMILIES:
         errors.append(("model.generator.family", f"unknown family {family!r}; known: {', '.join(sorted(FAMILIES))}"))
-        return GeneratorSection(family, None)
-    return GeneratorSection(family, _build(FAMILIES[family][0], data, "model.generator", errors))
+        return GeneratorSection(family, None, path, subfolder)
+    return GeneratorSection(family, _build(FAMILIES[family][0], data, "model.generator", errors), path, subfolder)
 
 
 def _build_data_section(data: dict, errors: list) -> DataConfig:
@@ -235,7 +240,10 @@ def _build_data_section(data: dict, errors: list) -> DataConfig:
         from .data.config import WebDatasetConfig
 
         if isinstance(wds, dict) and "image_only_fraction" in wds:
-            errors.append(("data.webdataset.image_only_fraction", "set the mixture once, as data.image_only_fraction"))
+            # a saved config (to_dict) repeats data.image_only_fraction here: equal is fine
+            if "image_only_fraction" not in data or wds["image_only_fraction"] != data["image_only_fraction"]:
+                errors.append(("data.webdataset.image_only_fraction",
+                               "set the mixture once, as data.image_only_fraction"))
             wds = {k: v for k, v in wds.items() if k != "image_only_fraction"}
         section.webdataset = _build(WebDatasetConfig, wds, "data.webdataset", errors)
         if isinstance(section.webdataset, WebDatasetConfig):
@@ -248,9 +256,15 @@ def from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
     raw = dict(raw or {})
     model = dict(raw.pop("model", {}) or {})
     generator = _build_generator(model.pop("generator", {}), errors)
+    lora = model.pop("lora", None)
+    if lora is not None:
+        from .models.lora import LoRAConfig
+
+        lora = _coerce(lora, LoRAConfig, "model.lora", errors)
     data = _build_data_section(raw.pop("data", {}), errors)
     cfg = _build(RunConfig, {**raw, "model": model}, "", errors)
     cfg.model.generator = generator
+    cfg.model.lora = lora
     cfg.data = data
     cfg.source = source
     if not errors:
@@ -283,6 +297,18 @@ def validate(cfg: RunConfig) -> list[tuple[str, str]]:
                 check_backend(backend)  # flash-attn importable and a CUDA device visible
             except AttentionBackendError as e:
                 errors.append(("model.generator.attention_backend", str(e)))
+        if cfg.model.generator.path is not None and not errors:
+            from .models.pretrained import path_errors
+
+            sub("model.generator", path_errors(cfg.model.generator.family, gen, cfg.model.generator.path,
+                                               cfg.model.generator.subfolder))
+    if cfg.model.lora is not None:
+        lora_errors = cfg.model.lora.validate()
+        if gen is not None and not lora_errors and not errors:
+            from .models.lora import target_errors
+
+            lora_errors = target_errors(cfg.model.lora, cfg.model.generator.family, gen)
+        sub("model.lora", lora_errors)
     sub("model.conditioner", cfg.model.conditioner.validate())
     sub("model.vae", cfg.model.vae.validate())
     sub("flow", cfg.flow.validate())
@@ -399,7 +425,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
 def to_dict(obj) -> Any:
     if isinstance(obj, GeneratorSection):
-        return {"family": obj.family, **to_dict(obj.config)}
+        where = {k: v for k, v in (("path", obj.path), ("subfolder", obj.subfolder)) if v is not None}
+        return {"family": obj.family, **where, **to_dict(obj.config)}
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "source"}
     if isinstance(obj, (list, tuple)):

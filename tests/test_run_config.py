@@ -98,3 +98,13 @@ def test_preset_parameter_counts_match_the_paper():
     assert abs(b["generator (total)"] / 1.6e9 - 1) < 0.03
     assert abs(l_["generator (total)"] / 2.7e9 - 1) < 0.03
     assert abs(b["rqa"] / 29e6 - 1) < 0.03  # "about 29M" at InternVL3-2B width
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))))
+def test_every_shipped_config_round_trips_through_its_saved_form(name):
+    """What a run saves (cfg.to_dict(), in checkpoints and run_dir) loads back to the same config."""
+    from iomm_scale.config import from_dict, load_config
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", name))
+    again = from_dict(cfg.to_dict(), source=f"saved {name}")
+    assert again.to_dict() == cfg.to_dict()

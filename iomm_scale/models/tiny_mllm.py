@@ -1,8 +1,14 @@
-"""A tiny random-weight InternVL (the real transformers class) and an offline tokenizer.
+"""Tiny random-weight MLLMs (the real transformers classes) and an offline tokenizer.
 
 No hub is reachable from tests or from the CPU smoke run, so `configs/tiny.yaml` and the
 tests build the MLLM from a small config with random weights, and train a byte-level BPE
 tokenizer on a fixed corpus in a fraction of a second. Deterministic for a seed.
+
+Two kinds, from the same `TinyMLLMConfig`:
+    internvl     InternVLForConditionalGeneration (IOMM-B / L / XL's InternVL3)
+    qwen2_5_vl   Qwen2_5_VLForConditionalGeneration (Qwen-Image's text encoder): windowed
+                 ViT over flattened patches + 2x2 patch merger, M-RoPE language model; the
+                 tokenizer carries <|vision_start|>, <|vision_end|>, <|image_pad|>, <|video_pad|>
 """
 
 from __future__ import annotations
@@ -13,6 +19,12 @@ import torch
 
 IMAGE_TOKEN = "<IMG_CONTEXT>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", IMAGE_TOKEN]
+# Qwen2.5-VL's own special tokens (same names as the released tokenizer).
+QWEN_VISION_START, QWEN_VISION_END, QWEN_IMAGE_PAD, QWEN_VIDEO_PAD = (
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", QWEN_VISION_START, QWEN_VISION_END,
+                       QWEN_IMAGE_PAD, QWEN_VIDEO_PAD]
+TINY_KINDS = ("internvl", "qwen2_5_vl")
 # Qwen2.5's chat format, which InternVL3 uses.
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -55,14 +67,18 @@ class TinyMLLMConfig:
         return errors
 
 
-def build_tokenizer(vocab_size: int = 512):
+def build_tokenizer(vocab_size: int = 512, kind: str = "internvl"):
+    """Byte-level BPE with the kind's special tokens. The number of merges does not depend on
+    the kind, so a text tokenizes to the same number of tokens for both (ids differ)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    specials = QWEN_SPECIAL_TOKENS if kind == "qwen2_5_vl" else SPECIAL_TOKENS
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 16, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    size = vocab_size - 16 + len(specials) - len(SPECIAL_TOKENS)
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
@@ -95,3 +111,51 @@ def build_tiny_internvl(cfg: TinyMLLMConfig, seed: int = 0):
         torch.manual_seed(seed)
         model = InternVLForConditionalGeneration(config)
     return model, tokenizer
+
+
+def tiny_qwen2_5_vl_config(cfg: TinyMLLMConfig) -> dict:
+    """Qwen2_5_VLConfig keyword arguments (all but the special token ids, which the tokenizer
+    fixes). The ViT has Qwen2.5-VL's structure at toy size: windowed attention in every
+    layer but the last (window = half the image side, so a 4 x 4 merged grid has 4 windows),
+    2x2 spatial merge, 2-frame temporal patches; M-RoPE sections in Qwen2.5-VL's 1 : 1.5 : 1.5
+    ratio (16, 24, 24 of 64 for the 7B model)."""
+    head_dim = cfg.text_hidden // cfg.text_heads
+    half = head_dim // 2
+    t_sec = half // 4
+    h_sec = (half - t_sec) // 2
+    return dict(
+        vision_config=dict(depth=cfg.vision_layers, hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
+                           num_heads=cfg.vision_heads, out_hidden_size=cfg.text_hidden, patch_size=cfg.vision_patch,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=cfg.image_size // 2,
+                           fullatt_block_indexes=[cfg.vision_layers - 1]),
+        text_config=dict(vocab_size=cfg.vocab_size, hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
+                         num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                         num_key_value_heads=cfg.text_kv_heads, max_position_embeddings=1024,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": [t_sec, h_sec, half - t_sec - h_sec]}),
+        tie_word_embeddings=True,
+    )
+
+
+def build_tiny_qwen2_5_vl(cfg: TinyMLLMConfig, seed: int = 0):
+    """-> (Qwen2_5_VLForConditionalGeneration with random weights, tokenizer)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = build_tokenizer(cfg.vocab_size, kind="qwen2_5_vl")
+    ids = tokenizer.convert_tokens_to_ids
+    conf = tiny_qwen2_5_vl_config(cfg)
+    special = dict(bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
+    conf["text_config"].update(special)
+    config = Qwen2_5_VLConfig(**conf, image_token_id=ids(QWEN_IMAGE_PAD), video_token_id=ids(QWEN_VIDEO_PAD),
+                              vision_start_token_id=ids(QWEN_VISION_START), vision_end_token_id=ids(QWEN_VISION_END))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    return model, tokenizer
+
+
+def build_tiny_mllm(kind: str, cfg: TinyMLLMConfig, seed: int = 0):
+    """-> (tiny random MLLM of `kind`, its offline tokenizer)."""
+    if kind == "qwen2_5_vl":
+        return build_tiny_qwen2_5_vl(cfg, seed)
+    return build_tiny_internvl(cfg, seed)

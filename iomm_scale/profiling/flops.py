@@ -406,28 +406,33 @@ def known_mllms() -> dict[str, MLLMSpec]:
     return {name: _spec_from_conf(name, conf) for name, conf in KNOWN_MLLMS.items()}
 
 
-def tiny_mllm_spec(tiny) -> MLLMSpec:
-    """The spec of models/tiny_mllm.build_tiny_internvl(tiny) (same config it builds)."""
-    from ..models.tiny_mllm import tiny_internvl_config
+def tiny_mllm_spec(tiny, kind: str = "internvl", image_size: int | None = None) -> MLLMSpec:
+    """The spec of models/tiny_mllm.build_tiny_mllm(kind, tiny) (same config it builds)."""
+    from ..models.tiny_mllm import tiny_internvl_config, tiny_qwen2_5_vl_config
 
+    if kind == "qwen2_5_vl":
+        return _qwen2_5_vl_spec("tiny-qwen2_5_vl", tiny_qwen2_5_vl_config(tiny), image_size or tiny.image_size)
     conf = tiny_internvl_config(tiny)
     return _internvl_spec("tiny-internvl", conf)
 
 
 def mllm_spec(mcfg) -> MLLMSpec:
     """The frozen MLLM of a conditioner config (`cfg.model.conditioner.mllm`)."""
+    image_size = getattr(mcfg, "image_size", None)  # Qwen2.5-VL's fixed resolution (None: 448)
     if mcfg.random_init:
-        return tiny_mllm_spec(mcfg.tiny)
+        return tiny_mllm_spec(mcfg.tiny, mcfg.kind, image_size)
     specs = known_mllms()
     if mcfg.path in specs:
-        return specs[mcfg.path]
+        spec = specs[mcfg.path]
+        return replace(spec, image_size=image_size) if image_size and spec.kind == "qwen2_5_vl" else spec
     path = os.path.expanduser(mcfg.path)
     conf_file = os.path.join(path, "config.json")
     if os.path.isfile(conf_file):
         import json
 
         conf = json.load(open(conf_file))
-        return _spec_from_conf(mcfg.path, conf)
+        spec = _spec_from_conf(mcfg.path, conf)
+        return replace(spec, image_size=image_size) if image_size and spec.kind == "qwen2_5_vl" else spec
     raise ValueError(f"cannot describe the MLLM {mcfg.path!r} offline: not a local directory with config.json and not "
                      f"one of {sorted(specs)}")
 
@@ -620,6 +625,8 @@ def flops_report(cfg, resolution=None, batch: int = 1, *, mllm_len: int | None =
     """Per-component ledgers (forward / backward, matmul / attention) of one training step."""
     res = resolution if resolution is not None else cfg.data.resolution
     precomputed = features_precomputed(cfg) if precomputed is None else precomputed
+    if lora_rank is None:  # the run's LoRA (model.lora; counted on the default targets, LORA_TARGETS)
+        lora_rank = getattr(getattr(cfg.model, "lora", None), "r", None)
     ccfg = cfg.model.conditioner
     spec = mllm_spec(ccfg.mllm)
     lens = condition_lengths(cfg, mllm_len)

@@ -37,9 +37,9 @@ def _mllm_on_meta(mcfg):
     from transformers import AutoConfig, AutoModelForImageTextToText, InternVLConfig, InternVLForConditionalGeneration
 
     if mcfg.random_init:
-        from ..models.tiny_mllm import build_tiny_internvl
+        from ..models.tiny_mllm import build_tiny_mllm
 
-        return build_tiny_internvl(mcfg.tiny)[0]
+        return build_tiny_mllm(mcfg.kind, mcfg.tiny)[0]
     path = os.path.expanduser(mcfg.path)
     if os.path.isdir(path):
         config = AutoConfig.from_pretrained(path)
@@ -69,15 +69,26 @@ def count_config(cfg) -> dict[str, int]:
         generator = build_generator(cfg.model.generator.family, gen_cfg)
         rqa = ResidualQueryAdapter(hidden, cfg.model.conditioner.rqa)
         projection = [RMSNorm(hidden), linear(hidden, gen_cfg.context_dim)]  # as IOMMConditioner builds it
+        lora = getattr(cfg.model, "lora", None)
+        if lora is not None:  # as build_iomm applies it: base frozen, adapters train
+            from ..models.lora import apply_lora
+
+            generator = apply_lora(generator, lora, cfg.model.generator.family)
 
     def n(*modules):
         return sum(p.numel() for m in modules for p in m.parameters())
 
-    counts = {f"generator.{name}": n(child) for name, child in generator.named_children() if n(child)}
-    counts["generator (total)"] = n(generator)
+    def base(m):  # without LoRA factors
+        return sum(p.numel() for k, p in m.named_parameters() if ".lora_" not in k)
+
+    counts = {f"generator.{name}": base(child) for name, child in generator.named_children() if base(child)}
+    counts["generator (total)"] = base(generator)
     counts["rqa"] = n(rqa)
     counts["condition projection"] = n(*projection)
-    counts["trainable (total)"] = counts["generator (total)"] + counts["rqa"] + counts["condition projection"]
+    trained_gen = counts["generator (total)"]
+    if lora is not None:
+        trained_gen = counts["generator LoRA (r={})".format(lora.r)] = n(generator) - base(generator)
+    counts["trainable (total)"] = trained_gen + counts["rqa"] + counts["condition projection"]
     counts["mllm (frozen)"] = n(mllm)
     return counts
 
