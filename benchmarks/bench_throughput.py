@@ -2,6 +2,7 @@
 
     python benchmarks/bench_throughput.py [--record]          # CPU: tiny + B-shaped (reduced) configs
     python benchmarks/bench_throughput.py --memory [--record]  # CPU: planner vs measured peak memory
+    python benchmarks/bench_throughput.py --memory --zero3 [--record]  # the same, DeepSpeed ZeRO-3 on 2 processes
     python benchmarks/bench_throughput.py --gpu-blocks --out DIR   # CUDA: IOMM-B blocks, bf16 (gpu_check.sh)
 
 CPU mode: the trainer's step without data loading (IOMMModel.loss + backward + clip +
@@ -304,6 +305,71 @@ def record_memory(rows, command: str, load_before, load_after) -> None:
     print(f"recorded in {path}")
 
 
+ZERO3_CASES = ("none", "full", "none+small")
+
+
+def memory_zero3_rows(cases=ZERO3_CASES):
+    """The planner against the measured per-rank peak of a real 2-process DeepSpeed ZeRO-3 step
+    (tests/profiling/_measure_memory_zero3.py: gloo, CPU, fp32, AdamW, the launchers' wiring;
+    "+small": DeepSpeed's ZeRO-3 buffers set below the model's size)."""
+    import tempfile
+
+    sys.path.insert(0, os.path.join(ROOT, "tests", "profiling"))
+    from _memory_cases import SMALL_BUFFERS, start_zero3, zero3_plan, zero3_plans_while_running, zero3_results
+
+    def make_plans():
+        cache: dict = {}
+        return {case: zero3_plan(case.partition("+")[0], cache,
+                                 deepspeed=dict(SMALL_BUFFERS.values()) if case.endswith("+small") else None)
+                for case in cases}
+
+    with tempfile.TemporaryDirectory(prefix="iomm_zero3_") as tmp:
+        out = os.path.join(tmp, "zero3.json")
+        proc = start_zero3(out, cases)
+        plans = zero3_plans_while_running(proc, make_plans)
+        rows = zero3_results(proc, out)
+    for r in rows:
+        plan = plans[r["case"]]
+        r.update(plan=plan.allocated, plan_static=sum(b for n, b, _ in plan.rows if n not in (
+            "zero3 gathered params", "activations", "recompute + bwd working set")))
+    return rows
+
+
+MEM3_HEAD = ("| layout | checkpointing | DeepSpeed ZeRO-3 buffers | rank | measured peak MiB | planned MiB | "
+             "planned / measured | static after step 1 MiB (measured / planned) |\n|---|---|---|---|---|---|---|---|")
+
+
+def fmt_mem3_row(r) -> str:
+    buffers = ("defaults (max live 1e9, reuse 1e9, prefetch 5e7, reduce 5e8 el.)" if r["variant"] == "default" else
+               f"max live {r['max_live_parameters']:.0e}, reuse {r['max_reuse_distance']:.0e}, prefetch "
+               f"{r['prefetch_bucket_size']:.0e}, reduce {r['reduce_bucket_size']:.0e} el.")
+    return (f"| ZeRO-3, dp {r['dp']} | {r['checkpointing']} | {buffers} | {r['rank']} | {r['peak'] / 2**20:.1f} | "
+            f"{r['plan'] / 2**20:.1f} | {r['plan'] / r['peak']:.3f} | {r['static'] / 2**20:.1f} / "
+            f"{r['plan_static'] / 2**20:.1f} |")
+
+
+def record_memory_zero3(rows, command: str, load_before, load_after) -> None:
+    path = os.path.join(ROOT, "benchmarks", "RESULTS.md")
+    text = open(path).read()
+    block = "\n".join([
+        f"Memory planner against measured per-rank peak memory under DeepSpeed ZeRO-3 on 2 processes, "
+        f"{datetime.date.today().isoformat()}, {machine()} (load average {load_before[0]:.1f} -> {load_after[0]:.1f}). "
+        "Command:", "", f"    {command}", "",
+        "One torchrun launch of 2 processes (gloo; tests/profiling/_measure_memory_zero3.py): tiny random InternVL, "
+        "RQA, FLUX hidden 256 (2 double + 2 single blocks; 7.2M trainable parameters), pixel VAE at 128 px, "
+        "micro-batch 2 per rank, fp32, AdamW, no EMA, built and handed to ParallelRuntime.build as the launchers do "
+        "(ZeRO-3 over dp 2, DeepSpeed's default ZeRO-3 settings unless stated); peak RSS of the second step (the first "
+        "with DeepSpeed's recorded module trace) above the RSS before the model was built, per rank. Planned: "
+        "profiling/memory.py, Layout(dp=2, zero_stage=3), device cpu, the same DeepSpeed settings. Static: the resident "
+        "set after the first step vs the planned parameters, gradients, optimizer states, persistent parameters and "
+        "gradient bucket.", "", MEM3_HEAD, *map(fmt_mem3_row, rows), ""])
+    head, rest = text.split(SECTION, 1) if SECTION in text else (text.rstrip("\n") + "\n\n", "\n")
+    nxt = rest.find("\n## ")
+    body, tail = (rest, "") if nxt < 0 else (rest[:nxt], rest[nxt:])
+    open(path, "w").write(head + SECTION + body.rstrip("\n") + "\n\n" + block + tail)
+    print(f"recorded in {path}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--record", action="store_true", help="append the CPU table to benchmarks/RESULTS.md")
@@ -312,11 +378,22 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gpu-blocks", action="store_true")
     ap.add_argument("--memory", action="store_true", help="the memory planner against measured CPU peaks")
+    ap.add_argument("--zero3", action="store_true", help="with --memory: DeepSpeed ZeRO-3 on 2 processes instead")
     ap.add_argument("--dry-run", action="store_true", help="with --gpu-blocks: toy size on CPU (tests the script)")
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_results"))
     args = ap.parse_args(argv)
     if args.gpu_blocks:
         gpu_blocks(args.out, dry_run=args.dry_run)
+        return
+    if args.memory and args.zero3:
+        load0 = os.getloadavg()
+        rows = memory_zero3_rows()
+        print(MEM3_HEAD)
+        for r in rows:
+            print(fmt_mem3_row(r))
+        if args.record:
+            record_memory_zero3(rows, "python benchmarks/bench_throughput.py --memory --zero3 --record", load0,
+                                os.getloadavg())
         return
     if args.memory:
         load0 = os.getloadavg()

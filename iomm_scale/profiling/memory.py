@@ -8,19 +8,32 @@ What is counted, per device (the most loaded pipeline stage when pp > 1):
 
     parameters        trainable params on this rank (TP shard, PP stage), in the parameter
                       dtype; / dp under ZeRO-3
-    gradients         same count, gradient dtype; / dp under ZeRO-2 and -3
+    gradients         same count, gradient dtype; / dp under ZeRO-2 and -3 (ZeRO-3 keeps them
+                      in one flat partition buffer from start-up: held in every phase)
     optimizer         AdamW: 2 fp32 states per param; Muon: 1 fp32 momentum for the hidden
                       matrices Muon owns (routing = optim/muon.py's rules) + AdamW states for
-                      the rest; + an fp32 master copy when parameters are bf16. / dp under
-                      ZeRO >= 1 (on the host with offload_optimizer)
+                      the rest; + an fp32 master copy when parameters are bf16, and always
+                      under DeepSpeed ZeRO >= 1 (its optimizer clones an fp32 partition even
+                      of fp32 parameters). / dp under ZeRO >= 1 (on the host with
+                      offload_optimizer)
     ema               fp32 copy of the trainable parameters (replicated; / dp under ZeRO-3)
     frozen            the MLLM (+ its ViT) and the VAE in their configured dtype, replicated,
                       or / dp when ZeRO-3 partitions them; a LoRA base counts here too
-    zero3 buffers     gathered full parameters of the largest layer + DeepSpeed's prefetch
-                      bucket (stage3_prefetch_bucket_size, 5e7 elements by default), for the
-                      generator and, when partitioned, the frozen MLLM
+    zero3 persistent  ZeRO-3 keeps every parameter of <= stage3_param_persistence_threshold
+                      (1e5) elements whole on every rank (on top of its partition): biases,
+                      norms, and whole small layers
+    zero3 gathered    ZeRO-3's all-gathered parameters. Once DeepSpeed has recorded the
+                      module trace (2nd step on) it prefetches ahead until
+                      stage3_max_live_parameters (1e9) elements are resident and keeps a
+                      parameter gathered if it is used again within stage3_max_reuse_distance
+                      (1e9) elements of the trace (the end of the forward, which the backward
+                      reuses first): min(partitioned params on the gradient path,
+                      max(max_live, reuse / 2)); + the flat all-gather buffer of one prefetch
+                      bucket (stage3_prefetch_bucket_size, 5e7), which lives until the last
+                      parameter copied out of it is used
     comm buckets      DeepSpeed's gradient reduce / all-reduce bucket (reduce_bucket_size,
-                      5e8 elements by default) when dp > 1
+                      5e8 elements by default) when dp > 1; ZeRO-3 allocates it whole at
+                      start-up (on the CPU only the pages one fill writes are resident)
     activations       what autograd keeps for backward, *measured from the model itself*: the
                       real modules (TP-sharded when tp > 1) run forward on the meta device at
                       the real shapes with torch.autograd.graph.saved_tensors_hooks counting
@@ -35,8 +48,13 @@ What is counted, per device (the most loaded pipeline stage when pp > 1):
     transients        backward working set (the gradient of a block's output and of its
                       largest saved tensor), one rematerialised block under checkpointing,
                       the optimizer step's temporaries (torch's foreach AdamW: one fp32 copy;
-                      DeepSpeed: the fp32 gradient partition), bf16 weight copies under
-                      autocast (`amp`)
+                      DeepSpeed: the fp32 gradient partition; ZeRO-3: the flattened fp32
+                      gradient partition + AdamW's temporaries on it, per sub-group), bf16
+                      weight copies under autocast (`amp`)
+
+The ZeRO-3 terms were checked against a real 2-process DeepSpeed ZeRO-3 step (gloo, CPU:
+tests/profiling/test_memory_zero3.py), with DeepSpeed's default buffers and with all four
+set below the model's size.
 
 Peaks are taken per phase and the largest reported: start of backward (all kept
 activations + the head's working set), the start of each block's backward (kept
@@ -61,6 +79,10 @@ import torch.nn.functional as F
 GiB = 1024 ** 3
 DS_PREFETCH_BUCKET = 50_000_000  # DeepSpeed stage3_prefetch_bucket_size default (elements)
 DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed reduce_bucket_size / allreduce_bucket_size default (elements)
+DS_MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed stage3_max_live_parameters default (elements)
+DS_MAX_REUSE_DISTANCE = 1_000_000_000  # DeepSpeed stage3_max_reuse_distance default (elements)
+DS_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed stage3_param_persistence_threshold default (elements)
+DS_SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed sub_group_size default: ZeRO-3 steps the optimizer per sub-group
 PRECISIONS = ("fp32", "amp", "bf16")
 
 
@@ -175,6 +197,12 @@ class _Structure:
     gen_head_params: int
     block_params: list[int]
     block_trainable: list[int]
+    # per-parameter element counts, for ZeRO-3's persistence threshold (whole model, pp 1)
+    trainable_numels: list[int] = field(default_factory=list)  # generator (trainable part), RQA, projection
+    gen_frozen_numels: list[int] = field(default_factory=list)  # a LoRA base
+    mllm_numels: list[int] = field(default_factory=list)  # the whole frozen MLLM (ViT, projector, LLM, lm_head)
+    mllm_lm_numels: list[int] = field(default_factory=list)  # its language model: on the RQA's gradient path
+    vae_numels: list[int] = field(default_factory=list)
 
 
 def _build_structure(cfg, tp: int, lora_rank: int | None, dtype: torch.dtype, mllm_dtype: torch.dtype,
@@ -217,12 +245,17 @@ def _build_structure(cfg, tp: int, lora_rank: int | None, dtype: torch.dtype, ml
     prologue = _numel(gen) - sum(block_params) - head
 
     mllm, mllm_params, largest = None, 0, 0
+    mllm_numels, lm_numels = [], []
     if build_mllm:
         mllm = _mllm_on_meta(spec, mllm_dtype)
         mllm_params = _numel(mllm)
         layers = [m for m in mllm.modules() if type(m).__name__.endswith(("DecoderLayer", "VisionLayer", "VisionBlock"))]
         largest = max((_numel(m) for m in layers), default=0)
+        mllm_numels = [p.numel() for p in mllm.parameters()]
+        lm_numels = [p.numel() for p in mllm.model.language_model.parameters()]
     vae_params = _vae_params(cfg.model.vae)
+    trainable_numels = [p.numel() for m in (gen, rqa, proj) for p in m.parameters() if p.requires_grad]
+    gen_frozen_numels = [p.numel() for p in gen.parameters() if not p.requires_grad]
 
     # what Muon would own (optim/muon.py's routing over the same tree as IOMMModel)
     muon = 0
@@ -237,7 +270,8 @@ def _build_structure(cfg, tp: int, lora_rank: int | None, dtype: torch.dtype, ml
         groups = build_muon_param_groups(holder, modulation=cfg.optim.muon.modulation)
         muon = sum(p.numel() for g in groups if g["use_muon"] for p in g["params"])
     return _Structure(gen, blocks, rqa, proj, mllm, vae_params, mllm_params, largest, lora_params, muon, prologue,
-                      head, block_params, block_trainable)
+                      head, block_params, block_trainable, trainable_numels, gen_frozen_numels, mllm_numels, lm_numels,
+                      _vae_numels(cfg.model.vae))
 
 
 def _mllm_on_meta(spec, dtype: torch.dtype) -> nn.Module:
@@ -265,6 +299,27 @@ def _vae_params_cached(vtype, path, subfolder, random_init) -> int:
 # Parameter counts of the known VAEs (from their diffusers configs, built on the meta device
 # here), for machines without diffusers (the GPU check runs without it).
 KNOWN_VAE_PARAMS = {"autoencoder_kl": 83_819_683, "autoencoder_kl_qwenimage": 126_892_531}
+
+
+@functools.lru_cache(maxsize=16)
+def _vae_numels_cached(vtype, path, subfolder, random_init) -> tuple[int, ...]:
+    from types import SimpleNamespace
+
+    from .flops import _vae_model_on_meta
+
+    model = _vae_model_on_meta(SimpleNamespace(type=vtype, path=path, subfolder=subfolder, random_init=random_init))
+    return tuple(p.numel() for p in model.parameters())
+
+
+def _vae_numels(vcfg) -> list[int]:
+    """Per-parameter sizes of the VAE (ZeRO-3 persistence); empty for the pixel VAE or
+    without diffusers (its few small parameters are then left out)."""
+    if vcfg.type == "pixel":
+        return []
+    try:
+        return list(_vae_numels_cached(vcfg.type, vcfg.path, vcfg.subfolder, bool(vcfg.random_init)))
+    except ImportError:
+        return []
 
 
 def _vae_params(vcfg) -> int:
@@ -524,7 +579,9 @@ def checkpointed(num_blocks: int, layout: Layout) -> set[int]:
 def plan_memory(cfg, layout: Layout, *, resolution=None, precision: str | None = None, ema: bool | None = None,
                 lora_rank: int | None = None, frozen: str = "auto", device: str = "cuda",
                 capacity_gib: float | None = None, prefetch_bucket: int = DS_PREFETCH_BUCKET,
-                reduce_bucket: int = DS_REDUCE_BUCKET, optimizer_impl: str | None = None,
+                reduce_bucket: int = DS_REDUCE_BUCKET, max_live_parameters: int = DS_MAX_LIVE_PARAMETERS,
+                max_reuse_distance: int = DS_MAX_REUSE_DISTANCE, persistence_threshold: int = DS_PERSISTENCE_THRESHOLD,
+                optimizer_impl: str | None = None,
                 runtime_reserve_gib: float | None = None, fragmentation: float | None = None,
                 mllm_len: int | None = None, _cache: dict | None = None) -> MemoryPlan:
     """Estimate per-device memory of one training step of `cfg` under `layout`.
@@ -535,8 +592,15 @@ def plan_memory(cfg, layout: Layout, *, resolution=None, precision: str | None =
     frozen      "replicate" | "zero3" | "auto" (ZeRO-3 partitions the frozen modules too)
     optimizer_impl  "torch" (foreach AdamW temporaries; default single process) or
                 "deepspeed" (fused, fp32 gradient partition at step; default with ZeRO / dp > 1)
+    prefetch_bucket, reduce_bucket, max_live_parameters, max_reuse_distance, persistence_threshold
+                DeepSpeed's stage3_prefetch_bucket_size, reduce_bucket_size,
+                stage3_max_live_parameters, stage3_max_reuse_distance,
+                stage3_param_persistence_threshold (elements; defaults = DeepSpeed's, which
+                parallel/deepspeed_engine.py keeps)
     """
     lay = layout
+    if lora_rank is None:  # the run's LoRA (model.lora), counted on the default targets
+        lora_rank = getattr(getattr(cfg.model, "lora", None), "r", None)
     if precision is None:
         if cfg.train.precision == "fp32":
             precision = "fp32"
@@ -567,6 +631,12 @@ def plan_memory(cfg, layout: Layout, *, resolution=None, precision: str | None =
     tr = _trace_for(cache, cfg, st, lay, lora_rank, dtype, mllm_dtype, res, mllm_len)
 
     p_b, g_b, master_b = _bytes_per(precision)
+    if optimizer_impl == "deepspeed" and lay.zero_stage >= 1:
+        # DeepSpeed's ZeRO optimizers keep their own fp32 partition of the trainable parameters
+        # even when those are fp32 already (0.19.8: stage_1_and_2 always clones it; stage3's
+        # "reuse the fp32 partition" shortcut compares a torch.device with a str, never equal).
+        # Measured for ZeRO-3 (tests/profiling/test_memory_zero3.py).
+        master_b = 4
     frozen_b = torch.finfo(mllm_dtype).bits // 8
     vae_b = torch.finfo(_dtype(cfg.model.vae.dtype)).bits // 8
     nb = len(st.blocks)
@@ -633,18 +703,50 @@ def plan_memory(cfg, layout: Layout, *, resolution=None, precision: str | None =
         if vae_params:
             rows.append(("frozen vae", vae_params * vae_b / fz_div, f"{vae_params / 1e6:.1f}M x {vae_b} B"
                          + (" / dp (ZeRO-3)" if fz_div > 1 else "")))
-        if base_frozen:
-            rows.append(("frozen lora base", base_frozen * p_b / (dp if z >= 3 else 1),
-                         f"{base_frozen / 1e9:.2f}B x {p_b} B (LoRA r={lora_rank}: {st.lora_params / 1e6:.1f}M adapters)"))
+        if base_frozen:  # model.lora.base_dtype bfloat16: the base is stored in bf16 whatever the precision
+            base_b = 2 if getattr(getattr(cfg.model, "lora", None), "base_dtype", "float32") == "bfloat16" else p_b
+            rows.append(("frozen lora base", base_frozen * base_b / (dp if z >= 3 else 1),
+                         f"{base_frozen / 1e9:.2f}B x {base_b} B (LoRA r={lora_rank}: {st.lora_params / 1e6:.1f}M adapters)"))
         gather = 0.0
-        if z == 3:
-            largest_block = max(st.block_params[lo:hi]) if hi > lo else 0
-            gather = (largest_block + min(prefetch_bucket, gen_total)) * p_b
-            if frozen == "zero3" and first:
-                gather += (st.mllm_largest_layer + min(prefetch_bucket, frozen_params)) * frozen_b
-            rows.append(("zero3 gathered params", gather, "largest layer + prefetch bucket"))
+        if z == 3:  # pp == 1 (checked above): the whole model is on this rank
+            def persistent(numels):
+                return sum(n for n in numels if n <= persistence_threshold)
+
+            z3_frozen = frozen == "zero3"
+            lora_base_b = base_b if base_frozen else p_b
+            pers_train, pers_base = persistent(st.trainable_numels), persistent(st.gen_frozen_numels)
+            pers_frozen = (persistent(st.mllm_numels), persistent(st.vae_numels)) if z3_frozen else (0, 0)
+            persist = pers_train * p_b + pers_base * lora_base_b + pers_frozen[0] * frozen_b + pers_frozen[1] * vae_b
+            rows.append(("zero3 persistent params", persist,
+                         f"{(pers_train + pers_base + sum(pers_frozen)) / 1e6:.2f}M params of <= "
+                         f"{persistence_threshold:.0e} el. kept whole (persistence threshold)"))
+            # gathered at once around the turn from forward to backward, out of the partitioned
+            # parameters both use (generator, RQA, projection and, when ZeRO-3 holds it, the frozen
+            # LLM; not the no-grad ViT, released after its forward): once the module trace is
+            # recorded (from the 2nd step) DeepSpeed prefetches ahead until max_live_parameters
+            # elements are resident, and does not release a parameter used again within
+            # max_reuse_distance elements of the trace (the last ~half of the forward, which the
+            # backward reuses first); + the flat all-gather buffer of the prefetch bucket being
+            # consumed (each parameter is copied out of it; it is freed with the bucket's last one)
+            n_train, n_base = sum(st.trainable_numels) - pers_train, sum(st.gen_frozen_numels) - pers_base
+            n_lm = sum(st.mllm_lm_numels) - persistent(st.mllm_lm_numels) if z3_frozen else 0
+            n_np = n_train + n_base + n_lm
+            per_el = (n_train * p_b + n_base * lora_base_b + n_lm * frozen_b) / max(1, n_np)
+            live = min(n_np, max(max_live_parameters, max_reuse_distance // 2))
+            staging = min(n_np, prefetch_bucket)
+            gather = (live + staging) * per_el
+            rows.append(("zero3 gathered params", gather,
+                         f"{live / 1e6:.1f}M el. resident (max live {max_live_parameters:.0e}, reuse distance "
+                         f"{max_reuse_distance:.0e}) + all-gather staging {staging / 1e6:.1f}M el. (prefetch bucket)"))
         bucket = 0.0
-        if dp > 1:
+        if z == 3:
+            # stage 3 allocates its gradient bucket (reduce_bucket_size elements) when it starts;
+            # on the CPU only the pages written are resident: one fill, all gradients when fewer
+            n = reduce_bucket if cuda else min(reduce_bucket, trainable)
+            bucket = n * g_b
+            rows.append(("comm buckets", bucket, f"ZeRO-3 gradient bucket {n / 1e6:.0f}M el."
+                         + ("" if cuda else " (pages written)")))
+        elif dp > 1:
             bucket = min(reduce_bucket, trainable) * g_b
             rows.append(("comm buckets", bucket, f"gradient reduce bucket {min(reduce_bucket, trainable) / 1e6:.0f}M el."))
         if precision == "amp":
@@ -676,8 +778,11 @@ def plan_memory(cfg, layout: Layout, *, resolution=None, precision: str | None =
                      f"{max(work, default=0.0) / GiB:.2f}"))
 
         static = sum(b for n, b, _ in rows if n in ("parameters", "optimizer states", "ema", "frozen mllm", "frozen vae",
-                                                     "frozen lora base", "comm buckets", "autocast weight copies"))
-        grads_held = grads_total if lay.grad_accum > 1 else 0.0  # accumulated across micro-batches
+                                                     "frozen lora base", "comm buckets", "autocast weight copies",
+                                                     "zero3 persistent params"))
+        # held all along: accumulated across micro-batches, or ZeRO-3's flat gradient-partition
+        # buffer (allocated when the engine starts, never freed)
+        grads_held = grads_total if (lay.grad_accum > 1 or z == 3) else 0.0
         g_blocks = [st.block_trainable[i] * g_b / g_div for i in range(lo, hi)]
         g_head = st.gen_head_params * g_b / g_div if (last and not lora_rank) else 0.0
         phases = {}
@@ -702,6 +807,10 @@ def plan_memory(cfg, layout: Layout, *, resolution=None, precision: str | None =
         step_tmp = 0.0
         if optimizer_impl == "torch":
             step_tmp = trainable * 4 / o_div  # foreach AdamW: one fp32 temporary over all params
+        elif z == 3:
+            # per sub-group: the flattened fp32 gradient partition + the client AdamW's temporaries
+            # on that flat tensor (foreach on CUDA: one; the CPU single-tensor path: two)
+            step_tmp = min(trainable / o_div, DS_SUB_GROUP_SIZE) * 4 * (2 if cuda else 3)
         elif master_b:
             step_tmp = trainable * 4 / o_div  # DeepSpeed: fp32 gradient partition during step
         if lay.offload_optimizer:
