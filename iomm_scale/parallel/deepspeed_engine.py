@@ -86,6 +86,10 @@ def deepspeed_config(
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if pcfg.offload_optimizer:
+        # the client optimizer may be torch's AdamW rather than DeepSpeedCPUAdam (a compiled op);
+        # the dist trainer uses DeepSpeedCPUAdam on GPU hosts when it loads (optimizer_factory)
+        cfg["zero_force_ds_cpu_optimizer"] = False
     if extra:
         _deep_update(cfg, extra)
     return cfg

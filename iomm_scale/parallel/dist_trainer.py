@@ -17,6 +17,13 @@ script can requeue; `train.resume: auto` picks the latest checkpoint up. With
 `--save-full`, a layout-free copy is written at the end (resume under any layout with
 `--resume-full DIR`).
 
+EMA (`optim.ema_decay`, as the single-process trainer): `ParallelRuntime` keeps an fp32 EMA of
+the trainable parameters per rank (parallel/ema.py: the ZeRO-3 partition, else the rank's local
+tensors), updated after every optimizer step and saved with every checkpoint (same-layout files
+beside DeepSpeed's, and inside `--save-full`); at the end of a completed run the full EMA is
+exported to <run_dir>/ema/ (`ema.safetensors` + a single-process `state.pt` for iomm-sample and
+`train.init_from`).
+
 Muon (`optim.name: muon`, docs/PARALLEL.md "Muon under the launchers"): with
 `optim.muon.implementation: iomm` (default) our `DistributedMuon` is DeepSpeed's client
 optimizer at ZeRO-0 (DeepSpeed averages gradients over the DP group and clips the global norm
@@ -28,6 +35,7 @@ layouts / settings neither can run, naming the key.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -38,6 +46,8 @@ import torch.distributed as dist
 
 from .config import ParallelConfig, describe, model_info, validate_layout
 from .groups import init_distributed, init_parallel_state
+
+log = logging.getLogger("iomm_scale.parallel")
 from .runtime import ParallelRuntime
 
 
@@ -57,6 +67,17 @@ def _merge(batches: list[dict]) -> dict:
 MUON_ALTERNATIVES = ("use parallel.zero_stage: 0 with optim.muon.implementation: iomm (our DistributedMuon: "
                      "any tp x dp), or optim.muon.implementation: deepspeed with zero_stage 1-3 (DeepSpeed's Muon: "
                      "tp 1, its own routing and scaling); see docs/PARALLEL.md, 'Muon under the launchers'")
+
+
+def lora_launch_errors(cfg, pcfg: ParallelConfig) -> list[tuple[str, str]]:
+    """LoRA runs data-parallel (ZeRO 0-3; proved equal to one process in tests/parallel):
+    tensor parallelism swaps the very linears peft wraps, and pipeline stages are cut from the
+    plain block classes, so both are refused rather than silently mis-wired."""
+    if getattr(cfg.model, "lora", None) is None:
+        return []
+    return [(f"parallel.{k}", f"model.lora with {k}={v}: LoRA adapters run data-parallel only (tp 1, pp 1, "
+             "ZeRO 0-3); a 20B base fits one 80 GB GPU in bf16 (model.lora.base_dtype), use ZeRO-3 beyond")
+            for k, v in (("tp", pcfg.tp), ("pp", pcfg.pp)) if v > 1]
 
 
 def muon_launch_errors(cfg, pcfg: ParallelConfig) -> list[tuple[str, str]]:
@@ -177,7 +198,15 @@ def optimizer_factory(cfg):
         return make_muon
 
     def make(params):
-        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        if cfg.parallel.offload_optimizer and torch.cuda.is_available():
+            try:  # the optimizer state lives on the CPU: DeepSpeed's vectorised CPU Adam steps it
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
+            except Exception as exn:  # op not built / no compiler: torch's AdamW, slower, same maths
+                log.warning("offload_optimizer: DeepSpeedCPUAdam unavailable (%s); using torch.optim.AdamW", exn)
+        return torch.optim.AdamW(params, **kw)
 
     return make
 
@@ -230,7 +259,9 @@ class DistributedTrainer:
             ds_extra.update(deepspeed_muon_extra(cfg))
         self.rt = ParallelRuntime.build(model, pcfg, optimizer_factory(cfg), micro_batch=cfg.data.batch_size,
                                         grad_clip=cfg.optim.grad_clip, seed=cfg.train.seed, batch_keys=keys,
-                                        ds_extra=ds_extra, resume_full=resume_full)
+                                        ds_extra=ds_extra, resume_full=resume_full,
+                                        ema_decay=cfg.optim.ema_decay)
+        self._log_ema()
         opt = self.rt.engine.optimizer
         routing = getattr(getattr(opt, "optimizer", opt), "routing_table", None)
         if routing and self.is_logger:  # our Muon: the summary here, every name (TP-local shapes) in the file
@@ -241,6 +272,28 @@ class DistributedTrainer:
         if resume_full is None:
             self._maybe_resume()
 
+    def _log_ema(self) -> None:
+        ema = self.rt.ema
+        if ema is None:
+            if self.is_logger:
+                print("[iomm] EMA off (optim.ema_decay: null)", flush=True)
+            return
+        most = torch.tensor([float(ema.local_bytes())])
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        if self.is_logger:
+            restored = self.rt.info.get("ema_restored")
+            note = "" if restored is None else ("; restored from --resume-full" if restored else
+                                                "; --resume-full checkpoint has none: started from its weights")
+            print(f"[iomm] EMA on: {ema.describe()}; {float(most[0]) / 2**20:.1f} MiB on the fullest rank{note}",
+                  flush=True)
+
+    def export_ema(self, out_dir: str | os.PathLike | None = None) -> str | None:
+        """Collective: the full EMA weights to <run_dir>/ema/ (or `out_dir`): ema.safetensors +
+        a single-process state.pt (see parallel/ema.export_ema). Returns the dir on rank 0."""
+        from .ema import export_ema
+
+        return export_ema(self.rt, out_dir or self.run_dir / "ema", config=self.cfg.to_dict())
+
     # ---- checkpoints -----------------------------------------------------------------
     @property
     def ckpt_root(self) -> Path:
@@ -248,10 +301,15 @@ class DistributedTrainer:
 
     def save(self) -> str:
         tag = f"step_{self.rt.step:08d}"
-        self.rt.save(str(self.ckpt_root), tag=tag)
         if self.layout.tp_rank == 0 and self.layout.pp_rank == 0:
-            torch.save(self.loader.state_dict(), self.ckpt_root / tag / f"data_dp{self.layout.dp_rank}.pt")
+            # before the engine's save, which writes `latest` last: `latest` never names a tag
+            # without the loader positions (or the EMA, which rt.save writes first too)
+            path = self.ckpt_root / tag / f"data_dp{self.layout.dp_rank}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.loader.state_dict(), str(path) + ".tmp")
+            os.replace(str(path) + ".tmp", path)
         dist.barrier()
+        self.rt.save(str(self.ckpt_root), tag=tag)
         return tag
 
     def _maybe_resume(self) -> None:
@@ -268,7 +326,10 @@ class DistributedTrainer:
         if data.is_file():
             self.loader.load_state_dict(torch.load(data, weights_only=False))
         if self.is_logger:
-            print(f"[iomm] resumed from {root / tag} at step {self.rt.step}", flush=True)
+            ema = self.rt.info.get("ema_restored")
+            note = "" if ema is None else ("; EMA restored" if ema else "; checkpoint has no EMA: it restarts from "
+                                           "the loaded weights")
+            print(f"[iomm] resumed from {root / tag} at step {self.rt.step}{note}", flush=True)
 
     # ---- loop ----------------------------------------------------------------------
     def _on_signal(self, signum, frame):
@@ -311,6 +372,10 @@ class DistributedTrainer:
             tag = self.save()
             if self.save_full_at_end:
                 self.rt.save_full(str(self.run_dir / "full"))
+            if self.rt.ema is not None and self.rt.step >= cfg.train.steps:  # same on every rank (collective)
+                exported = self.export_ema()
+                if self.is_logger:
+                    print(f"[iomm] EMA weights exported to {exported}", flush=True)
             if self.is_logger:
                 print(f"[iomm] {'stopped by signal' if self._stop else 'done'} at step {self.rt.step}; "
                       f"checkpoint {self.ckpt_root / tag}", flush=True)
@@ -329,7 +394,7 @@ def split_parallel_args(config_path: str | None, overrides: list[str]):
     from ..config import ConfigError, format_errors
 
     cfg = load_config(config_path, overrides)
-    errors = muon_launch_errors(cfg, cfg.parallel)
+    errors = muon_launch_errors(cfg, cfg.parallel) + lora_launch_errors(cfg, cfg.parallel)
     if errors:
         raise ConfigError(format_errors(cfg.source, errors))
     return cfg, cfg.parallel

@@ -3,7 +3,8 @@
 DeepSpeed's engine checkpoints (`ParallelRuntime.save/load`) are per layout: ZeRO
 partitions and megatron TP shards are baked into the files. `save_full` writes instead,
 for every trainable parameter, its single-device fp32 value and Adam moments
-(`exp_avg`, `exp_avg_sq`), under its single-device name, plus the step counters:
+(`exp_avg`, `exp_avg_sq`), under its single-device name, plus the step counters, and
+the EMA's full fp32 tensors when the run keeps one (`parallel/ema.py`; key "ema"):
 
     <dir>/full_pp{stage}.pt     one file per pipeline stage (each owns distinct names),
                                 written by the stage's (tp 0, dp 0) rank
@@ -65,10 +66,11 @@ def _tp_gather(t: torch.Tensor, spec, group, tp: int) -> torch.Tensor:
     return unshard_tensors(shards, spec[0], spec[1])
 
 
-def full_state(rt, with_moments: bool = True) -> dict:
+def full_state(rt, with_moments: bool = True, with_ema: bool | None = None) -> dict:
     """{"params": {name: full fp32}, "exp_avg": {...}, "exp_avg_sq": {...}} for the trainable
-    parameters this rank's stage owns, single-device shapes and names. Collective over the
-    DP and TP groups (every rank gets the full tensors)."""
+    parameters this rank's stage owns, single-device shapes and names (+ "ema": {name: full
+    fp32} and "ema_decay" when the runtime keeps an EMA; `with_ema` defaults to `with_moments`).
+    Collective over the DP and TP groups (every rank gets the full tensors)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     engine, lay = rt.engine, rt.layout
@@ -98,6 +100,10 @@ def full_state(rt, with_moments: bool = True) -> dict:
     out["optimizer_step"] = int(float(steps[0])) if steps else 0
     out["iomm_step"] = rt.step
     out["layout"] = {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero_stage": stage}
+    ema = getattr(rt, "ema", None)
+    if ema is not None and (with_moments if with_ema is None else with_ema):
+        out["ema"] = ema.full(rt.module)
+        out["ema_decay"] = ema.decay
     return out
 
 
@@ -124,6 +130,9 @@ def _read_all(load_dir: str) -> dict:
         part = torch.load(f, map_location="cpu", weights_only=True)
         for key in ("params", *OPT_KEYS):
             merged[key].update(part[key])
+        if "ema" in part:
+            merged.setdefault("ema", {}).update(part["ema"])
+            merged["ema_decay"] = part.get("ema_decay")
         merged["optimizer_step"] = part["optimizer_step"]
         merged["iomm_step"] = part["iomm_step"]
         merged["layout"] = part["layout"]
@@ -197,3 +206,14 @@ def load_full_optimizer(rt, load_dir: str) -> int:
                     safe_set_full_optimizer_state(p, value.to(p.device), k)
     engine.global_steps = int(data["iomm_step"])
     return int(data["iomm_step"])
+
+
+def load_full_ema(rt, load_dir: str) -> bool:
+    """The checkpoint's EMA, sharded for this rank, into `rt.ema`. True if it had one; False if
+    it was saved without an EMA (the EMA then starts from the loaded weights)."""
+    data = _read_all(load_dir)
+    if "ema" not in data:
+        rt.ema.reset()
+        return False
+    rt.ema.load_full(rt.module, data["ema"], source=load_dir)
+    return True

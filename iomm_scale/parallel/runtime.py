@@ -4,6 +4,8 @@
     out = rt.train_step(batch)        # batch: this data-parallel rank's samples (dict)
     rt.save(dir, tag) / rt.load(dir, tag)                 # DeepSpeed engine checkpoints
     rt.save_full(dir) / ParallelRuntime.build(..., resume_full=dir)   # any layout -> any
+    ParallelRuntime.build(..., ema_decay=0.999)   # rt.ema: fp32 EMA per rank (parallel/ema.py),
+                                                  # updated after each step, in every checkpoint
 
 `build` applies, in order: tensor parallelism to the generator (megatron layers), the
 pipeline split (stage module), activation checkpointing, then the DeepSpeed engine
@@ -134,6 +136,7 @@ class ParallelRuntime:
     batch_keys: tuple[str, ...] = ()
     step: int = 0
     info: dict = field(default_factory=dict)
+    ema: Any = None           # parallel/ema.DistributedEMA when built with ema_decay
 
     # ---- construction ------------------------------------------------------------------
     @classmethod
@@ -141,12 +144,14 @@ class ParallelRuntime:
               grad_clip: float = 1.0, seed: int = 0, loss_fn: Callable | None = None,
               prologue: Callable | None = None, batch_keys: tuple[str, ...] | None = None,
               ds_extra: dict | None = None, persistence_threshold: int | None = None,
-              resume_full: str | None = None, layout: Layout | None = None) -> "ParallelRuntime":
+              resume_full: str | None = None, layout: Layout | None = None,
+              ema_decay: float | None = None) -> "ParallelRuntime":
         """`model`: an IOMMModel (with .generator) or a bare generator, built whole (or built
         sharded with `tensor_parallel.tp_linear_factory`). `micro_batch`: samples per
         micro-batch per DP rank; pcfg.num_microbatches micro-batches make one step.
         With pp > 1, `batch_keys` fixes the order of the (all-tensor) batch entries sent to
-        the first stage."""
+        the first stage. `ema_decay`: keep an fp32 EMA of the trainable parameters (`rt.ema`,
+        parallel/ema.py; restored from `resume_full` when the checkpoint has one)."""
         from . import checkpointing
         from .deepspeed_engine import assert_unmanaged_accumulation, deepspeed_config, initialize_engine
         from .tensor_parallel import apply_tensor_parallel, is_tp_layer
@@ -210,6 +215,14 @@ class ParallelRuntime:
 
             _refuse_muon_layout_free(engine)
             rt.step = load_full_optimizer(rt, resume_full)
+        if ema_decay:
+            from .ema import DistributedEMA
+
+            rt.ema = DistributedEMA(module, ema_decay, zero_stage=engine.zero_optimization_stage(), layout=layout)
+            if resume_full is not None:
+                from .reshard import load_full_ema
+
+                rt.info["ema_restored"] = load_full_ema(rt, resume_full)
         return rt
 
     # ---- training --------------------------------------------------------------------
@@ -238,6 +251,8 @@ class ParallelRuntime:
                 args += (torch.arange(m).repeat_interleave(n // m).float(),)
             total = self.pipeline.step(args)
         self.engine.step()
+        if self.ema is not None and self.engine.was_step_applied():
+            self.ema.update()
         loss = total.detach().float().reshape(1).clone()
         if self.layout.dp > 1:
             dist.all_reduce(loss, group=self.layout.dp_group())
@@ -257,6 +272,9 @@ class ParallelRuntime:
 
     def save(self, save_dir: str, tag: str | None = None, client_state: dict | None = None) -> None:
         tag = tag or f"step_{self.step}"
+        if self.ema is not None:  # before the engine's save, which writes `latest` last
+            self.ema.save(save_dir, tag)
+            dist.barrier()
         self.engine.save_checkpoint(save_dir, tag=tag, client_state={"iomm_step": self.step, **(client_state or {})})
         muon = our_muon(self.engine)
         if muon is not None and self.layout.dp > 1:
@@ -284,6 +302,11 @@ class ParallelRuntime:
                 raise ValueError(f"{path}: saved with data-parallel size {saved['dp']}, resuming with "
                                  f"{self.layout.dp}: Muon ownership (and so the momenta) differ; use the same layout")
             muon.load_state_dict(saved["state"])
+        if self.ema is not None:
+            if tag is None:
+                with open(os.path.join(load_dir, "latest")) as f:
+                    tag = f.read().strip()
+            self.info["ema_restored"] = self.ema.load(load_dir, tag)
         return client
 
     # ---- layout-free checkpoints (any layout -> any layout) ------------------------------

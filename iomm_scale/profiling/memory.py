@@ -16,7 +16,8 @@ What is counted, per device (the most loaded pipeline stage when pp > 1):
                       under DeepSpeed ZeRO >= 1 (its optimizer clones an fp32 partition even
                       of fp32 parameters). / dp under ZeRO >= 1 (on the host with
                       offload_optimizer)
-    ema               fp32 copy of the trainable parameters (replicated; / dp under ZeRO-3)
+    ema               fp32 copy of the trainable parameters, / dp at every ZeRO stage (each
+                      data-parallel rank keeps a 1/dp slice: parallel/ema.py)
     frozen            the MLLM (+ its ViT) and the VAE in their configured dtype, replicated,
                       or / dp when ZeRO-3 partitions them; a LoRA base counts here too
     zero3 persistent  ZeRO-3 keeps every parameter of <= stage3_param_persistence_threshold
@@ -696,7 +697,7 @@ def plan_memory(cfg, layout: Layout, *, resolution=None, precision: str | None =
             how += " (offloaded to host)"
         rows.append(("optimizer states", states, how + (" / dp" if o_div > 1 else "")))
         if ema:
-            rows.append(("ema", trainable * 4 / p_div, "fp32 copy" + (" / dp" if p_div > 1 else "")))
+            rows.append(("ema", trainable * 4 / dp, "fp32 copy" + (" / dp" if dp > 1 else "")))
         fz_div = dp if frozen == "zero3" else 1
         rows.append(("frozen mllm", frozen_params * frozen_b / fz_div,
                      f"{frozen_params / 1e9:.2f}B x {frozen_b} B" + (" / dp (ZeRO-3)" if fz_div > 1 else "")))

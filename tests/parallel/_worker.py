@@ -36,6 +36,7 @@ from iomm_scale.parallel.runtime import ParallelRuntime, default_loss_fn, dp_sli
 STEPS = int(os.environ.get("IOMM_TEST_STEPS", "3"))
 LR, EPS = 1e-3, 1e-6
 CLIP = float(os.environ.get("IOMM_TEST_CLIP", "0.05"))
+EMA_DECAY = 0.9  # the formula is decay-independent; 0.9 makes 3 steps move the EMA measurably
 SEED = 1234
 
 
@@ -93,12 +94,12 @@ def generator_batch(gen, step: int, n: int) -> dict:
     return {"x_t": (1 - tt) * x + tt * noise, "t": t, "cond": cond, "cond_mask": mask, "target": noise - x}
 
 
-def build_iomm_model():
+def build_iomm_model(config: str = "tiny.yaml", resolution: int = 16):
     from iomm_scale.config import load_config
     from iomm_scale.iomm import build_iomm
 
-    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.yaml"),
-                      ["data.resolution=16", "flow.cond_dropout=0.25"])
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", config),
+                      [f"data.resolution={resolution}", "flow.cond_dropout=0.25"])
     return build_iomm(cfg)
 
 
@@ -116,12 +117,18 @@ def optimizer_fn(params):
 
 # --------------------------------------------------------------------------- reference
 def reference(model, make_batch, dp: int, m: int, steps: int, loss_fn=default_loss_fn, start_state=None,
-              make_opt=None, clip=None):
+              make_opt=None, clip=None, ema_decay=None, ema_out=None):
     """Single process: walks the same (dp rank, micro-batch) slices with the same seeds.
-    `make_opt(model)` builds the optimizer (default: AdamW over the trainable parameters)."""
+    `make_opt(model)` builds the optimizer (default: AdamW over the trainable parameters).
+    `ema_decay`: the single-process trainer's EMA (optim/builder.EMA) after every step, its
+    shadow appended to the list `ema_out` per step."""
+    from iomm_scale.optim.builder import EMA
+
     model = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_opt(model) if make_opt is not None else optimizer_fn(params)
+    trainable = lambda: {n: p for n, p in model.named_parameters() if p.requires_grad}  # noqa: E731
+    ema = EMA(trainable(), ema_decay) if ema_decay else None
     clip = CLIP if clip is None else clip
     losses, history = [], []
     for step in range(steps):
@@ -137,6 +144,9 @@ def reference(model, make_batch, dp: int, m: int, steps: int, loss_fn=default_lo
             torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(trainable())
+            ema_out.append({n: v.clone() for n, v in ema.shadow.items()})
         losses.append(total)
         history.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     return losses, history
@@ -166,9 +176,11 @@ def compare(rt, losses, ref_losses, ref_params, init_params=None) -> dict:
     full = full_state(rt, with_moments=False)["params"]
     # param_rel: max |p - p_ref| over all params / max |p_ref| over all params (global scale);
     # update_rel: per param max |dp - dp_ref| / max(max |dp_ref|, lr / 100), worst param.
-    worst_abs, scale, worst_name, worst_upd = 0.0, 0.0, "", 0.0
+    worst_abs, scale, worst_name, worst_upd, moved = 0.0, 0.0, "", 0.0, 0.0
     for name, v in full.items():
         ref = ref_params[name]
+        if init_params is not None:
+            moved = max(moved, float((ref - init_params[name]).abs().max()))
         d = float((v - ref).abs().max())
         scale = max(scale, float(ref.abs().max()))
         if d > worst_abs:
@@ -188,7 +200,40 @@ def compare(rt, losses, ref_losses, ref_params, init_params=None) -> dict:
     loss_diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, ref_losses))
     return {"loss_rel": loss_diff, "param_rel": float(t[0]), "update_rel": float(t[1]), "worst_param": worst_name,
             "losses": losses,
-            "ref_losses": ref_losses, "n_params_checked": int(n[0])}
+            "ref_losses": ref_losses, "n_params_checked": int(n[0]), "ref_update_max": moved}
+
+
+def compare_ema(rt, ref_ema: dict, init_params: dict, ref_params: dict | None = None) -> dict:
+    """The runtime's EMA (gathered to single-device shapes, this rank's stage) against the
+    single-process EMA: ema_rel = max |e - e_ref| / max |e_ref| (global, like param_rel);
+    ema_update_rel = per tensor max |(e - e0) - (e_ref - e0)| / max(max |e_ref - e0|, lr / 100),
+    worst tensor (like update_rel); ema_vs_live = max |e_ref - p_ref| / max |e_ref - e0|: how far
+    the EMA is from the live weights, so that the check is not vacuous."""
+    full = rt.ema.full(rt.module)
+    worst_abs, scale, worst_upd, vs_live = 0.0, 0.0, 0.0, 0.0
+    for name, v in full.items():
+        ref, e0 = ref_ema[name], init_params[name]
+        worst_abs = max(worst_abs, float((v - ref).abs().max()))
+        scale = max(scale, float(ref.abs().max()))
+        moved = max(float((ref - e0).abs().max()), LR / 100)
+        worst_upd = max(worst_upd, float(((v - e0) - (ref - e0)).abs().max()) / moved)
+        if ref_params is not None:
+            vs_live = max(vs_live, float((ref - ref_params[name]).abs().max()) / moved)
+    t = torch.tensor([worst_abs, worst_upd, vs_live, scale])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    n = torch.tensor([len(full)])
+    dist.all_reduce(n)
+    return {"ema_rel": float(t[0] / t[3]), "ema_update_rel": float(t[1]), "ema_vs_live": float(t[2]),
+            "ema_tensors_checked": int(n[0])}
+
+
+def ema_bytes(rt) -> list[list[int]]:
+    """Per global rank: [EMA bytes held, trainable elements of this rank's (TP-local, stage)
+    parameters, 1 if the EMA covers exactly the trainable parameters (no frozen one), pp rank]."""
+    local = [q for q in rt.module.parameters() if q.requires_grad]
+    numel = sum(int(q.ds_numel) if hasattr(q, "ds_numel") else q.numel() for q in local)
+    names_ok = set(rt.ema.shadow) == {n for n, q in rt.module.named_parameters() if q.requires_grad}
+    return _gather_ints([rt.ema.local_bytes(), numel, int(names_ok), rt.layout.pp_rank])
 
 
 def teardown(rt):
@@ -208,16 +253,22 @@ def scenario_generator(name: str, family="flux", **p) -> dict:
     dp = world // (tp * pp)
     m = p.get("num_microbatches", 1)
     micro = p.pop("micro", 2)
+    ema_decay = p.pop("ema_decay", None)
     pcfg = ParallelConfig(**p)
     gen = build_generator(family)
     make = lambda model, step: generator_batch(gen, step, dp * m * micro)  # noqa: E731
-    ref_losses, hist = reference(gen, make, dp, m, STEPS)
+    ref_ema: list = []
+    ref_losses, hist = reference(gen, make, dp, m, STEPS, ema_decay=ema_decay, ema_out=ref_ema)
     keys = ("x_t", "t", "cond", "cond_mask", "target")
     init = {n: q.detach().clone() for n, q in gen.named_parameters()}
-    rt, losses = run_layout(gen, make, pcfg, micro, batch_keys=keys)
+    rt, losses = run_layout(gen, make, pcfg, micro, batch_keys=keys, ema_decay=ema_decay)
     out = compare(rt, losses, ref_losses, hist[-1], init)
+    if ema_decay:
+        out.update(compare_ema(rt, ref_ema[-1], init, hist[-1]))
+        out["ema_bytes"] = ema_bytes(rt)
     out["checkpointing"] = rt.info.get("checkpointing")
     out["tp_partial_grad"] = len(rt.info.get("tp_partial_grad", []))
+    out["offload"] = [bool(rt.engine.zero_offload_optimizer()), bool(rt.engine.zero_offload_param())]
     teardown(rt)
     return out
 
@@ -228,14 +279,21 @@ def scenario_iomm(name: str, **p) -> dict:
     dp = world // (tp * pp)
     m = p.get("num_microbatches", 1)
     micro = p.pop("micro", 2)
+    config, resolution = p.pop("config", "tiny.yaml"), p.pop("resolution", 16)
+    ema_decay = p.pop("ema_decay", None)
     pcfg = ParallelConfig(**p)
-    model = build_iomm_model()
+    model = build_iomm_model(config, resolution)
     make = lambda mdl, step: iomm_batch(model, step, dp * m * micro)  # noqa: E731
-    ref_losses, hist = reference(model, make, dp, m, STEPS)
+    ref_ema: list = []
+    ref_losses, hist = reference(model, make, dp, m, STEPS, ema_decay=ema_decay, ema_out=ref_ema)
     frozen_before = {n: t.clone() for n, t in model.conditioner.mllm.state_dict().items()}
+    base_before = {n: q.detach().clone() for n, q in model.generator.named_parameters() if not q.requires_grad}
     init = {n: q.detach().clone() for n, q in model.named_parameters()}
-    rt, losses = run_layout(model, make, pcfg, micro, batch_keys=("pixels",))
+    rt, losses = run_layout(model, make, pcfg, micro, batch_keys=("pixels",), ema_decay=ema_decay)
     out = compare(rt, losses, ref_losses, hist[-1], init)
+    if ema_decay:  # EMA parity, and what it holds per rank (the planner's `ema` term is checked in pytest)
+        out.update(compare_ema(rt, ref_ema[-1], init, hist[-1]))
+        out["ema_bytes"] = ema_bytes(rt)
     # frozen parts: no optimizer state, not trained
     from iomm_scale.parallel.reshard import _inner_optimizer
 
@@ -260,13 +318,17 @@ def scenario_iomm(name: str, **p) -> dict:
     if rt.layout.is_first_stage and rt.layout.rank == 0 and pcfg.zero_stage < 3:
         after = rt.model.conditioner.mllm.state_dict()
         out["frozen_unchanged"] = all(torch.equal(after[k], v) for k, v in frozen_before.items())
+        base_after = dict(rt.model.generator.named_parameters())  # a LoRA base: frozen too
+        out["generator_base_frozen"] = len(base_before)
+        out["generator_base_unchanged"] = all(torch.equal(base_after[k], v) for k, v in base_before.items())
     teardown(rt)
     return out
 
 
-def scenario_reshard(name: str, save: dict, load: dict, native: dict | None = None) -> dict:
+def scenario_reshard(name: str, save: dict, load: dict, native: dict | None = None, ema_decay=None) -> dict:
     """Train 2 steps under `save`, write a layout-free checkpoint, resume under `load`
-    for 2 more steps; compare with 4 uninterrupted single-process steps."""
+    for 2 more steps; compare with 4 uninterrupted single-process steps (and, with
+    `ema_decay`, the EMA carried through the checkpoint with the single-process EMA)."""
     world = dist.get_world_size()
     gen = build_generator()
 
@@ -281,16 +343,99 @@ def scenario_reshard(name: str, save: dict, load: dict, native: dict | None = No
     # The reference walks the slices of the *first* layout for steps 0-1 and of the second
     # for steps 2-3 (per-slice seeds only matter for in-model randomness; none here).
     make = lambda model, step: generator_batch(gen, step, dp_a * m_a * micro)  # noqa: E731
-    ref_losses, hist = reference(gen, make, dp_a, m_a, 4)
+    ref_ema: list = []
+    ref_losses, hist = reference(gen, make, dp_a, m_a, 4, ema_decay=ema_decay, ema_out=ref_ema)
     keys = ("x_t", "t", "cond", "cond_mask", "target")
-    rt, losses_a = run_layout(gen, make, ParallelConfig(**save), micro, steps=2, batch_keys=keys)
+    init = {n: q.detach().clone() for n, q in gen.named_parameters()}
+    rt, losses_a = run_layout(gen, make, ParallelConfig(**save), micro, steps=2, batch_keys=keys,
+                              ema_decay=ema_decay)
     ckpt_dir = _shared_tmpdir()
     rt.save_full(ckpt_dir)
     teardown(rt)
     rt, losses_b = run_layout(gen, make, ParallelConfig(**load), micro, steps=2, batch_keys=keys,
-                              resume_full=ckpt_dir)
-    out = compare(rt, losses_a + losses_b, ref_losses, hist[-1])
+                              resume_full=ckpt_dir, ema_decay=ema_decay)
+    out = compare(rt, losses_a + losses_b, ref_losses, hist[-1], init)
+    if ema_decay:
+        out.update(compare_ema(rt, ref_ema[-1], init, hist[-1]))
+        out["ema_restored"] = rt.info.get("ema_restored")
+        out["ema_zero_stage"] = rt.ema.zero_stage
     out["resumed_step"] = rt.step
+    teardown(rt)
+    return out
+
+
+def scenario_ema(name: str, export=False, **p) -> dict:
+    """EMA (parallel/ema.py) under a layout, on the tiny FLUX generator, decay EMA_DECAY:
+    3 steps, EMA (and params) against the single-process EMA (optim/builder.EMA) of the same
+    run; DeepSpeed checkpoint + per-rank EMA files, rebuilt from zeroed weights, loaded: every
+    rank's EMA tensors bit-identical to the saved ones; 1 more step, against the reference's
+    4th. `export`: export_ema after that, rank 0 reads ema.safetensors / state.pt back."""
+    world = dist.get_world_size()
+    tp, pp = p.get("tp", 1), p.get("pp", 1)
+    dp = world // (tp * pp)
+    m = p.get("num_microbatches", 1)
+    micro = p.pop("micro", 2)
+    pcfg = ParallelConfig(**p)
+    gen = build_generator()
+    make = lambda model, step: generator_batch(gen, step, dp * m * micro)  # noqa: E731
+    ref_ema: list = []
+    ref_losses, hist = reference(gen, make, dp, m, STEPS + 1, ema_decay=EMA_DECAY, ema_out=ref_ema)
+    keys = ("x_t", "t", "cond", "cond_mask", "target")
+    init = {n: q.detach().clone() for n, q in gen.named_parameters()}
+    rt, losses = run_layout(gen, make, pcfg, micro, batch_keys=keys, ema_decay=EMA_DECAY)
+    out = compare(rt, losses, ref_losses[:STEPS], hist[STEPS - 1], init)
+    out.update(compare_ema(rt, ref_ema[STEPS - 1], init, hist[STEPS - 1]))
+    out["ema_bytes"] = ema_bytes(rt)
+    out["ema_zero_stage"] = rt.ema.zero_stage
+    saved = {n: t.detach().cpu().clone() for n, t in rt.ema.shadow.items()}
+    ckpt_dir = _shared_tmpdir()
+    rt.save(ckpt_dir, tag="s")
+    files = sorted(f for f in os.listdir(os.path.join(ckpt_dir, "s")) if f.startswith("ema_"))
+    teardown(rt)
+    gen2 = copy.deepcopy(gen)
+    with torch.no_grad():
+        for prm in gen2.parameters():
+            prm.zero_()
+    lay = init_parallel_state(pcfg)
+    rt = ParallelRuntime.build(gen2, pcfg, optimizer_fn, micro_batch=micro, grad_clip=CLIP, persistence_threshold=0,
+                               batch_keys=keys, ema_decay=EMA_DECAY)
+    zeroed = all(float(t.abs().max()) == 0 for t in rt.ema.shadow.values() if t.numel())
+    rt.load(ckpt_dir, tag="s")
+    same = zeroed and rt.info.get("ema_restored") is True and set(saved) == set(rt.ema.shadow) and all(
+        torch.equal(saved[n], t.cpu()) for n, t in rt.ema.shadow.items())
+    flag = torch.tensor([int(same)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    out["ema_resume_bitwise"] = bool(flag[0])
+    out["ema_files"] = files
+    losses = losses + [rt.train_step(dp_slice(make(gen, STEPS), lay.dp, lay.dp_rank))["loss"]]
+    after = compare(rt, losses, ref_losses, hist[STEPS], init)
+    after.update(compare_ema(rt, ref_ema[STEPS], init, hist[STEPS]))
+    out["after_resume"] = {k: after[k] for k in ("loss_rel", "param_rel", "update_rel", "ema_rel", "ema_update_rel",
+                                                 "ema_tensors_checked")}
+    if export:
+        from iomm_scale.parallel.ema import export_ema
+
+        out_dir = os.path.join(_shared_tmpdir(), "ema")
+        wrote = export_ema(rt, out_dir, config={"scenario": name})
+        if dist.get_rank() == 0:
+            from safetensors.torch import load_file
+
+            tensors = load_file(os.path.join(out_dir, "ema.safetensors"))
+            state = torch.load(os.path.join(out_dir, "state.pt"), map_location="cpu", weights_only=False)
+            ref, live = ref_ema[STEPS], hist[STEPS]
+            scale = max(float(v.abs().max()) for v in ref.values())
+            out["export"] = {
+                "dir_returned": wrote == out_dir,
+                "names_equal": set(tensors) == set(ref) and set(state["ema"]["shadow"]) == set(ref)
+                and set(state["model"]) == set(live),
+                "shapes_equal": all(tensors[n].shape == ref[n].shape for n in ref),
+                "ema_rel": max(float((tensors[n] - ref[n]).abs().max()) for n in ref) / scale,
+                "state_matches_file": all(torch.equal(state["ema"]["shadow"][n], tensors[n]) for n in ref),
+                "model_rel": max(float((state["model"][n] - live[n]).abs().max()) for n in live) /
+                max(float(v.abs().max()) for v in live.values()),
+                "step": state["step"], "decay": state["ema"]["decay"],
+                "leftover": sorted(f for f in os.listdir(out_dir) if f not in ("ema.safetensors", "state.pt")),
+            }
     teardown(rt)
     return out
 
@@ -545,6 +690,8 @@ SCENARIOS = {
     "dp2_zero2": lambda: scenario_generator("dp2_zero2", zero_stage=2),
     "dp2_zero3": lambda: scenario_generator("dp2_zero3", zero_stage=3),
     "dp2_zero3_ckpt": lambda: scenario_generator("dp2_zero3_ckpt", zero_stage=3, activation_checkpointing="full"),
+    "dp2_zero3_offload": lambda: scenario_generator("dp2_zero3_offload", zero_stage=3, offload_optimizer=True,
+                                                    offload_params=True, ema_decay=EMA_DECAY),
     "tp2": lambda: scenario_generator("tp2", tp=2, zero_stage=1),
     "tp2_ckpt_every2": lambda: scenario_generator("tp2_ckpt_every2", tp=2, zero_stage=0,
                                                   activation_checkpointing="every_k", checkpoint_every_k=2),
@@ -555,7 +702,14 @@ SCENARIOS = {
     "qwen_tp2": lambda: scenario_generator("qwen_tp2", family="qwen_mmdit", tp=2, zero_stage=1),
     "s3dit_pp2": lambda: scenario_generator("s3dit_pp2", family="s3dit", pp=2, zero_stage=1, num_microbatches=4, micro=1),
     "qwen_pp2": lambda: scenario_generator("qwen_pp2", family="qwen_mmdit", pp=2, zero_stage=1, num_microbatches=4, micro=1),
-    "iomm_dp2_zero3": lambda: scenario_iomm("iomm_dp2_zero3", zero_stage=3, checkpoint_mllm=True),
+    "iomm_dp2_zero3": lambda: scenario_iomm("iomm_dp2_zero3", zero_stage=3, checkpoint_mllm=True, ema_decay=EMA_DECAY),
+    # EMA (parallel/ema.py): parity with the single-process EMA, bitwise same-layout resume, export
+    "ema_dp2_zero3": lambda: scenario_ema("ema_dp2_zero3", export=True, zero_stage=3),
+    "ema_dp2_zero1": lambda: scenario_ema("ema_dp2_zero1", zero_stage=1),
+    "ema_tp2": lambda: scenario_ema("ema_tp2", tp=2, zero_stage=1),
+    # Qwen-Image family + tiny Qwen2.5-VL + LoRA (peft): only adapters, RQA and projection train
+    "lora_dp2_zero2": lambda: scenario_iomm("lora_dp2_zero2", zero_stage=2, config="tiny_qwen_lora.yaml",
+                                            resolution=32),
     "managed_refused": lambda: scenario_managed_refused("managed_refused"),
     "muon_dp2_zero0": lambda: scenario_muon("muon_dp2_zero0", zero_stage=0),
     "muon_tp2_zero0": lambda: scenario_muon("muon_tp2_zero0", tp=2, zero_stage=0),
@@ -572,9 +726,12 @@ SCENARIOS = {
     "tp2dp2_zero3": lambda: scenario_generator("tp2dp2_zero3", tp=2, zero_stage=3),
     "tp2pp2": lambda: scenario_generator("tp2pp2", tp=2, pp=2, zero_stage=1, num_microbatches=4, micro=1),
     "iomm_tp2dp2": lambda: scenario_iomm("iomm_tp2dp2", tp=2, zero_stage=1),
-    "iomm_tp2pp2": lambda: scenario_iomm("iomm_tp2pp2", tp=2, pp=2, zero_stage=1, num_microbatches=4, micro=1),
+    "ema_tp2pp2": lambda: scenario_ema("ema_tp2pp2", export=True, tp=2, pp=2, zero_stage=1, num_microbatches=4,
+                                       micro=1),
+    "iomm_tp2pp2": lambda: scenario_iomm("iomm_tp2pp2", tp=2, pp=2, zero_stage=1, num_microbatches=4, micro=1,
+                                         ema_decay=EMA_DECAY),
     "reshard_tp2dp2_to_dp4": lambda: scenario_reshard("reshard", dict(tp=2, zero_stage=1, num_microbatches=2),
-                                                      dict(zero_stage=3)),
+                                                      dict(zero_stage=3), ema_decay=EMA_DECAY),
     "native_ckpt_tp2dp2_zero3": lambda: scenario_native_ckpt("native", tp=2, zero_stage=3),
     "muon_tp2dp2_zero0": lambda: scenario_muon("muon_tp2dp2_zero0", tp=2, zero_stage=0),
     "muon_tp2dp2_resume": lambda: scenario_muon("muon_tp2dp2_resume", resume_after=2, tp=2, zero_stage=0),

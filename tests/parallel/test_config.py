@@ -99,3 +99,14 @@ def test_check_batch():
     assert check_batch(64, 4, 8) == 2
     with pytest.raises(LayoutError, match="train.global_batch: global batch 60"):
         check_batch(60, 4, 8)
+
+
+def test_lora_with_tp_or_pp_is_refused_naming_the_keys():
+    from iomm_scale.config import ConfigError
+    from iomm_scale.parallel.dist_trainer import split_parallel_args
+
+    with pytest.raises(ConfigError) as info:
+        split_parallel_args("configs/tiny_qwen_lora.yaml", ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1",
+                                                            "parallel.num_microbatches=4"])
+    assert "parallel.tp" in str(info.value) and "parallel.pp" in str(info.value) and "LoRA" in str(info.value)
+    split_parallel_args("configs/tiny_qwen_lora.yaml", ["parallel.zero_stage=3"])  # data parallel is fine

@@ -1,0 +1,106 @@
+"""The SLURM batch script's preemption path, end to end, without a SLURM cluster.
+
+`launchers/slurm/pretrain.sbatch` runs as SLURM would run it (bash, SLURM_* variables), with
+two stand-ins on PATH for the SLURM commands it calls: `srun` starts SLURM_NTASKS copies of
+the task with SLURM_PROCID / SLURM_LOCALID set (as srun does) and forwards SIGTERM to them;
+`scontrol` answers `show hostnames` and records `requeue`. Everything else is real: the
+launcher maps SLURM's variables to torch.distributed's, 2 gloo processes train (TP=2).
+
+SIGUSR1 to the script (what `--signal=B:USR1@180` delivers) must make the tasks agree to
+stop at a step boundary, save a checkpoint and exit 0, and the script requeue its own job
+id. Running the script again with the same job id (a requeued job keeps it) must resume
+from that checkpoint and finish.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SRUN = """#!/bin/bash
+# stand-in for srun: one task per SLURM_NTASKS on this host, options before the command ignored
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
+  pids+=($!)
+done
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+rc=0
+for p in "${pids[@]}"; do
+  while true; do
+    wait "$p"; r=$?
+    kill -0 "$p" 2>/dev/null || break  # wait was interrupted by the trap: wait again
+  done
+  (( r > rc )) && rc=$r
+done
+exit $rc
+"""
+
+SCONTROL = """#!/bin/bash
+# stand-in for scontrol: the two calls the batch scripts make
+case "$1" in
+  show) echo localhost ;;
+  requeue) echo "requeue $2" >> "$REQUEUE_LOG" ;;
+  *) echo "unexpected scontrol $*" >&2; exit 1 ;;
+esac
+"""
+
+
+def _bin(tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (bindir / name).write_text(text)
+        (bindir / name).chmod(0o755)
+    # `python` in the script is this interpreter (a wrapper, not a link: a venv is found from the path run)
+    (bindir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bindir / "python").chmod(0o755)
+    return bindir
+
+
+def _env(tmp_path, bindir, steps):
+    overrides = ["train.log_every=1", "data.batch_size=2", "data.resolution=16", "data.builtin.crops_per_photo=1",
+                 "parallel.tp=2", "parallel.zero_stage=1", f"train.steps={steps}", "train.ckpt_every=0"]
+    return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NAME": "iomm-test", "SLURM_JOB_NODELIST": "localhost", "SLURM_NTASKS": "2",
+            "CONFIG": "configs/tiny.yaml", "RUN_DIR": str(tmp_path / "run"), "OVERRIDES": " ".join(overrides),
+            "REQUEUE_LOG": str(tmp_path / "requeue.log"), "DS_BUILD_OPS": "0", "OMP_NUM_THREADS": "1",
+            "PYTHONWARNINGS": "ignore"}
+
+
+def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path):
+    bindir = _bin(tmp_path)
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen(["bash", "launchers/slurm/pretrain.sbatch"], cwd=ROOT, stdout=out,
+                               stderr=subprocess.STDOUT, env=_env(tmp_path, bindir, steps=100_000))
+        deadline = time.time() + 300
+        while "[iomm] step 2 " not in log.read_text():  # training is under way
+            assert job.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        job.send_signal(signal.SIGUSR1)
+        rc = job.wait(timeout=300)
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    stopped = re.search(r"stopped by signal at step (\d+)", text)
+    assert stopped, text[-3000:]
+    k = int(stopped.group(1))
+    assert k >= 2 and (tmp_path / "requeue.log").read_text() == "requeue 4242\n"
+
+    # the requeued job: same job id, same run dir -> resumes at step k and finishes
+    again = subprocess.run(["bash", "launchers/slurm/pretrain.sbatch"], cwd=ROOT, capture_output=True, text=True,
+                           env=_env(tmp_path, bindir, steps=k + 2), timeout=300)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert f"at step {k}" in out and "resumed from" in out, out[-3000:]
+    assert f"done at step {k + 2}" in out, out[-3000:]
+    assert (tmp_path / "requeue.log").read_text() == "requeue 4242\n"  # no second requeue
