@@ -872,8 +872,8 @@ def format_sweep(plans: list[MemoryPlan]) -> str:
 # ------------------------------------------------------------------------------------------
 def _bool_or_str(text: str):
     t = text.strip().lower()
-    return {"false": False, "no": False, "none": False, "0": False, "true": True, "whole": "whole", "yes": True,
-            "1": True}.get(t, t)
+    return {"false": False, "no": False, "none": False, "0": False, "true": True, "layers": True, "whole": "whole",
+            "yes": True, "1": True}.get(t, t)
 
 
 def main(argv=None) -> list[MemoryPlan]:  # tools/plan_memory.py
@@ -891,7 +891,9 @@ def main(argv=None) -> list[MemoryPlan]:  # tools/plan_memory.py
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--zero", default="0", help="comma list of ZeRO stages")
     ap.add_argument("--checkpointing", default="none,full", help="comma list: none, full, every_<k>")
-    ap.add_argument("--checkpoint-mllm", default="false", help="comma list: false, true (whole LLM), layers")
+    ap.add_argument("--checkpoint-mllm", default="false",
+                    help="comma list: false; true / layers (per decoder layer, what parallel.checkpoint_mllm does); "
+                         "whole (one checkpoint around the LLM: a what-if)")
     ap.add_argument("--micro-batch", default=None, help="comma list (default data.batch_size)")
     ap.add_argument("--global-batch", type=int, default=None, help="sets grad_accum = global / (micro x dp)")
     ap.add_argument("--resolution", type=int, default=None)
@@ -922,7 +924,7 @@ def main(argv=None) -> list[MemoryPlan]:  # tools/plan_memory.py
     for z in (int(x) for x in args.zero.split(",")):
         for ck in args.checkpointing.split(","):
             mode, k = (("every_k", int(ck.split("_")[1])) if ck.startswith("every_") else (ck, 1))
-            for cm in (_bool_or_str(x) for x in args.checkpoint_mllm.split(",")):
+            for cm in dict.fromkeys(_bool_or_str(x) for x in args.checkpoint_mllm.split(",")):  # true == layers
                 base = Layout(tp=args.tp, pp=args.pp, dp=dp, zero_stage=z, checkpointing=mode, every_k=k,
                               checkpoint_mllm=cm, offload_optimizer=args.offload_optimizer)
                 for mb in mbs:
