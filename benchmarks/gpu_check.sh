@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh            # from the repository root; results in $OUT or ./gpu_results
 #
 # Uses only what is installed there (torch, triton, transformers; NOT diffusers or deepspeed)
-# plus wheels carried in ./.whl/ if present (installed with --no-index --no-deps into /tmp/site).
+# plus wheels carried in ./.whl/ if present (installed with --no-index --no-deps into /tmp/site;
+# `bash benchmarks/prepare_gpu_wheels.sh` fetches them on a machine with the package index).
 # Stages (each one's failure is recorded, none stops the others; total < 8 min on an H100):
 #   0 preflight      python / torch / device / which optional modules import
 #   1 pytest -m gpu  every CUDA test of the repository (tests/profiling/test_gpu.py among them)
