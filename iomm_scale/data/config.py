@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .preprocess import RESIZE_FILTERS
+
 # Aspect-ratio bucket spec: "W:H" with positive numbers, e.g. "4:3", "1:1", "9:16".
 _BUCKET_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)\s*$")
 
@@ -81,8 +83,8 @@ class WebDatasetConfig:
             errors.append(("min_size_fraction", f"must be >= 0, got {self.min_size_fraction}"))
         if self.min_image_size < 0:
             errors.append(("min_image_size", f"must be >= 0, got {self.min_image_size}"))
-        if self.resize_filter not in ("bilinear", "bicubic"):
-            errors.append(("resize_filter", f"must be 'bilinear' or 'bicubic', got {self.resize_filter!r}"))
+        if self.resize_filter not in RESIZE_FILTERS:
+            errors.append(("resize_filter", f"must be one of {RESIZE_FILTERS}, got {self.resize_filter!r}"))
         if self.max_image_pixels < 1:
             errors.append(("max_image_pixels", f"must be >= 1, got {self.max_image_pixels}"))
         if not 0.0 <= self.error_budget <= 1.0:

@@ -7,7 +7,7 @@ as RGB: grayscale and 1-bit are replicated, palette expanded, transparent images
 converted, 16-bit rounded to 8-bit (not clipped). EXIF orientation is applied.
 
 Speed (benchmarks/bench_data.py): JPEGs (YCbCr or grayscale) are decoded by simplejpeg
-(libjpeg-turbo, about 2x faster than PIL's decoder for the same pixels) when it is
+(libjpeg-turbo, about 1.5x faster than PIL's decode + convert for the same pixels) when it is
 installed, else by PIL; either way at a reduced DCT scale (1/2, 1/4, 1/8) when the source is
 at least twice the target. Any JPEG simplejpeg refuses goes through PIL, which then
 classifies what is wrong with it. Only the crop is resampled, in one antialiased pass

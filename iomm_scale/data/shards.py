@@ -89,8 +89,9 @@ def _open_tar(stream, views: tuple[str, ...] = ()) -> tuple[tarfile.TarFile, Cal
 
             def read_member(info: tarfile.TarInfo) -> bytes:
                 if mapped is not None and info.name.endswith(view_suffixes):
-                    # a view never reaches past the file's size at open: a shard cut short later
-                    # gives a short view (rejected below), not a SIGBUS
+                    # a member reaching past the end of the file gives a short view (rejected below);
+                    # a file truncated *while* mapped would fault on access: shards are replaced, not
+                    # rewritten in place (docs/DATA.md)
                     data = mapped[info.offset_data:info.offset_data + info.size]
                 else:
                     # extractfile().read() would go through 8 kB chunks: slow for MB-sized members

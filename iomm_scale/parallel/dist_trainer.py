@@ -304,10 +304,9 @@ class DistributedTrainer:
         if self.layout.tp_rank == 0 and self.layout.pp_rank == 0:
             # before the engine's save, which writes `latest` last: `latest` never names a tag
             # without the loader positions (or the EMA, which rt.save writes first too)
-            path = self.ckpt_root / tag / f"data_dp{self.layout.dp_rank}.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.loader.state_dict(), str(path) + ".tmp")
-            os.replace(str(path) + ".tmp", path)
+            from ..train.checkpoint import atomic_save
+
+            atomic_save(self.loader.state_dict(), self.ckpt_root / tag / f"data_dp{self.layout.dp_rank}.pt")
         dist.barrier()
         self.rt.save(str(self.ckpt_root), tag=tag)
         return tag

@@ -142,14 +142,9 @@ class DistributedEMA:
     def save(self, root: str, tag: str) -> str | None:
         """This rank's file (tmp + rename) in <root>/<tag>/; call before the engine's
         save_checkpoint (which writes `latest` last). Not collective."""
-        path = self._file(root, tag)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "wb") as f:
-            torch.save(self.state_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-        return path
+        from ..train.checkpoint import atomic_save
+
+        return str(atomic_save(self.state_dict(), self._file(root, tag)))
 
     @torch.no_grad()
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
@@ -265,11 +260,9 @@ def export_ema(rt, out_dir: str | os.PathLike, config: dict | None = None) -> st
         state = {"step": rt.step, "model": live, "ema": {"decay": rt.ema.decay, "shadow": ema}, "frozen": {},
                  "config": config, "source": "DistributedTrainer EMA export",
                  "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero_stage": rt.ema.zero_stage}}
-        with open(out / "state.pt.tmp", "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(out / "state.pt.tmp", out / "state.pt")
+        from ..train.checkpoint import atomic_save
+
+        atomic_save(state, out / "state.pt")
         path = str(out)
     dist.barrier()
     return path

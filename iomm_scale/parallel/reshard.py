@@ -113,10 +113,9 @@ def save_full(rt, save_dir: str) -> str | None:
     lay = rt.layout
     path = None
     if lay.tp_rank == 0 and lay.dp_rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        path = os.path.join(save_dir, f"full_pp{lay.pp_rank}.pt")
-        torch.save(out, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        from ..train.checkpoint import atomic_save
+
+        path = str(atomic_save(out, os.path.join(save_dir, f"full_pp{lay.pp_rank}.pt")))
     dist.barrier()
     return path
 

@@ -271,18 +271,18 @@ class ParallelRuntime:
         return os.path.join(root, tag, f"muon_state_pp{lay.pp_rank}_tp{lay.tp_rank}_dp{lay.dp_rank}.pt")
 
     def save(self, save_dir: str, tag: str | None = None, client_state: dict | None = None) -> None:
+        from ..train.checkpoint import atomic_save
+
         tag = tag or f"step_{self.step}"
-        if self.ema is not None:  # before the engine's save, which writes `latest` last
+        # our per-rank files first: the engine's save writes `latest` last, so `latest` never
+        # names a tag that lacks them
+        if self.ema is not None:
             self.ema.save(save_dir, tag)
-            dist.barrier()
-        self.engine.save_checkpoint(save_dir, tag=tag, client_state={"iomm_step": self.step, **(client_state or {})})
         muon = our_muon(self.engine)
         if muon is not None and self.layout.dp > 1:
-            path = self._muon_state_path(save_dir, tag)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save({"dp": self.layout.dp, "state": muon.state_dict()}, path + ".tmp")
-            os.replace(path + ".tmp", path)
-            dist.barrier()
+            atomic_save({"dp": self.layout.dp, "state": muon.state_dict()}, self._muon_state_path(save_dir, tag))
+        dist.barrier()
+        self.engine.save_checkpoint(save_dir, tag=tag, client_state={"iomm_step": self.step, **(client_state or {})})
 
     def load(self, load_dir: str, tag: str | None = None) -> dict:
         _, client = self.engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True)

@@ -48,6 +48,20 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """torch.save to `<path>.tmp`, fsync, rename: a reader sees the old file or the whole new
+    one, never a partial write (per-rank files beside DeepSpeed checkpoints, exports)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 def save_checkpoint(ckpt_root: str | os.PathLike, step: int, state: dict, keep: int = 2) -> Path:
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
