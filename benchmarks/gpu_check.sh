@@ -11,6 +11,8 @@
 #   1 pytest -m gpu  every CUDA test of the repository (tests/profiling/test_gpu.py among them)
 #   2 blocks         IOMM-B FLUX double + single block (hidden 1536, 1024 + 256 tokens), bf16,
 #                    fwd + bwd, SDPA and (when importable) flash-attn: ms, TFLOP/s, MFU
+#   2a kernels       the same blocks under torch.profiler, eager and compiled: kernel time by
+#                    category (matmul / attention / norm / other) and the top kernels (bench_kernels.py)
 #   2b muon          issue 6: IOMM-XL generator (8 of 34 S3-DiT blocks at real shapes, micro-batch 16,
 #                    1024 + 256 tokens, fp32 weights + bf16 autocast): fwd + bwd vs MuonWithAdamW.step()
 #                    (bf16 Newton-Schulz) and fused AdamW, ratios vs the <= 3% goal, Newton-Schulz per
@@ -19,7 +21,8 @@
 #                    micro-batch 4 / 8 / 16 x checkpointing none / full x attention backends
 #   4 iomm step      the full IOMM-B step (random-weight InternVL3-2B at its real size, feature
 #                    batches: RQA + frozen LLM fwd/bwd + DiT), micro-batch 8, checkpointing full
-#   5 compile        generator step with torch.compile per block (if time is left)
+#   5 compile        generator step with torch.compile per block, micro-batch 8 / 16 x none / full
+# GPU_CHECK_STAGES=preflight,pytest_gpu,...: run only the named stages (the others are listed as not selected).
 # Results: $OUT/RESULTS.md (stage table + every table), CSVs and logs beside it.
 set -u
 cd "$(dirname "$0")/.."
@@ -43,6 +46,9 @@ elapsed() { echo $(( $(date +%s) - START )); }
 # run_stage NAME TIMEOUT_S CMD...: runs CMD with a timeout, logs to $OUT/NAME.log, records rc.
 run_stage() {
   local name=$1 limit=$2; shift 2
+  if [[ -n ${GPU_CHECK_STAGES:-} && ",$GPU_CHECK_STAGES," != *",$name,"* ]]; then
+    printf '%s\tnot selected\t0\tGPU_CHECK_STAGES=%s\n' "$name" "$GPU_CHECK_STAGES" >> "$SUMMARY"; return 0
+  fi
   local left=$(( BUDGET - $(elapsed) ))
   if (( left < 30 )); then
     printf '%s\tskipped\t0\tno time left (%ss used)\n' "$name" "$(elapsed)" >> "$SUMMARY"; return 0
@@ -97,6 +103,10 @@ fi
 # ---- 2: IOMM-B blocks, bf16, SDPA / flash -------------------------------------------------
 run_stage blocks 120 $PY benchmarks/bench_throughput.py "${BLOCKS[@]}" --out "$OUT"
 
+# ---- 2a: where a block's time goes, by kernel category, eager vs compiled --------------------
+KERN=(); [[ $DRY == 1 ]] && KERN=(--dry-run)
+run_stage kernels 120 $PY benchmarks/bench_kernels.py ${KERN[@]+"${KERN[@]}"} --out "$OUT"
+
 # ---- 2b: Muon step vs forward + backward at IOMM-XL shapes (issue 6) ---------------------------
 MUON=(); [[ $DRY == 1 ]] && MUON=(--device cpu --dry-run)
 run_stage muon 90 $PY benchmarks/bench_muon_gpu.py ${MUON[@]+"${MUON[@]}"} --out "$OUT"
@@ -113,14 +123,15 @@ run_stage generator 170 $PY -m iomm_scale.profiling.profile --config $B_CFG "${B
 
 # ---- 4: the full IOMM-B step with a random-weight InternVL3-2B ------------------------------
 RF=(--random-frozen); [[ $DRY == 1 ]] && RF=()
-run_stage iomm_step 120 $PY -m iomm_scale.profiling.profile --config $B_CFG "${B_OVER[@]}" \
-    ${RF[@]+"${RF[@]}"} --micro-batch $MB --checkpointing full --attention sdpa --steps $STEPS --warmup 1 \
+COMPILE=off,on; [[ $DRY == 1 ]] && COMPILE=off
+run_stage iomm_step 150 $PY -m iomm_scale.profiling.profile --config $B_CFG "${B_OVER[@]}" \
+    ${RF[@]+"${RF[@]}"} --micro-batch $MB --checkpointing full --attention sdpa --compile $COMPILE --steps $STEPS --warmup 3 \
     --csv "$OUT/iomm_step.csv"
 
 # ---- 5: torch.compile ------------------------------------------------------------------------
-COMPILE=off,on; [[ $DRY == 1 ]] && COMPILE=off
-run_stage compile 150 $PY -m iomm_scale.profiling.profile --config $B_CFG "${B_OVER[@]}" \
-    --scope generator --micro-batch $MB --checkpointing full --attention sdpa --compile $COMPILE --steps $STEPS --warmup 3 \
+COMPILE=on; CMBS=${GPU_CHECK_COMPILE_MB:-8,16}; [[ $DRY == 1 ]] && { COMPILE=off; CMBS=2; }
+run_stage compile 200 $PY -m iomm_scale.profiling.profile --config $B_CFG "${B_OVER[@]}" \
+    --scope generator --micro-batch $CMBS --checkpointing none,full --attention sdpa --compile $COMPILE --steps $STEPS --warmup 3 \
     --no-plan --csv "$OUT/compile.csv"
 
 # ---- report ------------------------------------------------------------------------------------
@@ -134,6 +145,7 @@ run_stage compile 150 $PY -m iomm_scale.profiling.profile --config $B_CFG "${B_O
   while IFS=$'\t' read -r name rc dt note; do echo "| $name | $rc | $dt | ${note//|//} |"; done < "$SUMMARY"
   echo
   [[ -f "$OUT/blocks.md" ]] && { echo "## Blocks"; echo; cat "$OUT/blocks.md"; echo; }
+  [[ -f "$OUT/kernels.md" ]] && { echo "## Kernels"; echo; cat "$OUT/kernels.md"; echo; }
   [[ -f "$OUT/muon.md" ]] && { echo "## Muon (IOMM-XL)"; echo; cat "$OUT/muon.md"; echo; }
   for s in generator iomm_step compile; do
     if [[ -f "$OUT/$s.log" ]]; then

@@ -109,6 +109,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda"
     precision: str = "fp32"  # "fp32" or "bf16" (autocast; CUDA only)
+    compile: bool = False  # torch.compile each generator block (train/compile.py); static shapes
+    compile_backend: str = "inductor"  # "inductor"; "aot_eager" / "eager" trace without code generation
     log_every: int = 10
     ckpt_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
@@ -369,6 +371,11 @@ def validate(cfg: RunConfig) -> list[tuple[str, str]]:
         errors.append(("train.device", f"must be auto, cpu or cuda, got {t.device!r}"))
     if t.precision not in ("fp32", "bf16"):
         errors.append(("train.precision", f"must be fp32 or bf16, got {t.precision!r}"))
+    from .train.compile import COMPILE_BACKENDS, compile_launch_errors
+
+    if t.compile_backend not in COMPILE_BACKENDS:
+        errors.append(("train.compile_backend", f"must be one of {COMPILE_BACKENDS}, got {t.compile_backend!r}"))
+    errors.extend(compile_launch_errors(cfg))
     if t.log_every < 1:
         errors.append(("train.log_every", f"must be >= 1, got {t.log_every}"))
     if t.ckpt_every < 0 or t.keep_checkpoints < 1:

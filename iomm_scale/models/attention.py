@@ -72,6 +72,13 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     return backend
 
 
+def none_if_unpadded(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """None when nothing is padded, so attention takes the fast unmasked kernels. Models call it
+    once per forward (one host sync), not inside each block: there it would sync once per block
+    and break a torch.compile'd block's graph."""
+    return None if mask is None or bool(mask.all()) else mask
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -81,8 +88,6 @@ def attention(
 ) -> torch.Tensor:
     """Multi-head attention over [B, S, H, D] tensors; returns [B, S_q, H, D]."""
     backend = resolve_backend(backend, q)
-    if key_padding_mask is not None and bool(key_padding_mask.all()):
-        key_padding_mask = None  # nothing padded: take the fast unmasked kernels
     if backend == "sdpa":
         mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import apply_rope, attention, rope_angles
+from .attention import apply_rope, attention, none_if_unpadded, rope_angles
 from .layers import (FeedForward, MLPEmbedder, RMSNorm, layer_norm_no_affine, linear, modulate, split_fused,
                      timestep_embedding)
 
@@ -174,6 +174,7 @@ class FluxMMDiT(nn.Module):
         mask = None
         if context_mask is not None:
             mask = torch.cat([context_mask.bool(), context_mask.new_ones(img.shape[:2], dtype=torch.bool)], 1)
+        mask = none_if_unpadded(mask)
 
         for block in self.double_blocks:
             img, txt = block(img, txt, temb, rope, mask)

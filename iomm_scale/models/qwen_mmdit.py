@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
+from .attention import attention, none_if_unpadded
 from .flux_mmdit import pack_latents, unpack_latents
 from .layers import FeedForward, MLPEmbedder, RMSNorm, layer_norm_no_affine, linear, modulate, split_fused
 
@@ -205,7 +205,7 @@ class QwenMMDiT(nn.Module):
         mask = None
         if encoder_hidden_states_mask is not None:
             mask = torch.cat([encoder_hidden_states_mask.bool(), img.new_ones(img.shape[:2], dtype=torch.bool)], 1)
-            mask = None if bool(mask.all()) else mask  # one host sync here, not one per block
+            mask = none_if_unpadded(mask)
 
         for block in self.double_blocks:
             img, txt = block(img, txt, temb, img_rope, txt_rope, mask)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
+from .attention import attention, none_if_unpadded
 from .layers import linear
 
 
@@ -77,6 +77,7 @@ class ResidualQueryAdapter(nn.Module):
         """context [B, L, D] (zeros at masked image tokens), context_mask [B, L] True = real token
         -> [B, num_queries, D] tokens to append to the context."""
         x = self.queries.to(context.dtype).unsqueeze(0).expand(context.shape[0], -1, -1)
+        context_mask = none_if_unpadded(context_mask)
         for layer in self.layers:
             x = layer(x, context, context_mask)
         return x

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
+from .attention import attention, none_if_unpadded
 from .layers import MLPEmbedder, RMSNorm, layer_norm_no_affine, linear, split_fused, timestep_embedding
 
 SEQ_MULTIPLE = 32  # diffusers' SEQ_MULTI_OF: both parts padded to a multiple of this
@@ -231,8 +231,7 @@ class S3DiT(nn.Module):
         # A sample with an empty condition would have a fully masked context-refiner row (NaN);
         # let it attend to its (discarded) batch padding instead.
         cap_refine_keep = cap_keep | (cap_pad == 0)[:, None]
-        img_keep_or_none = None if bool(img_keep.all()) else img_keep
-        cap_refine_keep = None if bool(cap_refine_keep.all()) else cap_refine_keep
+        img_keep_or_none, cap_refine_keep = none_if_unpadded(img_keep), none_if_unpadded(cap_refine_keep)
         for block in self.noise_refiner:
             x = block(x, x_rope, img_keep_or_none, temb)
         for block in self.context_refiner if sc else ():
@@ -253,7 +252,7 @@ class S3DiT(nn.Module):
                 return torch.gather(torch.cat([a, c], 1), 1, idx[..., None].expand(-1, -1, a.shape[-1]))
 
             h, rope = take(x, cap), take(x_rope, cap_rope)
-        keep = None if bool(keep.all()) else keep  # one host sync here, not one per block
+        keep = none_if_unpadded(keep)
         for block in self.layers:
             h = block(h, rope, keep, temb)
 

@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.attention import none_if_unpadded
+
 
 # --------------------------------------------------------------------------- adapters
 # torch.distributed.pipelining (runtime metadata inference) runs every stage's forward
@@ -96,7 +98,7 @@ class FluxAdapter(PipelineAdapter):
 
     def run_blocks(self, gen, lo, hi, state):
         img, txt, temb, cos, sin, mask_f, shape = state
-        mask = decode_mask(mask_f)
+        mask = none_if_unpadded(decode_mask(mask_f))
         blocks = gen.blocks()
         n_double = len(gen.double_blocks)
         x = None
@@ -180,19 +182,20 @@ class S3DiTAdapter(PipelineAdapter):
         x, cap, temb, x_rope_r, cap_rope_r, img_keep_f, cap_keep_f, cap_refine_f, carrier = state
         x_rope, cap_rope = _real_to_complex(x_rope_r), _real_to_complex(cap_rope_r)
         img_keep, cap_keep, cap_refine = decode_mask(img_keep_f), decode_mask(cap_keep_f), decode_mask(cap_refine_f)
+        img_keep_or_none, cap_refine = none_if_unpadded(img_keep), none_if_unpadded(cap_refine)
         r = len(gen.noise_refiner)
         blocks = gen.blocks()
         h = None
         for i in range(lo, hi):
             if i < r:
-                x = blocks[i](x, x_rope, img_keep, temb)
+                x = blocks[i](x, x_rope, img_keep_or_none, temb)
             elif i < 2 * r:
                 cap = blocks[i](cap, cap_rope, cap_refine)
             else:
                 if h is None:
                     h = torch.cat([x, cap], 1)
                     rope = torch.cat([x_rope, cap_rope], 1)
-                    keep = torch.cat([img_keep, cap_keep], 1)
+                    keep = none_if_unpadded(torch.cat([img_keep, cap_keep], 1))
                 h = blocks[i](h, rope, keep, temb)
         if h is not None:
             x, cap = h[:, : x.shape[1]], h[:, x.shape[1]:]
@@ -247,7 +250,8 @@ class QwenAdapter(PipelineAdapter):
 
     def run_blocks(self, gen, lo, hi, state):
         img, txt, temb, img_rope_r, txt_rope_r, mask_f, carrier = state
-        img_rope, txt_rope, mask = _real_to_complex(img_rope_r), _real_to_complex(txt_rope_r), decode_mask(mask_f)
+        img_rope, txt_rope = _real_to_complex(img_rope_r), _real_to_complex(txt_rope_r)
+        mask = none_if_unpadded(decode_mask(mask_f))
         blocks = gen.blocks()
         for i in range(lo, hi):
             img, txt = blocks[i](img, txt, temb, img_rope, txt_rope, mask)

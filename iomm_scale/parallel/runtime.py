@@ -145,13 +145,15 @@ class ParallelRuntime:
               prologue: Callable | None = None, batch_keys: tuple[str, ...] | None = None,
               ds_extra: dict | None = None, persistence_threshold: int | None = None,
               resume_full: str | None = None, layout: Layout | None = None,
-              ema_decay: float | None = None) -> "ParallelRuntime":
+              ema_decay: float | None = None, compile_backend: str | None = None) -> "ParallelRuntime":
         """`model`: an IOMMModel (with .generator) or a bare generator, built whole (or built
         sharded with `tensor_parallel.tp_linear_factory`). `micro_batch`: samples per
         micro-batch per DP rank; pcfg.num_microbatches micro-batches make one step.
         With pp > 1, `batch_keys` fixes the order of the (all-tensor) batch entries sent to
         the first stage. `ema_decay`: keep an fp32 EMA of the trainable parameters (`rt.ema`,
-        parallel/ema.py; restored from `resume_full` when the checkpoint has one)."""
+        parallel/ema.py; restored from `resume_full` when the checkpoint has one).
+        `compile_backend`: torch.compile each generator block with it (train/compile.py; data
+        parallel with ZeRO 0-2 only)."""
         from . import checkpointing
         from .deepspeed_engine import assert_unmanaged_accumulation, deepspeed_config, initialize_engine
         from .tensor_parallel import apply_tensor_parallel, is_tp_layer
@@ -190,6 +192,13 @@ class ParallelRuntime:
         info["checkpointing"] = checkpointing.apply_to_model(model, pcfg.activation_checkpointing,
                                                              pcfg.checkpoint_every_k, pcfg.checkpoint_mllm) \
             if layout.pp == 1 else _checkpoint_stage(model, pcfg, pipeline_module)
+        if compile_backend is not None:
+            from ..train.compile import compile_blocks
+
+            if layout.tp > 1 or layout.pp > 1 or pcfg.zero_stage > 2:
+                raise ValueError(f"compiled blocks run data-parallel with ZeRO 0-2 only, not tp={layout.tp} "
+                                 f"pp={layout.pp} zero_stage={pcfg.zero_stage}")
+            info["compiled_blocks"] = compile_blocks(gen, compile_backend)
         if layout.pp > 1:
             # The schedule runs the backwards itself (torch-style backward, which DeepSpeed
             # scales by 1 / gradient_accumulation_steps) and our loss already divides by the

@@ -390,11 +390,11 @@ class _SavedTracker:
         except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. wrapper subclasses)
             return t
         if key in self.exclude or key in self.owner:
-            return t
+            return t.detach()
         self.owner[key] = self.unit
         self.bytes[self.unit] = self.bytes.get(self.unit, 0.0) + nbytes
         self.largest[self.unit] = max(self.largest.get(self.unit, 0.0), nbytes)
-        return t
+        return t.detach()  # not t itself: a saved output would close an uncollectable cycle (profile.count_saved)
 
     @contextlib.contextmanager
     def as_unit(self, name: str):

@@ -147,7 +147,10 @@ def count_saved(fn, exclude: set[int]) -> float:
             return t
         if key not in exclude and key not in seen:
             seen[key] = t.untyped_storage().nbytes()
-        return t
+        # detached: the same storage stays alive (so no key is reused while counting), but an
+        # op's saved *output* returned as itself would close a cycle (node -> output -> grad_fn
+        # -> node) through C++ that Python's gc cannot see, and every graph of the case leaks
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
@@ -299,9 +302,13 @@ def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: in
         model = build_model(cfg, device, random_frozen).train()
     set_attention_backend(model.generator, case.attention)
     apply_checkpointing(model.generator, case.checkpointing)
-    if case.compile:
-        for blk in model.generator.blocks():
-            blk.compile()
+    if case.compile:  # as train.compile does; a fresh dynamo cache per case, so each case compiles static shapes
+        from ..train.compile import compile_blocks
+
+        from torch import _dynamo  # (not `import torch._dynamo`: that would make `torch` local here)
+
+        _dynamo.reset()
+        compile_blocks(model.generator)
     if scope == "generator":
         params = [p for p in model.generator.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
@@ -371,12 +378,14 @@ def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: in
         from .memory import _storage_keys
 
         saved = count_saved(loss_fn, _storage_keys(model))
-    except torch.OutOfMemoryError:
+    except Exception as e:  # noqa: BLE001 - out of memory, or a compiler error: record it, go on with the next case
         model = opt = params = ema = None  # noqa: F841 - drop the closures' references before the next case
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return {**row, "status": "out of memory"}
+        if isinstance(e, torch.OutOfMemoryError):
+            return {**row, "status": "out of memory"}
+        return {**row, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]}
     step_s = sorted(times)[len(times) // 2]
     row.update(step_min_s=min(times), cpu_s=sorted(cpu_times)[len(cpu_times) // 2])
     peak = peak_tflops if peak_tflops else (peak_tflops_for(device) if device.type == "cuda" else None)
@@ -497,8 +506,11 @@ def main(argv=None) -> list[dict]:
 
 
 def cli(argv=None) -> None:
-    """The `iomm-profile` console script (exit status 0 unless an exception escapes)."""
-    main(argv)
+    """The `iomm-profile` console script: exit status 1 when a case failed with an error (out of
+    memory and skipped backends are results, not errors), 0 otherwise."""
+    rows = main(argv)
+    if any(str(r.get("status", "")).startswith("error") for r in rows):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

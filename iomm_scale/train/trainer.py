@@ -83,6 +83,10 @@ class Trainer:
             from ..parallel.checkpointing import apply_to_model
 
             apply_to_model(self.model, par.activation_checkpointing, par.checkpoint_every_k, par.checkpoint_mllm)
+        if cfg.train.compile:  # after checkpointing: the checkpoint wrappers stay outside the compiled blocks
+            from .compile import compile_blocks
+
+            compile_blocks(self.model.generator, cfg.train.compile_backend)
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg)
         table = getattr(self.optimizer, "routing_table", None)

@@ -12,6 +12,7 @@ differences) go to OUT.json from rank 0; the pytest side asserts the tolerances.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -247,6 +248,26 @@ def teardown(rt):
 
 
 # --------------------------------------------------------------------------- scenarios
+@contextlib.contextmanager
+def _compile_enabled(on: bool):
+    """The launch sets TORCH_COMPILE_DISABLE (DeepSpeed's compiled Muon kernels would cost minutes
+    of inductor on CPU); a compile scenario turns dynamo back on for itself only."""
+    import torch._dynamo
+
+    before = torch._dynamo.config.disable
+    torch._dynamo.config.disable = before and not on
+    try:
+        yield
+    finally:
+        torch._dynamo.config.disable = before
+
+
+def _dynamo_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def scenario_generator(name: str, family="flux", **p) -> dict:
     world = dist.get_world_size()
     tp, pp = p.get("tp", 1), p.get("pp", 1)
@@ -254,6 +275,7 @@ def scenario_generator(name: str, family="flux", **p) -> dict:
     m = p.get("num_microbatches", 1)
     micro = p.pop("micro", 2)
     ema_decay = p.pop("ema_decay", None)
+    compile_backend = p.pop("compile_backend", None)
     pcfg = ParallelConfig(**p)
     gen = build_generator(family)
     make = lambda model, step: generator_batch(gen, step, dp * m * micro)  # noqa: E731
@@ -261,8 +283,12 @@ def scenario_generator(name: str, family="flux", **p) -> dict:
     ref_losses, hist = reference(gen, make, dp, m, STEPS, ema_decay=ema_decay, ema_out=ref_ema)
     keys = ("x_t", "t", "cond", "cond_mask", "target")
     init = {n: q.detach().clone() for n, q in gen.named_parameters()}
-    rt, losses = run_layout(gen, make, pcfg, micro, batch_keys=keys, ema_decay=ema_decay)
-    out = compare(rt, losses, ref_losses, hist[-1], init)
+    with _compile_enabled(compile_backend is not None):
+        rt, losses = run_layout(gen, make, pcfg, micro, batch_keys=keys, ema_decay=ema_decay,
+                                compile_backend=compile_backend)
+        out = compare(rt, losses, ref_losses, hist[-1], init)
+    out["compiled_blocks"] = rt.info.get("compiled_blocks", 0)
+    out["dynamo_graphs"] = _dynamo_graphs()
     if ema_decay:
         out.update(compare_ema(rt, ref_ema[-1], init, hist[-1]))
         out["ema_bytes"] = ema_bytes(rt)
@@ -689,6 +715,9 @@ SCENARIOS = {
     "dp2_zero1": lambda: scenario_generator("dp2_zero1", zero_stage=1, num_microbatches=2),
     "dp2_zero2": lambda: scenario_generator("dp2_zero2", zero_stage=2),
     "dp2_zero3": lambda: scenario_generator("dp2_zero3", zero_stage=3),
+    # torch.compile'd blocks (aot_eager: the traced graphs, no C++ code generation on CPU)
+    "dp2_zero1_compile_ckpt": lambda: scenario_generator("dp2_zero1_compile_ckpt", zero_stage=1, compile_backend="aot_eager",
+                                                         activation_checkpointing="full"),
     "dp2_zero3_ckpt": lambda: scenario_generator("dp2_zero3_ckpt", zero_stage=3, activation_checkpointing="full"),
     "dp2_zero3_offload": lambda: scenario_generator("dp2_zero3_offload", zero_stage=3, offload_optimizer=True,
                                                     offload_params=True, ema_decay=EMA_DECAY),

@@ -1,0 +1,21 @@
+"""benchmarks/bench_kernels.py (gpu_check.sh stage `kernels`) at toy size on CPU: the script runs,
+every op lands in one category, the shares add up, and matrix products are found."""
+
+import csv
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_bench_kernels_dry_run(tmp_path):
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_kernels.py"), "--dry-run", "--iters", "2",
+                    "--out", str(tmp_path)], check=True, cwd=ROOT, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rows = list(csv.DictReader(open(tmp_path / "kernels.csv")))
+    assert [(r["block"], r["mode"]) for r in rows] == [("double", "eager"), ("single", "eager")]
+    for r in rows:
+        shares = [float(r[f"{c}_share"]) for c in ("matmul", "attention", "norm", "other")]
+        assert abs(sum(shares) - 1) < 1e-6
+        assert float(r["matmul_share"]) > 0.2 and float(r["attention_share"]) > 0
+    assert "| `aten::mm` | matmul |" in (tmp_path / "kernels.md").read_text()
