@@ -36,8 +36,12 @@ def train_main(argv=None) -> None:
 
     trainer = Trainer(cfg, run_dir=args.run_dir)
     last = trainer.fit()
+    if not last:  # resumed at (or past) train.steps: nothing was trained in this launch
+        print(f"done: the run is already at step {trainer.step} (train.steps={cfg.train.steps}; raise it, or "
+              f"train.resume=never to start over); outputs in {trainer.run_dir}")
+        return
     first = trainer.history[0][1] if trainer.history else float("nan")
-    print(f"done: step {trainer.step}, loss {first:.4f} (first step) -> {last.get('loss', float('nan')):.4f} "
+    print(f"done: step {trainer.step}, loss {first:.4f} (first step) -> {last['loss']:.4f} "
           f"(last {cfg.train.log_every} steps); outputs in {trainer.run_dir}")
 
 

@@ -74,14 +74,19 @@ class IOMMModel(nn.Module):
     @torch.no_grad()
     def sample(self, batch_size: int, resolution: int, pixels: torch.Tensor | None = None,
                captions: list[str | None] | None = None, steps: int | None = None, cfg_scale: float | None = None,
-               mask_ratio: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+               mask_ratio: float | None = None, generator: torch.Generator | None = None,
+               vision_features: torch.Tensor | None = None) -> torch.Tensor:
         """Generate images [B, 3, H, W] in [-1, 1] conditioned on reference images (image-only
-        mode; masked with `mask_ratio`, default 0 at sampling) or on captions."""
+        mode; masked with `mask_ratio`, default 0 at sampling), on their precomputed vision
+        features (`vision_features`, as in feature shards) or on captions."""
         fcfg = self.cfg.flow
         steps = steps or fcfg.sample_steps
         cfg_scale = fcfg.cfg_scale if cfg_scale is None else cfg_scale
         device = self.conditioner.aux_ids.device
-        feats = self.conditioner.vision_features(unit_pixels(pixels.to(device))) if pixels is not None else None
+        if vision_features is not None:
+            feats = vision_features.to(device)
+        else:
+            feats = self.conditioner.vision_features(unit_pixels(pixels.to(device))) if pixels is not None else None
         cond = self.conditioner(feats, captions or [None] * batch_size, mask_ratio=0.0 if mask_ratio is None else mask_ratio)
         null = self.null_condition(batch_size)
         if cond[0].shape[1] != null[0].shape[1]:  # "all" positions with prompts of another length: no batching

@@ -269,6 +269,7 @@ class DistributedTrainer:
             (self.run_dir / "optimizer_routing.txt").write_text(routing + "\n")
             print("\n".join(line for line in routing.splitlines() if line.startswith("[")), flush=True)
         self.loader = build_loader(cfg, rank=self.layout.dp_rank, world_size=self.layout.dp)
+        self.history: list[tuple[int, float]] = []  # (step, loss) logged by this launch, for loss_curve.png
         self._stop = False
         if resume_full is None:
             self._maybe_resume()
@@ -311,6 +312,33 @@ class DistributedTrainer:
         dist.barrier()
         self.rt.save(str(self.ckpt_root), tag=tag)
         return tag
+
+    def write_outputs(self, exported: str | None) -> None:
+        """Rank 0, at the end (the others wait in the launcher's barrier): loss_curve.png of this
+        launch, and samples.png as the single-process trainer writes it, from the exported EMA in
+        a fresh single-device model. Needs optim.ema_decay (the export); a failure here is
+        reported, never raised: the checkpoint and the export are already written."""
+        from ..train.plots import save_loss_curve
+
+        if self.history:
+            steps, losses = zip(*self.history)
+            save_loss_curve(list(steps), list(losses), self.run_dir / "loss_curve.png")
+        if self.cfg.train.num_samples <= 0:
+            return
+        if exported is None:
+            print("[iomm] no samples.png: the distributed loop samples from the EMA export (set optim.ema_decay)",
+                  flush=True)
+            return
+        from ..sampling import load_trained
+        from ..train.trainer import write_sample_grid
+
+        try:
+            model = load_trained(self.cfg, exported, use_ema=True, device=self.device)
+            write_sample_grid(model, self.cfg, self.device, self.run_dir / "samples.png")
+            print(f"[iomm] sample grid: {self.run_dir / 'samples.png'}", flush=True)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory beside the engine: the run itself succeeded
+            print(f"[iomm] no samples.png ({type(e).__name__}: {e}); sample with iomm-sample --checkpoint {exported}",
+                  flush=True)
 
     def _maybe_resume(self) -> None:
         mode = self.cfg.train.resume
@@ -365,6 +393,7 @@ class DistributedTrainer:
                     last = {**out, "lr": lr, "time": time.time(), "seconds": dt}
                     metrics.write(json.dumps(last) + "\n")
                     metrics.flush()
+                    self.history.append((out["step"], out["loss"]))
                     print(f"[iomm] step {out['step']} loss {out['loss']:.5f} grad_norm {out['grad_norm']:.4f}", flush=True)
                     t0 = time.perf_counter()
                 if cfg.train.ckpt_every and self.rt.step % cfg.train.ckpt_every == 0:
@@ -372,10 +401,13 @@ class DistributedTrainer:
             tag = self.save()
             if self.save_full_at_end:
                 self.rt.save_full(str(self.run_dir / "full"))
+            exported = None
             if self.rt.ema is not None and self.rt.step >= cfg.train.steps:  # same on every rank (collective)
                 exported = self.export_ema()
                 if self.is_logger:
                     print(f"[iomm] EMA weights exported to {exported}", flush=True)
+            if self.is_logger and self.rt.step >= cfg.train.steps:
+                self.write_outputs(exported)
             if self.is_logger:
                 print(f"[iomm] {'stopped by signal' if self._stop else 'done'} at step {self.rt.step}; "
                       f"checkpoint {self.ckpt_root / tag}", flush=True)

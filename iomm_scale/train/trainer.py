@@ -286,29 +286,43 @@ class Trainer:
         if self.history:
             steps, losses = zip(*self.history)
             save_loss_curve(list(steps), list(losses), self.run_dir / "loss_curve.png")
-        n = self.cfg.train.num_samples
-        if n <= 0:
+        if self.cfg.train.num_samples <= 0:
             return
-        refs = self._reference_images(n).to(self.device)
         backup = self.ema.swap_into(self.model) if self.ema else None
         self.model.eval()
         try:
-            g = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
-            images = self.model.sample(refs.shape[0], self.cfg.data.resolution, pixels=refs, generator=g)
+            write_sample_grid(self.model, self.cfg, self.device, self.run_dir / "samples.png", self.loader)
         finally:
             self.model.train()
             if backup is not None:
                 self.ema.restore(self.model, backup)
-        save_grid([refs.cpu(), images.cpu()], self.run_dir / "samples.png")
 
-    def _reference_images(self, n: int) -> torch.Tensor:
-        from ..data.builtin import BuiltinLoader
 
-        if isinstance(self.loader, BuiltinLoader):
-            photos = self.loader.samples[: self.loader.num_photos]
-            step = self.cfg.data.builtin.crops_per_photo  # one crop of each photo first
-            return torch.stack([img for img, _, _ in (photos[::step] + photos)[:n]])
-        from ..data.preprocess import unit_pixels
+def reference_batch(cfg: RunConfig, model: IOMMModel, device, loader=None):
+    """(reference images [n, 3, H, W] in [-1, 1], their precomputed vision features or None) for
+    the sample grid: the built-in photos, or the first batch of the configured shards; from
+    feature shards the references are their latents decoded by the VAE."""
+    from ..data.builtin import BuiltinLoader
+    from ..data.preprocess import unit_pixels
 
-        batch = next(build_loader(self.cfg))
-        return unit_pixels(batch["pixels"][:n])  # the grid shows references in [-1, 1]
+    n = cfg.train.num_samples
+    if cfg.data.source == "builtin":
+        loader = loader if isinstance(loader, BuiltinLoader) else build_loader(cfg)
+        photos = loader.samples[: loader.num_photos]
+        step = cfg.data.builtin.crops_per_photo  # one crop of each photo first
+        return torch.stack([img for img, _, _ in (photos[::step] + photos)[:n]]).to(device), None
+    batch = next(build_loader(cfg))
+    if "latents" in batch:
+        latents = batch["latents"][:n].to(device, torch.float32)
+        return model.vae.decode(latents), batch["vision_features"][:n].to(device, torch.float32)
+    return unit_pixels(batch["pixels"][:n].to(device)), None
+
+
+@torch.no_grad()
+def write_sample_grid(model: IOMMModel, cfg: RunConfig, device, path, loader=None) -> None:
+    """PNG grid: row 1 the references, row 2 samples conditioned on them (seeded by train.seed)."""
+    refs, feats = reference_batch(cfg, model, device, loader)
+    g = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    images = model.sample(refs.shape[0], cfg.data.resolution, pixels=refs if feats is None else None,
+                          vision_features=feats, generator=g)
+    save_grid([refs.cpu(), images.cpu()], path)

@@ -34,6 +34,10 @@ def test_torchrun_then_deepspeed_launcher_resume(tmp_path):
     lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [x["step"] for x in lines] == [1, 2, 3]
     assert all(x["loss"] == x["loss"] and x["loss"] < 10 for x in lines)
+    # rank 0 writes the single-process trainer's outputs, sampling from the EMA export
+    assert "sample grid:" in out
+    for png in ("samples.png", "loss_curve.png"):
+        assert os.path.getsize(os.path.join(run_dir, png)) > 0
 
 
 def test_bad_layout_is_a_clear_error_before_start():

@@ -53,6 +53,13 @@ def test_feature_shards_train_exactly_like_raw_images(tmp_path):
         for _ in range(3):
             trainer.train_step()
         runs.append([loss for _, loss in trainer.history])
+        if name == "feat":  # the sample grid from feature batches: latents decoded, vision features as condition
+            trainer.cfg.train.num_samples = 2
+            trainer.write_outputs()
+            from PIL import Image as PILImage
+
+            grid = PILImage.open(tmp_path / "feat2" / "samples.png")
+            assert grid.size[1] > grid.size[0] / 2  # two rows of two images
     raw_losses, feat_losses = runs
     # Same pixels -> same latents and vision features (float32 storage); tolerance covers
     # summation-order differences only.

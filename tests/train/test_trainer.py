@@ -57,7 +57,7 @@ def test_fit_writes_metrics_checkpoint_and_pngs(tiny_cfg, tmp_path):
         assert (tmp_path / name).exists(), name
 
 
-def test_cli_runs_the_tiny_config_end_to_end(tmp_path):
+def test_cli_runs_the_tiny_config_end_to_end(tmp_path, capsys):
     """The README's first command, with fewer steps."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cmd = [sys.executable, "-m", "iomm_scale.cli", "train", "--config", os.path.join(root, "configs/tiny.yaml"),
@@ -69,6 +69,11 @@ def test_cli_runs_the_tiny_config_end_to_end(tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == 12
     assert (tmp_path / "samples.png").exists() and (tmp_path / "checkpoints" / "step_00000012").exists()
+    # run again: it resumes at step 12 = train.steps and says so (not "loss ... -> nan")
+    from iomm_scale.cli import train_main
+
+    train_main(cmd[4:])
+    assert "done: the run is already at step 12 (train.steps=12" in capsys.readouterr().out
 
 
 def test_iomm_sample_from_a_checkpoint(tiny_cfg, tmp_path):
