@@ -116,8 +116,6 @@ def machine() -> str:
 def record(rows, command: str, load_before, load_after, seconds: float) -> None:
     import torch
 
-    path = os.path.join(ROOT, "benchmarks", "RESULTS.md")
-    text = open(path).read() if os.path.exists(path) else ""
     lines = [f"{datetime.date.today().isoformat()}. Machine: {machine()}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} intra-op thread(s); shared with other jobs (load average "
              f"{load_before[0]:.1f} before, {load_after[0]:.1f} after), so wall times are upper bounds; CPU s "
@@ -135,7 +133,13 @@ def record(rows, command: str, load_before, load_after, seconds: float) -> None:
              "- act saved: bytes autograd saved in one forward outside checkpointed blocks "
              "(saved_tensors_hooks; checkpointed blocks keep only their inputs, which this count does "
              "not see).", ""]
-    block = "\n".join(lines)
+    append_to_section("\n".join(lines))
+
+
+def append_to_section(block: str) -> None:
+    """Add `block` at the end of RESULTS.md's SECTION (created at the end of the file if missing)."""
+    path = os.path.join(ROOT, "benchmarks", "RESULTS.md")
+    text = open(path).read() if os.path.exists(path) else ""
     if SECTION in text:
         head, rest = text.split(SECTION, 1)
         nxt = rest.find("\n## ")
@@ -290,19 +294,13 @@ def fmt_mem_row(r) -> str:
 
 
 def record_memory(rows, command: str, load_before, load_after) -> None:
-    path = os.path.join(ROOT, "benchmarks", "RESULTS.md")
-    text = open(path).read()
     block = "\n".join([
         f"Memory planner against measured peak memory, {datetime.date.today().isoformat()}, {machine()} "
         f"(load average {load_before[0]:.1f} -> {load_after[0]:.1f}). Command:", "", f"    {command}", "",
         "Each case: the Trainer's own train_step (fp32, AdamW, EMA, tiny random InternVL, pixel VAE at 128 px), "
         "peak RSS of the second step above the RSS before the model was built (tests/profiling/_measure_memory.py); "
         "planned: profiling/memory.py with the same layout.", "", MEM_HEAD, *map(fmt_mem_row, rows), ""])
-    head, rest = text.split(SECTION, 1) if SECTION in text else (text.rstrip("\n") + "\n\n", "\n")
-    nxt = rest.find("\n## ")
-    body, tail = (rest, "") if nxt < 0 else (rest[:nxt], rest[nxt:])
-    open(path, "w").write(head + SECTION + body.rstrip("\n") + "\n\n" + block + tail)
-    print(f"recorded in {path}")
+    append_to_section(block)
 
 
 ZERO3_CASES = ("none", "full", "none+small")
@@ -349,8 +347,6 @@ def fmt_mem3_row(r) -> str:
 
 
 def record_memory_zero3(rows, command: str, load_before, load_after) -> None:
-    path = os.path.join(ROOT, "benchmarks", "RESULTS.md")
-    text = open(path).read()
     block = "\n".join([
         f"Memory planner against measured per-rank peak memory under DeepSpeed ZeRO-3 on 2 processes, "
         f"{datetime.date.today().isoformat()}, {machine()} (load average {load_before[0]:.1f} -> {load_after[0]:.1f}). "
@@ -363,11 +359,7 @@ def record_memory_zero3(rows, command: str, load_before, load_after) -> None:
         "profiling/memory.py, Layout(dp=2, zero_stage=3), device cpu, the same DeepSpeed settings. Static: the resident "
         "set after the first step vs the planned parameters, gradients, optimizer states, persistent parameters and "
         "gradient bucket.", "", MEM3_HEAD, *map(fmt_mem3_row, rows), ""])
-    head, rest = text.split(SECTION, 1) if SECTION in text else (text.rstrip("\n") + "\n\n", "\n")
-    nxt = rest.find("\n## ")
-    body, tail = (rest, "") if nxt < 0 else (rest[:nxt], rest[nxt:])
-    open(path, "w").write(head + SECTION + body.rstrip("\n") + "\n\n" + block + tail)
-    print(f"recorded in {path}")
+    append_to_section(block)
 
 
 def main(argv=None):

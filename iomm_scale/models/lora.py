@@ -230,15 +230,13 @@ def to_diffusers_lora(generator: nn.Module, family: str) -> tuple[dict[str, torc
     return out, names, ranks.pop(), alphas.pop()
 
 
-def export_lora(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write `model`'s (an IOMMModel) LoRA as diffusers' `pytorch_lora_weights.safetensors`
-    (through the family pipeline's own `save_lora_weights`, with r / alpha metadata) and the
-    RQA + projection as `iomm_conditioner.safetensors`. Returns the directory."""
+def save_diffusers_lora(generator: nn.Module, family: str, out_dir: str | os.PathLike,
+                        dtype: torch.dtype | None = None) -> Path:
+    """Write a LoRA generator's adapters as diffusers' `pytorch_lora_weights.safetensors`, through
+    the family pipeline's own `save_lora_weights` with r / alpha metadata. Returns the directory."""
     import diffusers
-    from safetensors.torch import save_file
 
-    family = model.cfg.model.generator.family
-    state, names, r, alpha = to_diffusers_lora(model.generator, family)
+    state, names, r, alpha = to_diffusers_lora(generator, family)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     out = Path(out_dir)
@@ -247,6 +245,17 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype
     pipeline = getattr(diffusers, PIPELINES[family])
     pipeline.save_lora_weights(out, transformer_lora_layers={k: v.cpu() for k, v in state.items()},
                                transformer_lora_adapter_metadata=metadata, weight_name=LORA_WEIGHTS_NAME)
+    return out
+
+
+def export_lora(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write `model`'s (an IOMMModel) LoRA as diffusers' `pytorch_lora_weights.safetensors`
+    (`save_diffusers_lora`) and the RQA + projection as `iomm_conditioner.safetensors`.
+    Returns the directory."""
+    from safetensors.torch import save_file
+
+    family = model.cfg.model.generator.family
+    out = save_diffusers_lora(model.generator, family, out_dir, dtype)
     cond = model.conditioner
     extra = {f"{prefix}.{k}": v.detach().cpu().contiguous() for prefix, mod in
              (("rqa", cond.rqa), ("proj_norm", cond.proj_norm), ("proj", cond.proj)) for k, v in mod.state_dict().items()}

@@ -193,11 +193,11 @@ class ParallelRuntime:
                                                              pcfg.checkpoint_every_k, pcfg.checkpoint_mllm) \
             if layout.pp == 1 else _checkpoint_stage(model, pcfg, pipeline_module)
         if compile_backend is not None:
-            from ..train.compile import compile_blocks
+            from ..train.compile import compile_blocks, compile_layout_errors
 
-            if layout.tp > 1 or layout.pp > 1 or pcfg.zero_stage > 2:
-                raise ValueError(f"compiled blocks run data-parallel with ZeRO 0-2 only, not tp={layout.tp} "
-                                 f"pp={layout.pp} zero_stage={pcfg.zero_stage}")
+            errors = compile_layout_errors(layout.tp, layout.pp, pcfg.zero_stage)
+            if errors:
+                raise ValueError("; ".join(f"{k}: {m}" for k, m in errors))
             info["compiled_blocks"] = compile_blocks(gen, compile_backend)
         if layout.pp > 1:
             # The schedule runs the backwards itself (torch-style backward, which DeepSpeed

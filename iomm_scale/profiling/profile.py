@@ -303,9 +303,9 @@ def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: in
     set_attention_backend(model.generator, case.attention)
     apply_checkpointing(model.generator, case.checkpointing)
     if case.compile:  # as train.compile does; a fresh dynamo cache per case, so each case compiles static shapes
-        from ..train.compile import compile_blocks
-
         from torch import _dynamo  # (not `import torch._dynamo`: that would make `torch` local here)
+
+        from ..train.compile import compile_blocks
 
         _dynamo.reset()
         compile_blocks(model.generator)

@@ -29,14 +29,16 @@ def compile_blocks(generator: torch.nn.Module, backend: str = "inductor") -> int
     return len(blocks)
 
 
-def compile_launch_errors(cfg) -> list[tuple[str, str]]:
+def compile_layout_errors(tp: int, pp: int, zero_stage: int) -> list[tuple[str, str]]:
     """(run-config key, message) for the layouts compiled blocks are not proved under: the data-
     parallel ZeRO 0-2 path is (tests/parallel, equal to one process); tensor-parallel linears,
     pipeline stages and ZeRO-3's parameter-gathering module hooks are not."""
-    if not cfg.train.compile:
-        return []
-    p = cfg.parallel
     return [(f"parallel.{k}", f"train.compile with {k}={v}: compiled blocks are proved under data parallelism with "
              f"ZeRO 0-2 only (tp 1, pp 1); set train.compile false for this layout")
-            for k, v, bad in (("tp", p.tp, p.tp > 1), ("pp", p.pp, p.pp > 1), ("zero_stage", p.zero_stage, p.zero_stage > 2))
+            for k, v, bad in (("tp", tp, tp > 1), ("pp", pp, pp > 1), ("zero_stage", zero_stage, zero_stage > 2))
             if bad]
+
+
+def compile_launch_errors(cfg) -> list[tuple[str, str]]:
+    p = cfg.parallel
+    return compile_layout_errors(p.tp, p.pp, p.zero_stage) if cfg.train.compile else []

@@ -204,6 +204,16 @@ def test_bfloat16_base_runs_under_autocast_and_stays_frozen(tmp_path):
     assert small == 0.5 * plan_memory(cfg_of(), Layout(micro_batch=1), device="cpu").component("frozen lora base")
 
 
+def _randomise_and_save(generator, family, out):
+    """B = 0 at init: give the adapters something to carry, then write them as the export does."""
+    from iomm_scale.models.lora import save_diffusers_lora
+
+    with torch.no_grad():
+        for layer in lora_modules(generator).values():
+            layer.lora_B["default"].weight.normal_(0, 0.1)
+    save_diffusers_lora(generator, family, out)
+
+
 def test_flux_export_loads_into_the_diffusers_flux_transformer(tmp_path):
     """The FLUX family (IOMM-B / L): our fused q|k|v and single-block [q|k|v|mlp] projections
     split into diffusers' to_q / to_k / to_v / proj_mlp adapters; FluxPipeline.load_lora_weights
@@ -212,7 +222,7 @@ def test_flux_export_loads_into_the_diffusers_flux_transformer(tmp_path):
 
     from iomm_scale.models.adapters import flux as flux_adapter
     from iomm_scale.models.flux_mmdit import pack_latents
-    from iomm_scale.models.lora import LORA_WEIGHTS_NAME, LoRAConfig, apply_lora, to_diffusers_lora
+    from iomm_scale.models.lora import LoRAConfig, apply_lora, to_diffusers_lora
 
     torch.manual_seed(0)
     ref = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
@@ -220,14 +230,9 @@ def test_flux_export_loads_into_the_diffusers_flux_transformer(tmp_path):
                                  axes_dims_rope=(4, 6, 6))
     ref.save_pretrained(tmp_path / "base")
     ours = apply_lora(flux_adapter.load_diffusers(tmp_path / "base"), LoRAConfig(r=4, alpha=8.0), "flux").eval()
-    with torch.no_grad():
-        for layer in lora_modules(ours).values():
-            layer.lora_B["default"].weight.normal_(0, 0.1)
-    state, names, r, alpha = to_diffusers_lora(ours, "flux")
+    _randomise_and_save(ours, "flux", tmp_path / "lora")
+    names = to_diffusers_lora(ours, "flux")[1]
     assert {"single_transformer_blocks.0.proj_mlp", "transformer_blocks.0.attn.to_q"} <= set(names)
-    FluxPipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=state, weight_name=LORA_WEIGHTS_NAME,
-                                   transformer_lora_adapter_metadata={"r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
-                                                                      "target_modules": sorted(set(names))})
     theirs = FluxTransformer2DModel.from_pretrained(tmp_path / "base").eval()
     pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                         tokenizer_2=None, transformer=theirs)
@@ -255,7 +260,7 @@ def test_zimage_export_loads_into_the_diffusers_zimage_transformer(tmp_path):
     from diffusers import ZImagePipeline, ZImageTransformer2DModel
 
     from iomm_scale.models.adapters import zimage as zimage_adapter
-    from iomm_scale.models.lora import LORA_WEIGHTS_NAME, LoRAConfig, apply_lora, to_diffusers_lora
+    from iomm_scale.models.lora import LoRAConfig, apply_lora
 
     torch.manual_seed(0)
     ref = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2,
@@ -263,13 +268,7 @@ def test_zimage_export_loads_into_the_diffusers_zimage_transformer(tmp_path):
                                    axes_lens=[256, 64, 64])
     ref.save_pretrained(tmp_path / "base")
     ours = apply_lora(zimage_adapter.load_diffusers(tmp_path / "base"), LoRAConfig(r=4, alpha=8.0), "s3dit").eval()
-    with torch.no_grad():
-        for layer in lora_modules(ours).values():
-            layer.lora_B["default"].weight.normal_(0, 0.1)
-    state, names, r, alpha = to_diffusers_lora(ours, "s3dit")
-    ZImagePipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=state, weight_name=LORA_WEIGHTS_NAME,
-                                     transformer_lora_adapter_metadata={"r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
-                                                                        "target_modules": sorted(set(names))})
+    _randomise_and_save(ours, "s3dit", tmp_path / "lora")
     theirs = ZImageTransformer2DModel.from_pretrained(tmp_path / "base").eval()
     pipe = ZImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=theirs)
     pipe.load_lora_weights(tmp_path / "lora")
