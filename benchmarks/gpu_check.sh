@@ -20,8 +20,10 @@
 #   3 generator      whole IOMM-B generator step (DiT fwd + bwd + AdamW), bf16 autocast,
 #                    micro-batch 4 / 8 / 16 x checkpointing none / full x attention backends
 #   4 iomm step      the full IOMM-B step (random-weight InternVL3-2B at its real size, feature
-#                    batches: RQA + frozen LLM fwd/bwd + DiT), micro-batch 8, checkpointing full
+#                    batches: RQA + frozen LLM fwd/bwd + DiT), micro-batch 8, checkpointing full,
+#                    compile off / on (generator blocks) / all (+ the frozen LLM's decoder layers)
 #   5 compile        generator step with torch.compile per block, micro-batch 8 / 16 x none / full
+# Sizes: GPU_CHECK_STEP_MB / _STEP_CKPT / _STEP_COMPILE (stage 4), GPU_CHECK_COMPILE_MB / _COMPILE_CKPT (stage 5).
 # GPU_CHECK_STAGES=preflight,pytest_gpu,...: run only the named stages (the others are listed as not selected).
 # Results: $OUT/RESULTS.md (stage table + every table), CSVs and logs beside it.
 set -u
@@ -123,15 +125,17 @@ run_stage generator 170 $PY -m iomm_scale.profiling.profile --config $B_CFG "${B
 
 # ---- 4: the full IOMM-B step with a random-weight InternVL3-2B ------------------------------
 RF=(--random-frozen); [[ $DRY == 1 ]] && RF=()
-COMPILE=off,on; [[ $DRY == 1 ]] && COMPILE=off
-run_stage iomm_step 150 $PY -m iomm_scale.profiling.profile --config $B_CFG "${B_OVER[@]}" \
-    ${RF[@]+"${RF[@]}"} --micro-batch $MB --checkpointing full --attention sdpa --compile $COMPILE --steps $STEPS --warmup 3 \
+SMB=${GPU_CHECK_STEP_MB:-$MB}; SCK=${GPU_CHECK_STEP_CKPT:-full}; COMPILE=${GPU_CHECK_STEP_COMPILE:-off,on,all}
+[[ $DRY == 1 ]] && COMPILE=off
+run_stage iomm_step 200 $PY -m iomm_scale.profiling.profile --config $B_CFG "${B_OVER[@]}" \
+    ${RF[@]+"${RF[@]}"} --micro-batch $SMB --checkpointing $SCK --attention sdpa --compile $COMPILE --steps $STEPS --warmup 3 \
     --csv "$OUT/iomm_step.csv"
 
 # ---- 5: torch.compile ------------------------------------------------------------------------
-COMPILE=on; CMBS=${GPU_CHECK_COMPILE_MB:-8,16}; [[ $DRY == 1 ]] && { COMPILE=off; CMBS=2; }
+COMPILE=on; CMBS=${GPU_CHECK_COMPILE_MB:-8,16}; CCK=${GPU_CHECK_COMPILE_CKPT:-none,full}
+[[ $DRY == 1 ]] && { COMPILE=off; CMBS=2; }
 run_stage compile 200 $PY -m iomm_scale.profiling.profile --config $B_CFG "${B_OVER[@]}" \
-    --scope generator --micro-batch $CMBS --checkpointing none,full --attention sdpa --compile $COMPILE --steps $STEPS --warmup 3 \
+    --scope generator --micro-batch $CMBS --checkpointing $CCK --attention sdpa --compile $COMPILE --steps $STEPS --warmup 3 \
     --no-plan --csv "$OUT/compile.csv"
 
 # ---- report ------------------------------------------------------------------------------------

@@ -111,6 +111,7 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" or "bf16" (autocast; CUDA only)
     compile: bool = False  # torch.compile each generator block (train/compile.py); static shapes
     compile_backend: str = "inductor"  # "inductor"; "aot_eager" / "eager" trace without code generation
+    compile_mllm: bool = False  # with compile: also each decoder layer of the frozen LLM (fixed condition length)
     log_every: int = 10
     ckpt_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2

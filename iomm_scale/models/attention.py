@@ -134,14 +134,39 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x [B, S, H, D] by angles given as
     cos/sin of shape [S, D] or [B, S, D] (each angle repeated for both members of a pair).
 
-    Computed in float32 (float64 stays float64), as FLUX, Qwen-Image and Z-Image all do, as one
-    complex multiply: bit-identical to the cos/sin formula and about 3x cheaper in eager mode.
+    Computed in float32 (float64 stays float64), as FLUX, Qwen-Image and Z-Image all do. Eager: one
+    complex multiply, bit-identical to the cos/sin formula and about 3x cheaper. Compiled: the
+    real form (`rotate_pairs`), because inductor generates no code for complex ops and would run
+    the complex multiply as separate eager kernels inside the compiled block.
     cos/sin stay real tensors so pipeline stages can pass them along."""
-    freqs = torch.complex(cos[..., ::2].contiguous(), sin[..., ::2].contiguous())
-    freqs = freqs[None, :, None] if freqs.dim() == 2 else freqs[:, :, None]
+    cos, sin = cos[..., ::2], sin[..., ::2]
+    cos, sin = (cos[None, :, None], sin[None, :, None]) if cos.dim() == 2 else (cos[:, :, None], sin[:, :, None])
+    if torch.compiler.is_compiling():
+        return rotate_pairs(x, cos, sin)
+    freqs = torch.complex(cos.contiguous(), sin.contiguous())
     xr = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     xc = torch.view_as_complex(xr.unflatten(-1, (-1, 2)))
     return torch.view_as_real(xc * freqs.to(xc.dtype)).flatten(-2).to(x.dtype)
+
+
+def apply_complex_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [B, S, H, D] by complex freqs broadcastable to [B, S, H, D/2]
+    (S3-DiT and Qwen-Image keep their tables complex), in float32; the real form when compiled."""
+    if torch.compiler.is_compiling():
+        angles = torch.view_as_real(freqs)
+        return rotate_pairs(x, angles[..., 0], angles[..., 1])
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * freqs).flatten(-2).to(x.dtype)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The real form of the rotation: pairs (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos), with
+    cos/sin broadcastable to [..., D/2]; in float32 (float64 stays float64). Elementwise only,
+    so inductor fuses it with the casts and the q/k norm around it into one kernel."""
+    xr = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    x0, x1 = xr.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos.to(xr.dtype), sin.to(xr.dtype)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2).to(x.dtype)
 
 
 def rope_angles(positions: torch.Tensor, axes_dims, theta: float, dtype=torch.float64):

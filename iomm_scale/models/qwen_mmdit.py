@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention, none_if_unpadded
+from .attention import apply_complex_rope, attention, none_if_unpadded
 from .flux_mmdit import pack_latents, unpack_latents
 from .layers import FeedForward, MLPEmbedder, RMSNorm, layer_norm_no_affine, linear, modulate, split_fused
 
@@ -100,8 +100,8 @@ class QwenDoubleBlock(nn.Module):
 
     def _qkv(self, stream: str, x: torch.Tensor, rope):
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in split_fused(getattr(self, f"{stream}_qkv")(x), (1, 1, 1)))
-        q = apply_rope(getattr(self, f"{stream}_norm_q")(q), rope)
-        k = apply_rope(getattr(self, f"{stream}_norm_k")(k), rope)
+        q = apply_complex_rope(getattr(self, f"{stream}_norm_q")(q), rope[:, None])
+        k = apply_complex_rope(getattr(self, f"{stream}_norm_k")(k), rope[:, None])
         return q, k, v
 
     def forward(self, img, txt, temb, img_rope, txt_rope, mask):
@@ -142,14 +142,6 @@ def rope_tables(positions: torch.Tensor, axes_dims, theta: float) -> torch.Tenso
         angles = positions[:, i].to(torch.float32)[:, None] * freqs
         parts.append(torch.polar(torch.ones_like(angles), angles))
     return torch.cat(parts, -1)
-
-
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [B, S, H, D] by complex freqs [S, D/2], in float32.
-    One complex multiply: about 3x cheaper in eager mode than the cos/sin form (inductor does
-    not fuse complex ops, so under torch.compile the two forms cost about the same)."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * freqs[:, None]).flatten(-2).to(x.dtype)
 
 
 def qwen_positions(img_shapes, txt_len: int, device=None):

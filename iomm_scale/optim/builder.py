@@ -14,10 +14,19 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
     if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                 fused=fused_adamw_ok(params))
     from .muon import build_muon_optimizer
 
     return build_muon_optimizer(model, cfg)  # carries .routing_table (the trainer prints and saves it)
+
+
+def fused_adamw_ok(params) -> bool | None:
+    """True when every parameter is on a CUDA device: AdamW's fused kernel (one launch for all
+    tensors, same maths) is then ~2x cheaper than the foreach default. None (torch's default)
+    elsewhere, so CPU runs keep the path the reference tests compare with."""
+    params = list(params)
+    return True if params and all(p.is_cuda for p in params) else None
 
 
 def lr_factor(step: int, cfg) -> float:
@@ -48,8 +57,10 @@ class EMA:
 
     @torch.no_grad()
     def update(self, named_params: dict[str, torch.Tensor]) -> None:
-        for n, p in named_params.items():
-            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+        # one foreach kernel per dtype group rather than a Python loop of lerps (same values)
+        names = list(named_params)
+        torch._foreach_lerp_([self.shadow[n] for n in names], [named_params[n].detach().float() for n in names],
+                             1 - self.decay)
 
     @torch.no_grad()
     def swap_into(self, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -261,7 +261,8 @@ class DistributedTrainer:
                                         grad_clip=cfg.optim.grad_clip, seed=cfg.train.seed, batch_keys=keys,
                                         ds_extra=ds_extra, resume_full=resume_full,
                                         ema_decay=cfg.optim.ema_decay,
-                                        compile_backend=cfg.train.compile_backend if cfg.train.compile else None)
+                                        compile_backend=cfg.train.compile_backend if cfg.train.compile else None,
+                                        compile_mllm=cfg.train.compile_mllm)
         self._log_ema()
         opt = self.rt.engine.optimizer
         routing = getattr(getattr(opt, "optimizer", opt), "routing_table", None)

@@ -145,7 +145,8 @@ class ParallelRuntime:
               prologue: Callable | None = None, batch_keys: tuple[str, ...] | None = None,
               ds_extra: dict | None = None, persistence_threshold: int | None = None,
               resume_full: str | None = None, layout: Layout | None = None,
-              ema_decay: float | None = None, compile_backend: str | None = None) -> "ParallelRuntime":
+              ema_decay: float | None = None, compile_backend: str | None = None,
+              compile_mllm: bool = False) -> "ParallelRuntime":
         """`model`: an IOMMModel (with .generator) or a bare generator, built whole (or built
         sharded with `tensor_parallel.tp_linear_factory`). `micro_batch`: samples per
         micro-batch per DP rank; pcfg.num_microbatches micro-batches make one step.
@@ -153,7 +154,7 @@ class ParallelRuntime:
         the first stage. `ema_decay`: keep an fp32 EMA of the trainable parameters (`rt.ema`,
         parallel/ema.py; restored from `resume_full` when the checkpoint has one).
         `compile_backend`: torch.compile each generator block with it (train/compile.py; data
-        parallel with ZeRO 0-2 only)."""
+        parallel with ZeRO 0-2 only), and with `compile_mllm` each frozen LLM decoder layer."""
         from . import checkpointing
         from .deepspeed_engine import assert_unmanaged_accumulation, deepspeed_config, initialize_engine
         from .tensor_parallel import apply_tensor_parallel, is_tp_layer
@@ -193,12 +194,14 @@ class ParallelRuntime:
                                                              pcfg.checkpoint_every_k, pcfg.checkpoint_mllm) \
             if layout.pp == 1 else _checkpoint_stage(model, pcfg, pipeline_module)
         if compile_backend is not None:
-            from ..train.compile import compile_blocks, compile_layout_errors
+            from ..train.compile import compile_blocks, compile_frozen_mllm, compile_layout_errors
 
             errors = compile_layout_errors(layout.tp, layout.pp, pcfg.zero_stage)
             if errors:
                 raise ValueError("; ".join(f"{k}: {m}" for k, m in errors))
             info["compiled_blocks"] = compile_blocks(gen, compile_backend)
+            if compile_mllm and getattr(model, "conditioner", None) is not None:
+                info["compiled_mllm_layers"] = compile_frozen_mllm(model.conditioner, compile_backend)
         if layout.pp > 1:
             # The schedule runs the backwards itself (torch-style backward, which DeepSpeed
             # scales by 1 / gradient_accumulation_steps) and our loss already divides by the

@@ -263,20 +263,24 @@ class Case:
     micro_batch: int
     checkpointing: str
     attention: str
-    compile: bool
+    compile: bool | str  # off / False; on / True: generator blocks; all: + the frozen MLLM's decoder layers
+
+    @property
+    def compile_mode(self) -> str:
+        return {False: "off", True: "on"}.get(self.compile, self.compile)
 
 
 def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: int = 1, device=None,
              random_frozen: bool = False, peak_tflops: float | None = None, baseline: int | None = None,
              plan: bool = True) -> dict:
     from ..models.attention import check_backend
-    from ..optim.builder import EMA, build_optimizer, set_lr
+    from ..optim.builder import EMA, build_optimizer, fused_adamw_ok, set_lr
     from .flops import image_tokens, training_flops
     from .mfu import mfu as mfu_of, peak_tflops_for
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     row = {"scope": scope, "micro_batch": case.micro_batch, "checkpointing": case.checkpointing,
-           "attention": case.attention, "compile": "on" if case.compile else "off"}
+           "attention": case.attention, "compile": case.compile_mode}
     try:
         check_backend(case.attention)
     except Exception as e:  # noqa: BLE001
@@ -302,16 +306,20 @@ def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: in
         model = build_model(cfg, device, random_frozen).train()
     set_attention_backend(model.generator, case.attention)
     apply_checkpointing(model.generator, case.checkpointing)
-    if case.compile:  # as train.compile does; a fresh dynamo cache per case, so each case compiles static shapes
+    if case.compile_mode not in ("off", "on", "all"):
+        return {**row, "status": f"skipped: compile must be off, on or all, got {case.compile!r}"}
+    if case.compile_mode != "off":  # as train.compile does; a fresh dynamo cache per case (static shapes)
         from torch import _dynamo  # (not `import torch._dynamo`: that would make `torch` local here)
 
-        from ..train.compile import compile_blocks
+        from ..train.compile import compile_blocks, compile_frozen_mllm
 
         _dynamo.reset()
         compile_blocks(model.generator)
+        if case.compile_mode == "all" and scope != "generator":
+            compile_frozen_mllm(model.conditioner)
     if scope == "generator":
         params = [p for p in model.generator.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=fused_adamw_ok(params))
         ema = None
         cond_len = condition_lengths(cfg)["generator"]
         h, w = latent_hw(cfg)
@@ -468,7 +476,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--micro-batch", default=None, help="comma list (default: data.batch_size)")
     parser.add_argument("--checkpointing", default="none,full", help="comma list of none,full,every_k")
     parser.add_argument("--attention", default="sdpa", help="comma list of sdpa,math,flash (flash skipped when absent)")
-    parser.add_argument("--compile", default="off", help="comma list of off,on")
+    parser.add_argument("--compile", default="off",
+                        help="comma list of off,on,all (on: generator blocks; all: also the frozen MLLM's layers)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default=None)
@@ -484,7 +493,9 @@ def main(argv=None) -> list[dict]:
     release_freed_memory()
     cfg = load_preset_or_config(args.preset, args.config, args.overrides)
     mbs = _csv_list(args.micro_batch, int) if args.micro_batch else [cfg.data.batch_size]
-    compile_modes = [c == "on" for c in _csv_list(args.compile)]
+    compile_modes = _csv_list(args.compile)
+    if set(compile_modes) - {"off", "on", "all"}:
+        parser.error(f"--compile takes off, on, all; got {args.compile!r}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":  # load every library a case touches before the first RSS baseline
         warm_up(cfg, args.scope, args.random_frozen)

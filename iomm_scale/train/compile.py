@@ -29,6 +29,27 @@ def compile_blocks(generator: torch.nn.Module, backend: str = "inductor") -> int
     return len(blocks)
 
 
+def frozen_mllm_layers(conditioner: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers of the conditioner's frozen LLM (transformers' InternVL / Qwen2.5-VL
+    layout: mllm.model.language_model.layers); [] when there is no such list."""
+    lm = getattr(getattr(getattr(conditioner, "mllm", None), "model", None), "language_model", None)
+    return list(getattr(lm, "layers", None) or [])
+
+
+def compile_frozen_mllm(conditioner: torch.nn.Module, backend: str = "inductor") -> int:
+    """Compile each decoder layer of the frozen LLM in place (`train.compile_mllm`); returns how
+    many. It runs forward and the input-gradient backward every step (the RQA's gradient flows
+    through it). Static shapes, as the generator's blocks: image-only pre-training has one
+    condition length; with captions every new padded length is one more compile (dynamo stops
+    at its recompile limit and runs further lengths eagerly)."""
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"compile backend must be one of {COMPILE_BACKENDS}, got {backend!r}")
+    layers = frozen_mllm_layers(conditioner)
+    for layer in layers:
+        layer.compile(backend=backend, dynamic=False)
+    return len(layers)
+
+
 def compile_layout_errors(tp: int, pp: int, zero_stage: int) -> list[tuple[str, str]]:
     """(run-config key, message) for the layouts compiled blocks are not proved under: the data-
     parallel ZeRO 0-2 path is (tests/parallel, equal to one process); tensor-parallel linears,

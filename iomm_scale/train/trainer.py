@@ -84,9 +84,11 @@ class Trainer:
 
             apply_to_model(self.model, par.activation_checkpointing, par.checkpoint_every_k, par.checkpoint_mllm)
         if cfg.train.compile:  # after checkpointing: the checkpoint wrappers stay outside the compiled blocks
-            from .compile import compile_blocks
+            from .compile import compile_blocks, compile_frozen_mllm
 
             compile_blocks(self.model.generator, cfg.train.compile_backend)
+            if cfg.train.compile_mllm:
+                compile_frozen_mllm(self.model.conditioner, cfg.train.compile_backend)
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg)
         table = getattr(self.optimizer, "routing_table", None)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from iomm_scale.config import validate
+from iomm_scale.train.compile import frozen_mllm_layers
 from iomm_scale.train.trainer import Trainer
 
 
@@ -24,11 +25,13 @@ def test_compiled_trainer_matches_eager(tiny_cfg, tmp_path):
         eager.train_step()
     torch._dynamo.reset()
     before = _graphs()
-    compiled = Trainer(tiny_cfg(*opts, "train.compile=true", "train.compile_backend=aot_eager"),
+    compiled = Trainer(tiny_cfg(*opts, "train.compile=true", "train.compile_backend=aot_eager", "train.compile_mllm=true"),
                        run_dir=tmp_path / "compiled")
+    layers = frozen_mllm_layers(compiled.model.conditioner)
+    assert layers and all(l._compiled_call_impl is not None for l in layers)  # the frozen LLM's too
     for _ in range(3):
         compiled.train_step()
-    assert _graphs() > before  # dynamo traced the blocks (not a silent eager fallback)
+    assert _graphs() >= before + 3  # dynamo traced double, single and LLM layers (no silent eager fallback)
     a, b = [l for _, l in eager.history], [l for _, l in compiled.history]
     assert a == pytest.approx(b, rel=1e-5, abs=0)
     pa, pb = eager.model.trainable_state_dict(), compiled.model.trainable_state_dict()
@@ -89,9 +92,87 @@ def test_inductor_compiled_trainer_matches_eager_on_cuda(tiny_cfg, tmp_path):
         eager.train_step()
     torch._dynamo.reset()
     before = _graphs()
-    compiled = Trainer(tiny_cfg(*opts, "train.compile=true"), run_dir=tmp_path / "compiled")
+    compiled = Trainer(tiny_cfg(*opts, "train.compile=true", "train.compile_mllm=true"), run_dir=tmp_path / "compiled")
     for _ in range(3):
         compiled.train_step()
     assert _graphs() > before
     assert [l for _, l in eager.history] == pytest.approx([l for _, l in compiled.history], rel=2e-2)
     torch._dynamo.reset()
+
+
+def _tiny_generators():
+    from iomm_scale.models.flux_mmdit import FluxConfig, FluxMMDiT
+    from iomm_scale.models.qwen_mmdit import QwenMMDiT, QwenMMDiTConfig
+    from iomm_scale.models.s3dit import S3DiT, S3DiTConfig
+
+    torch.manual_seed(0)
+    return {
+        "flux": (FluxMMDiT(FluxConfig(in_channels=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=16,
+                                      context_dim=32, pooled_dim=32, axes_dims_rope=(4, 6, 6),
+                                      attention_backend="sdpa")), 4),
+        "s3dit": (S3DiT(S3DiTConfig(in_channels=4, num_layers=1, num_refiner_layers=1, num_heads=2, head_dim=16,
+                                    context_dim=32, axes_dims=(4, 6, 6), attention_backend="sdpa")), 4),
+        "qwen_mmdit": (QwenMMDiT(QwenMMDiTConfig(in_channels=16, out_channels=4, num_layers=1, num_heads=2,
+                                                 head_dim=16, context_dim=32, axes_dims_rope=(4, 6, 6),
+                                                 attention_backend="sdpa")), 4),
+    }
+
+
+@pytest.mark.parametrize("family", ["flux", "s3dit", "qwen_mmdit"])
+def test_compiled_blocks_rotate_without_complex_ops(family):
+    """Inductor generates no code for complex ops: a complex-multiply RoPE inside a compiled block
+    runs as separate eager kernels. Compiled blocks take the real form (attention.rotate_pairs):
+    no op of their traced graphs computes a complex tensor, and forward and gradients equal the
+    eager (complex) model's within 1e-5."""
+    import copy
+
+    import torch._dynamo
+
+    generator, c = _tiny_generators()[family]
+    compiled = copy.deepcopy(generator)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    for block in compiled.blocks():
+        block.compile(backend=capture, dynamic=False)
+    g = torch.Generator().manual_seed(1)
+    latents, t = torch.randn(2, c, 8, 8, generator=g), torch.rand(2, generator=g)
+    cond = torch.randn(2, 6, 32, generator=g)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    outs = []
+    for model in (generator, compiled):
+        out = model(latents, t, cond, mask)
+        out.square().mean().backward()
+        outs.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    assert graphs, "dynamo traced nothing"
+    def complex_result(n):  # views of the complex table (unsqueeze, slicing) cost no kernel
+        v = n.meta.get("example_value")
+        return isinstance(v, torch.Tensor) and v.is_complex() and not v._is_view()
+
+    complex_ops = [f"{n.target}" for gm in graphs for n in gm.graph.nodes if n.op != "placeholder" and complex_result(n)]
+    assert not complex_ops, complex_ops
+    (ea, eg), (ca, cg) = outs
+    torch.testing.assert_close(ca, ea, rtol=1e-5, atol=1e-6)
+    for n in eg:
+        torch.testing.assert_close(cg[n], eg[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    torch._dynamo.reset()
+
+
+def test_rotate_pairs_equals_the_complex_multiply():
+    from iomm_scale.models.attention import apply_complex_rope, apply_rope, rope_angles, rotate_pairs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 10, 3, 16, generator=g)
+    ids = torch.randint(0, 7, (10, 3)).float()
+    cos, sin = rope_angles(ids, (4, 6, 6), 10000.0)
+    ref = apply_rope(x, cos, sin)
+    real = rotate_pairs(x, cos[None, :, None, ::2], sin[None, :, None, ::2])
+    torch.testing.assert_close(real, ref, rtol=1e-6, atol=1e-6)
+    freqs = torch.polar(torch.ones_like(cos[:, ::2]), torch.atan2(sin[:, ::2], cos[:, ::2]))
+    torch.testing.assert_close(apply_complex_rope(x, freqs[:, None]), ref, rtol=1e-5, atol=1e-6)
+    assert apply_rope(x.bfloat16(), cos, sin).dtype == torch.bfloat16
