@@ -76,10 +76,10 @@ _FORTRAN = re.compile(rb"""['"]fortran_order['"]\s*:\s*(True|False)""")
 _SHAPE = re.compile(rb"""['"]shape['"]\s*:\s*\(([^)]*)\)""")
 
 
-def npy_view(data) -> np.ndarray:
-    """A .npy payload (bytes or a memoryview of a mapped shard) as an array viewing `data`
-    (no copy, never unpickles). np.load would copy and parse the header with ast: both show
-    up at feature-shard speeds."""
+_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}  # .npy header -> (dtype, shape, data offset)
+
+
+def _npy_header(data) -> tuple[np.dtype, tuple[int, ...], int]:
     if bytes(data[:6]) != b"\x93NUMPY":
         raise ValueError("not a .npy payload")
     if data[6] == 1:
@@ -87,14 +87,27 @@ def npy_view(data) -> np.ndarray:
     else:
         (hlen,), start = struct.unpack("<I", data[8:12]), 12
     header = bytes(data[start:start + hlen])
+    known = _HEADERS.get(header)  # every sample of a shard set has the same few headers
+    if known is not None:
+        return known
     descr, fortran, shape = _DESCR.search(header), _FORTRAN.search(header), _SHAPE.search(header)
     if not (descr and fortran and shape):
         raise ValueError("unparseable .npy header")
     dims = tuple(int(x) for x in shape.group(1).split(b",") if x.strip())
     if fortran.group(1) == b"True" and len(dims) > 1:
         raise ValueError("Fortran-ordered array")
-    arr = np.frombuffer(data, dtype=np.dtype(descr.group(1).decode()), count=math.prod(dims), offset=start + hlen)
-    return arr.reshape(dims)
+    parsed = (np.dtype(descr.group(1).decode()), dims, start + hlen)
+    if len(_HEADERS) < 256:
+        _HEADERS[header] = parsed
+    return parsed
+
+
+def npy_view(data) -> np.ndarray:
+    """A .npy payload (bytes or a memoryview of a mapped shard) as an array viewing `data`
+    (no copy, never unpickles). np.load would copy and parse the header with ast: both show
+    up at feature-shard speeds."""
+    dtype, dims, offset = _npy_header(data)
+    return np.frombuffer(data, dtype=dtype, count=math.prod(dims), offset=offset).reshape(dims)
 
 
 _STORED = (np.dtype(np.float16), np.dtype(np.float32))
@@ -111,16 +124,22 @@ def _load(data: bytes, ndim: int, name: str) -> torch.Tensor:
         arr = arr.astype(np.float32)
     with warnings.catch_warnings():  # a read-only view of the tar member: the batch copy only reads it
         warnings.simplefilter("ignore", UserWarning)
-        tensor = torch.from_numpy(arr)
-    low, high = torch.aminmax(tensor)  # NaN propagates, inf is an extreme: one pass, no temporary
+        return torch.from_numpy(arr)
+
+
+def check_finite(tensor: torch.Tensor, name: str) -> None:
+    """BadSample("bad_features") unless every value is finite: one pass, no temporary (NaN
+    propagates through min / max, inf is an extreme)."""
+    low, high = torch.aminmax(tensor)
     if not (math.isfinite(low.item()) and math.isfinite(high.item())):
         raise BadSample("bad_features", f"{name}: non-finite values")
-    return tensor
 
 
-def decode_features(sample: dict, resolution: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_features(sample: dict, resolution: Optional[int], check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw feature sample -> (latents [C, h, w], vision features [T, D]) in their stored
-    dtype (float16 or float32), as read-only views of the sample's bytes."""
+    dtype (float16 or float32), as read-only views of the sample's bytes. `check=False` leaves
+    the finite check (check_finite) to the caller: the loader runs it on the sample's copy in
+    its batch slot, while the copy is still in cache."""
     if LATENTS not in sample or VISION not in sample:
         raise BadSample("missing_image", f"feature sample lacks {LATENTS} / {VISION}")
     if resolution is not None and "json" in sample:
@@ -130,7 +149,11 @@ def decode_features(sample: dict, resolution: Optional[int]) -> tuple[torch.Tens
             raise BadSample("bad_features", "unparseable .json") from None
         if made_for is not None and made_for != resolution:
             raise BadSample("feature_mismatch", f"made at {made_for} px, training at {resolution} px")
-    return _load(sample[LATENTS], 3, LATENTS), _load(sample[VISION], 2, VISION)
+    lat, vis = _load(sample[LATENTS], 3, LATENTS), _load(sample[VISION], 2, VISION)
+    if check:
+        check_finite(lat, LATENTS)
+        check_finite(vis, VISION)
+    return lat, vis
 
 
 def precompute_feature_shards(loader: Iterable[dict], encode_latents, encode_vision, out_pattern: str,

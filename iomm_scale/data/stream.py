@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import WebDatasetConfig, parse_bucket
 from .errors import BadDataCounter, BadSample, DataErrorBudgetExceeded, check_budget, merge_stats
-from .features import LATENTS, VISION, decode_features
+from .features import LATENTS, VISION, check_finite, decode_features
 from .preprocess import bucket_sizes, caption_of, decode_image_chw, image_member
 from .shards import ChunkedShuffle, SlotPlan, expand_shards
 
@@ -85,6 +85,9 @@ class _Worker:
         self._block_index, self._block = -1, None
         # bucket key -> [(item, caption, key, ref)], in arrival order (dicts keep insertion order)
         self.buckets: dict[tuple, list] = {}
+        # feature runs: bucket key -> (latents, vision) batch tensors its items are views of
+        self.feature_batches: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pool = BatchPool()
         self._restore_pending(state.get("pending", []))
 
     # -- mixture ------------------------------------------------------------------------
@@ -104,14 +107,32 @@ class _Worker:
             if LATENTS not in sample or VISION not in sample:
                 raise BadSample("missing_image", f"feature sample lacks {LATENTS} / {VISION}")
             caption = None if image_only else caption_of(sample)
-            lat, vis = decode_features(sample, self.resolution)
-            return (tuple(lat.shape), tuple(vis.shape), lat.dtype, vis.dtype), (lat, vis), caption
+            lat, vis = decode_features(sample, self.resolution, check=False)
+            bkey = (tuple(lat.shape), tuple(vis.shape), lat.dtype, vis.dtype)
+            # Straight into the sample's slot of the batch being filled (one copy from the mapped
+            # shard), then checked there while it is still in cache (a rejected sample's slot is
+            # reused by the next one).
+            lat_slot, vis_slot = self._slot(bkey, lat, vis)
+            lat_slot.copy_(lat)
+            vis_slot.copy_(vis)
+            check_finite(lat_slot, LATENTS)
+            check_finite(vis_slot, VISION)
+            return bkey, (lat_slot, vis_slot), caption
         _, data = image_member(sample)
         caption = None if image_only else caption_of(sample)
         chw = decode_image_chw(data, self.resolution, buckets=self.buckets_px,
                                min_size_fraction=self.cfg.min_size_fraction, min_image_size=self.cfg.min_image_size,
                                max_image_pixels=self.cfg.max_image_pixels, resize_filter=self.cfg.resize_filter)
         return tuple(chw.shape), chw, caption
+
+    def _slot(self, bkey: tuple, lat: torch.Tensor, vis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next free slot of bucket `bkey`'s feature batch (allocated when the bucket opens)."""
+        batch = self.feature_batches.get(bkey)
+        if batch is None:
+            batch = self.feature_batches[bkey] = (self.pool.take((self.batch_size, *lat.shape), lat.dtype),
+                                                  self.pool.take((self.batch_size, *vis.shape), vis.dtype))
+        i = len(self.buckets.get(bkey, ()))
+        return batch[0][i], batch[1][i]
 
     def _restore_pending(self, refs: list) -> None:
         """Refill partially filled buckets from their references (re-read, not re-counted)."""
@@ -132,18 +153,22 @@ class _Worker:
                 "pending": [e[3] for bucket in self.buckets.values() for e in bucket],
                 "stats": self.counter.snapshot()}
 
-    def _emit(self, entries: Optional[list]) -> dict:
+    def _emit(self, entries: Optional[list], bkey: Optional[tuple] = None) -> dict:
         batch = None
         if entries is not None:
             self.batches += 1
-            if self.cfg.features:
-                lat, vis = [e[0][0] for e in entries], [e[0][1] for e in entries]
-                batch = {"latents": torch.stack(lat, out=_alloc((len(lat), *lat[0].shape), lat[0].dtype)),
-                         "vision_features": torch.stack(vis, out=_alloc((len(vis), *vis[0].shape), vis[0].dtype))}
+            if self.cfg.features:  # already assembled, sample by sample, in _decode
+                lat, vis = self.feature_batches.pop(bkey)
+                n = len(entries)
+                if n < len(lat):  # the last, partial batch of a finite stream
+                    lat = _alloc((n, *lat.shape[1:]), lat.dtype).copy_(lat[:n])
+                    vis = _alloc((n, *vis.shape[1:]), vis.dtype).copy_(vis[:n])
+                batch = {"latents": lat, "vision_features": vis}
             else:
-                # uint8: a quarter of float32's bytes to fill, share and copy to the device; the
-                # model converts to [-1, 1] there (iomm.unit_pixels)
-                pixels = _alloc((len(entries), *entries[0][0].shape), torch.uint8)
+                # uint8, channels-last: a quarter of float32's bytes to fill, share and copy to the
+                # device, each sample one memcpy; the model converts to contiguous [-1, 1] float
+                # there (preprocess.unit_pixels)
+                pixels = self.pool.take((len(entries), *entries[0][0].shape), torch.uint8, channels_last=True)
                 for i, e in enumerate(entries):
                     pixels[i].copy_(e[0])
                 batch = {"pixels": pixels}
@@ -177,13 +202,15 @@ class _Worker:
             bucket.append((item, caption, sample["__key__"], ref))
             if len(bucket) == self.batch_size:
                 del self.buckets[bkey]
-                yield self._emit(bucket)
+                yield self._emit(bucket, bkey)
         # A finite stream ended (possibly before a save, in the middle of this flush): the
         # partial batches, then a marker carrying the final state.
         while self.buckets:
-            bucket = self.buckets.pop(next(iter(self.buckets)))
+            bkey = next(iter(self.buckets))
+            bucket = self.buckets.pop(bkey)
             if not self.cfg.drop_last:
-                yield self._emit(bucket)
+                yield self._emit(bucket, bkey)
+            self.feature_batches.pop(bkey, None)
         yield self._emit(None)
 
     def _bad(self, reason: str, sample: dict, detail: str) -> None:
@@ -211,17 +238,58 @@ class _WorkerDataset(IterableDataset):
                            logical=logical, state=self.states.get(logical))
 
 
-def _alloc(shape, dtype=torch.float32) -> torch.Tensor:
+def _alloc(shape, dtype=torch.float32, channels_last: bool = False) -> torch.Tensor:
     """A batch tensor; in a DataLoader worker it is created in shared memory, so handing it
     to the main process copies nothing. (Conversion happens here, in the single-threaded
-    worker, so the trainer's process does no per-batch work.)"""
+    worker, so the trainer's process does no per-batch work.) `channels_last`: a [B, C, H, W]
+    tensor with channels-last strides (the decoded images' layout: one memcpy per sample)."""
     shape = tuple(shape)
+    if channels_last:
+        b, c, h, w = shape
+        stride = (h * w * c, 1, w * c, c)
+    else:
+        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
     if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
+        return torch.empty_strided(shape, stride, dtype=dtype)
     # Straight into shared memory (as DataLoader's default collate): empty().share_memory_()
     # would fault in private pages and copy them first.
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape, stride)
+
+
+def _storage_users(t: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+class BatchPool:
+    """Batch tensors recycled once nobody holds them any more (in the loading process only).
+
+    A fresh 13 MB batch is ~3,000 newly mapped pages: first-touching them cost 0.25-0.35 ms per
+    feature sample on the development VM, as much as copying the sample itself. The pool keeps
+    a private base tensor per buffer and hands out a view of it, so every batch, slice or numpy
+    array of it that is alive anywhere adds a user to the storage; a buffer is handed out
+    again only when the base is its storage's one user, so reuse never overwrites data
+    someone still reads. DataLoader workers allocate in shared memory instead (the receiving
+    process owns those), as does a torch without the use-count hook."""
+
+    def __init__(self, per_shape: int = 4):
+        self.per_shape = per_shape
+        self.free: dict[tuple, list[tuple[torch.Tensor, int]]] = {}
+        self.enabled = get_worker_info() is None and hasattr(torch._C, "_storage_Use_Count")
+
+    def take(self, shape, dtype=torch.float32, channels_last: bool = False) -> torch.Tensor:
+        if not self.enabled:
+            return _alloc(shape, dtype, channels_last)
+        key = (tuple(shape), dtype, channels_last)
+        pooled = self.free.setdefault(key, [])
+        for base, alone in pooled:
+            if _storage_users(base) == alone:
+                return base[:]
+        base = _alloc(shape, dtype, channels_last)
+        if len(pooled) < self.per_shape:
+            pooled.append((base, _storage_users(base)))
+            return base[:]
+        return base
 
 
 def _identity(x):
