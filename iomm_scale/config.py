@@ -377,6 +377,8 @@ def validate(cfg: RunConfig) -> list[tuple[str, str]]:
     if t.compile_backend not in COMPILE_BACKENDS:
         errors.append(("train.compile_backend", f"must be one of {COMPILE_BACKENDS}, got {t.compile_backend!r}"))
     errors.extend(compile_launch_errors(cfg))
+    if t.compile_mllm and not t.compile:
+        errors.append(("train.compile_mllm", "compiles the frozen LLM's layers only together with train.compile: true"))
     if t.log_every < 1:
         errors.append(("train.log_every", f"must be >= 1, got {t.log_every}"))
     if t.ckpt_every < 0 or t.keep_checkpoints < 1:

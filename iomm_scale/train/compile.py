@@ -30,10 +30,14 @@ def compile_blocks(generator: torch.nn.Module, backend: str = "inductor") -> int
 
 
 def frozen_mllm_layers(conditioner: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder layers of the conditioner's frozen LLM (transformers' InternVL / Qwen2.5-VL
-    layout: mllm.model.language_model.layers); [] when there is no such list."""
-    lm = getattr(getattr(getattr(conditioner, "mllm", None), "model", None), "language_model", None)
-    return list(getattr(lm, "layers", None) or [])
+    """The decoder layers of the conditioner's frozen LLM (as checkpoint_mllm finds them);
+    ValueError naming what is missing otherwise."""
+    from ..parallel.checkpointing import find_mllm, mllm_decoder_layers
+
+    mllm = find_mllm(conditioner)
+    if mllm is None:
+        raise ValueError("train.compile_mllm: the model has no conditioner MLLM (looked for .mllm / .language_model)")
+    return mllm_decoder_layers(mllm)
 
 
 def compile_frozen_mllm(conditioner: torch.nn.Module, backend: str = "inductor") -> int:

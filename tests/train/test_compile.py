@@ -77,6 +77,8 @@ def test_compile_settings_are_checked(tiny_cfg):
     assert "parallel.tp: train.compile with tp=2" in str(err.value)
     assert "parallel.zero_stage: train.compile with zero_stage=3" in str(err.value)
     assert not validate(tiny_cfg("train.compile=true", "parallel.zero_stage=2"))
+    with pytest.raises(ConfigError, match=r"train.compile_mllm: .*only together with train.compile: true"):
+        tiny_cfg("train.compile_mllm=true")
 
 
 @pytest.mark.gpu
