@@ -33,6 +33,28 @@ def test_shorter_side_resize_then_centre_crop(size):
         assert mad(out, np.asarray(im.resize((48, 48), Image.BICUBIC))) > 3 * mad(out, reference_resize_crop(im, 48))
 
 
+@pytest.mark.parametrize("shape", [(68, 102), (102, 68), (68, 68), (48, 72)])
+def test_resized_crops_come_out_channels_last(shape):
+    """Landscape, portrait, square and no-resize crops: [3, 48, 48] with channels-last strides
+    (so the loader's batch copy is a memcpy per row, not a transposition) and the same pixels as the
+    plain [1, 3, h, w]-contiguous resample of the crop."""
+    import torch
+    import torch.nn.functional as F
+
+    from iomm_scale.data.preprocess import resize_center_crop
+
+    arr = np.asarray(photo("chelsea", shape[1], shape[0]))
+    out = resize_center_crop(arr, 48, 48)
+    h, w = shape
+    side = min(h, w)
+    # pixel-interleaved rows; a resampled crop is dense, a no-resize crop is a view of the image
+    assert out.shape == (3, 48, 48) and out.stride() == (1, (48 if side != 48 else w) * 3, 3)
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = torch.from_numpy(np.ascontiguousarray(arr[top:top + side, left:left + side])).permute(2, 0, 1)[None].contiguous()
+    ref = crop[0] if side == 48 else F.interpolate(crop, size=(48, 48), mode="bicubic", antialias=True)[0]
+    assert (out.int() - ref.int()).abs().max() <= 1
+
+
 def test_jpeg_reduced_decode_matches_full_decode():
     im = photo("astronaut", 1280, 640)  # 1/5: the draft decodes at 1/4 (320 x 160), then resizes
     data = encode(im, "JPEG", quality=92)
