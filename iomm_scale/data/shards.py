@@ -155,28 +155,19 @@ def _open_tar(stream, views: tuple[str, ...] = ()) -> tuple[Iterator, Callable[[
                     raise tarfile.ReadError("unexpected end of data")
                 return data
 
-            return _local_members(tar, mapped), at_end, read_member
+            return _members(tar, mapped), at_end, read_member
     reader = _TailReader(stream)
     tar = tarfile.open(fileobj=reader, mode="r|*")
-    return (_tarfile_members(tar),
+    return (_members(tar),
             lambda: getattr(tar.fileobj, "comptype", "tar") != "tar" or reader.ends_with_marker(tar.offset),
             lambda info: tar.extractfile(info).read())
 
 
-def _tarfile_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+def _members(tar: tarfile.TarFile, mapped: Optional[memoryview] = None) -> Iterator:
+    """The shard's members from tarfile; with the shard mapped, each run of plain headers after
+    a tarfile member (the first one: tarfile read it to open the file) from _ustar_members."""
     while (info := tar.next()) is not None:
         tar.members = []  # tarfile keeps every TarInfo otherwise
-        yield info
-
-
-def _local_members(tar: tarfile.TarFile, mapped: Optional[memoryview]) -> Iterator:
-    """Members of a seekable shard: tarfile's first one (it read it to open the file), then
-    the mapped fast path while the headers are plain, then tarfile for the rest."""
-    while True:
-        info = tar.next()
-        if info is None:
-            return
-        tar.members = []
         yield info
         if mapped is not None:
             yield from _ustar_members(tar, mapped)

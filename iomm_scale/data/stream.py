@@ -274,14 +274,14 @@ class BatchPool:
 
     def __init__(self, per_shape: int = 4):
         self.per_shape = per_shape
-        self.free: dict[tuple, list[tuple[torch.Tensor, int]]] = {}
+        self.buffers: dict[tuple, list[tuple[torch.Tensor, int]]] = {}  # key -> [(base, its lone use count)]
         self.enabled = get_worker_info() is None and hasattr(torch._C, "_storage_Use_Count")
 
     def take(self, shape, dtype=torch.float32, channels_last: bool = False) -> torch.Tensor:
         if not self.enabled:
             return _alloc(shape, dtype, channels_last)
         key = (tuple(shape), dtype, channels_last)
-        pooled = self.free.setdefault(key, [])
+        pooled = self.buffers.setdefault(key, [])
         for base, alone in pooled:
             if _storage_users(base) == alone:
                 return base[:]

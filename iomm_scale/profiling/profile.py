@@ -285,6 +285,8 @@ def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: in
         check_backend(case.attention)
     except Exception as e:  # noqa: BLE001
         return {**row, "status": f"skipped: {e}".split(". ")[0]}
+    if case.compile_mode not in ("off", "on", "all"):
+        return {**row, "status": f"skipped: compile must be off, on or all, got {case.compile!r}"}
     bf16 = cfg.train.precision == "bf16" and device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
     gc.collect()
@@ -306,8 +308,6 @@ def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: in
         model = build_model(cfg, device, random_frozen).train()
     set_attention_backend(model.generator, case.attention)
     apply_checkpointing(model.generator, case.checkpointing)
-    if case.compile_mode not in ("off", "on", "all"):
-        return {**row, "status": f"skipped: compile must be off, on or all, got {case.compile!r}"}
     if case.compile_mode != "off":  # as train.compile does; a fresh dynamo cache per case (static shapes)
         from torch import _dynamo  # (not `import torch._dynamo`: that would make `torch` local here)
 

@@ -19,14 +19,17 @@ import torch
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
-def compile_blocks(generator: torch.nn.Module, backend: str = "inductor") -> int:
-    """Compile each transformer block of `generator` in place; returns how many."""
+def _compile_each(modules: list[torch.nn.Module], backend: str) -> int:
     if backend not in COMPILE_BACKENDS:
         raise ValueError(f"compile backend must be one of {COMPILE_BACKENDS}, got {backend!r}")
-    blocks = list(generator.blocks())
-    for block in blocks:
-        block.compile(backend=backend, dynamic=False)
-    return len(blocks)
+    for module in modules:
+        module.compile(backend=backend, dynamic=False)
+    return len(modules)
+
+
+def compile_blocks(generator: torch.nn.Module, backend: str = "inductor") -> int:
+    """Compile each transformer block of `generator` in place; returns how many."""
+    return _compile_each(list(generator.blocks()), backend)
 
 
 def frozen_mllm_layers(conditioner: torch.nn.Module) -> list[torch.nn.Module]:
@@ -46,12 +49,7 @@ def compile_frozen_mllm(conditioner: torch.nn.Module, backend: str = "inductor")
     through it). Static shapes, as the generator's blocks: image-only pre-training has one
     condition length; with captions every new padded length is one more compile (dynamo stops
     at its recompile limit and runs further lengths eagerly)."""
-    if backend not in COMPILE_BACKENDS:
-        raise ValueError(f"compile backend must be one of {COMPILE_BACKENDS}, got {backend!r}")
-    layers = frozen_mllm_layers(conditioner)
-    for layer in layers:
-        layer.compile(backend=backend, dynamic=False)
-    return len(layers)
+    return _compile_each(frozen_mllm_layers(conditioner), backend)
 
 
 def compile_layout_errors(tp: int, pp: int, zero_stage: int) -> list[tuple[str, str]]:

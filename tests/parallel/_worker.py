@@ -307,6 +307,7 @@ def scenario_iomm(name: str, **p) -> dict:
     micro = p.pop("micro", 2)
     config, resolution = p.pop("config", "tiny.yaml"), p.pop("resolution", 16)
     ema_decay = p.pop("ema_decay", None)
+    compile_backend, compile_mllm = p.pop("compile_backend", None), p.pop("compile_mllm", False)
     pcfg = ParallelConfig(**p)
     model = build_iomm_model(config, resolution)
     make = lambda mdl, step: iomm_batch(model, step, dp * m * micro)  # noqa: E731
@@ -315,8 +316,13 @@ def scenario_iomm(name: str, **p) -> dict:
     frozen_before = {n: t.clone() for n, t in model.conditioner.mllm.state_dict().items()}
     base_before = {n: q.detach().clone() for n, q in model.generator.named_parameters() if not q.requires_grad}
     init = {n: q.detach().clone() for n, q in model.named_parameters()}
-    rt, losses = run_layout(model, make, pcfg, micro, batch_keys=("pixels",), ema_decay=ema_decay)
-    out = compare(rt, losses, ref_losses, hist[-1], init)
+    with _compile_enabled(compile_backend is not None):
+        rt, losses = run_layout(model, make, pcfg, micro, batch_keys=("pixels",), ema_decay=ema_decay,
+                                compile_backend=compile_backend, compile_mllm=compile_mllm)
+        out = compare(rt, losses, ref_losses, hist[-1], init)
+    out["compiled_blocks"] = rt.info.get("compiled_blocks", 0)
+    out["compiled_mllm_layers"] = rt.info.get("compiled_mllm_layers", 0)
+    out["dynamo_graphs"] = _dynamo_graphs()
     if ema_decay:  # EMA parity, and what it holds per rank (the planner's `ema` term is checked in pytest)
         out.update(compare_ema(rt, ref_ema[-1], init, hist[-1]))
         out["ema_bytes"] = ema_bytes(rt)
@@ -732,6 +738,9 @@ SCENARIOS = {
     "s3dit_pp2": lambda: scenario_generator("s3dit_pp2", family="s3dit", pp=2, zero_stage=1, num_microbatches=4, micro=1),
     "qwen_pp2": lambda: scenario_generator("qwen_pp2", family="qwen_mmdit", pp=2, zero_stage=1, num_microbatches=4, micro=1),
     "iomm_dp2_zero3": lambda: scenario_iomm("iomm_dp2_zero3", zero_stage=3, checkpoint_mllm=True, ema_decay=EMA_DECAY),
+    # train.compile + train.compile_mllm: generator blocks and the frozen LLM's layers compiled (aot_eager)
+    "iomm_dp2_zero1_compile_mllm": lambda: scenario_iomm("iomm_dp2_zero1_compile_mllm", zero_stage=1,
+                                                         compile_backend="aot_eager", compile_mllm=True),
     # EMA (parallel/ema.py): parity with the single-process EMA, bitwise same-layout resume, export
     "ema_dp2_zero3": lambda: scenario_ema("ema_dp2_zero3", export=True, zero_stage=3),
     "ema_dp2_zero1": lambda: scenario_ema("ema_dp2_zero1", zero_stage=1),

@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 WORLD2 = ["dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "dp2_zero3_ckpt", "dp2_zero1_compile_ckpt", "dp2_zero3_offload", "tp2", "tp2_ckpt_every2", "pp2",
-          "pp2_ckpt", "s3dit_tp2", "qwen_tp2", "s3dit_pp2", "qwen_pp2", "iomm_dp2_zero3", "ema_dp2_zero3", "ema_dp2_zero1",
+          "pp2_ckpt", "s3dit_tp2", "qwen_tp2", "s3dit_pp2", "qwen_pp2", "iomm_dp2_zero3", "iomm_dp2_zero1_compile_mllm", "ema_dp2_zero3", "ema_dp2_zero1",
           "ema_tp2",
           "lora_dp2_zero2", "managed_refused",
           "muon_dp2_zero0", "muon_tp2_zero0", "muon_tp2_per_shard", "muon_dp2_bf16_autocast", "ds_muon_dp2_zero1",
@@ -115,6 +115,16 @@ def test_compiled_blocks_with_checkpointing_match_single_process(world2):
     assert_parity(r)
     assert r["compiled_blocks"] == 4 and r["checkpointing"]["blocks"] == [0, 1, 2, 3]
     assert r["dynamo_graphs"] >= 2  # dynamo really traced (double + single block), not a silent no-op
+
+
+def test_compiled_frozen_mllm_matches_single_process(world2):
+    """train.compile_mllm under DP=2 ZeRO-1: the whole tiny IOMM model (frozen LLM layers and
+    generator blocks compiled, aot_eager) equals the eager single process."""
+    r = check(world2, "iomm_dp2_zero1_compile_mllm")
+    assert_parity(r)
+    assert r["compiled_blocks"] > 0 and r["compiled_mllm_layers"] > 0
+    assert r["dynamo_graphs"] >= 3  # double block, single block and LLM layer really traced
+    assert r["no_frozen_optimized"] and r["frozen_unchanged"]
 
 
 def test_iomm_zero3_frozen_mllm(world2):

@@ -102,22 +102,21 @@ def test_inductor_compiled_trainer_matches_eager_on_cuda(tiny_cfg, tmp_path):
     torch._dynamo.reset()
 
 
-def _tiny_generators():
+def _tiny_generator(family):
+    """(a tiny generator of `family`, its latent channels)."""
     from iomm_scale.models.flux_mmdit import FluxConfig, FluxMMDiT
     from iomm_scale.models.qwen_mmdit import QwenMMDiT, QwenMMDiTConfig
     from iomm_scale.models.s3dit import S3DiT, S3DiTConfig
 
     torch.manual_seed(0)
-    return {
-        "flux": (FluxMMDiT(FluxConfig(in_channels=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=16,
-                                      context_dim=32, pooled_dim=32, axes_dims_rope=(4, 6, 6),
-                                      attention_backend="sdpa")), 4),
-        "s3dit": (S3DiT(S3DiTConfig(in_channels=4, num_layers=1, num_refiner_layers=1, num_heads=2, head_dim=16,
-                                    context_dim=32, axes_dims=(4, 6, 6), attention_backend="sdpa")), 4),
-        "qwen_mmdit": (QwenMMDiT(QwenMMDiTConfig(in_channels=16, out_channels=4, num_layers=1, num_heads=2,
-                                                 head_dim=16, context_dim=32, axes_dims_rope=(4, 6, 6),
-                                                 attention_backend="sdpa")), 4),
-    }
+    if family == "flux":
+        return FluxMMDiT(FluxConfig(in_channels=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=16,
+                                    context_dim=32, pooled_dim=32, axes_dims_rope=(4, 6, 6), attention_backend="sdpa")), 4
+    if family == "s3dit":
+        return S3DiT(S3DiTConfig(in_channels=4, num_layers=1, num_refiner_layers=1, num_heads=2, head_dim=16,
+                                 context_dim=32, axes_dims=(4, 6, 6), attention_backend="sdpa")), 4
+    return QwenMMDiT(QwenMMDiTConfig(in_channels=16, out_channels=4, num_layers=1, num_heads=2, head_dim=16,
+                                     context_dim=32, axes_dims_rope=(4, 6, 6), attention_backend="sdpa")), 4
 
 
 @pytest.mark.parametrize("family", ["flux", "s3dit", "qwen_mmdit"])
@@ -130,7 +129,7 @@ def test_compiled_blocks_rotate_without_complex_ops(family):
 
     import torch._dynamo
 
-    generator, c = _tiny_generators()[family]
+    generator, c = _tiny_generator(family)
     compiled = copy.deepcopy(generator)
     graphs = []
 
