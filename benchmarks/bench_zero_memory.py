@@ -15,8 +15,10 @@ Part B (activation checkpointing): one process, the same family at a larger sequ
 forward + backward with `activation_checkpointing` none vs full. Peak activation memory
 is the peak of the running sum of allocator events reported by torch.profiler
 (profile_memory=True) above the level at the start of the step, with gradient buffers
-pre-allocated (so they do not count); step time is the median of 7 steps after a warm-up,
-the two modes alternating, with 1 intra-op thread (time per core) and with 2. Goal: >= 3x
+pre-allocated (so they do not count); step time is taken over 15 steps after a warm-up,
+the two modes alternating, with 1 intra-op thread (time per core) and with 2; the ratio is the
+median of the 15 per-round ratios (each pair ran back to back). The model's last block is
+never recomputed (parallel/checkpointing.py), so "full" recomputes 11 of its 12 blocks. Goal: >= 3x
 less activation memory for <= 35% more step time. Full recompute adds one forward per
 block: on a GPU, where backward costs ~2x forward, that is ~1.33x; on this CPU backward
 costs only ~1.7-1.9x forward, and with 2 threads the many small ops of the forward scale
@@ -145,7 +147,6 @@ def _step(model, b):
 
 
 def peak_activation_bytes(model, b) -> int:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     _step(model, b)  # allocate .grad buffers; later backwards accumulate in place
@@ -161,10 +162,12 @@ def peak_activation_bytes(model, b) -> int:
     return int(peak)
 
 
-def part_b(rounds: int = 7) -> dict:
+def part_b(rounds: int = 15) -> dict:
     """Peak activation memory and fwd+bwd time, checkpointing none vs full, with 1 and 2
     intra-op threads. Times: the two models alternate step by step (so a change in machine
-    load hits both alike), median of `rounds` after a warm-up step."""
+    load hits both alike), `rounds` after a warm-up step; reported as the median step time
+    of each mode and as the median of the per-round ratios full / none (each round's pair
+    ran back to back, so this is the figure least moved by the load of a shared machine)."""
     import copy
 
     import torch
@@ -177,8 +180,9 @@ def part_b(rounds: int = 7) -> dict:
     models = {}
     for mode in ("none", "full"):
         models[mode] = m = copy.deepcopy(model)
-        apply_activation_checkpointing(m, mode)
+        out_blocks = apply_activation_checkpointing(m, mode)
     out = {mode: {"peak_activation_bytes": peak_activation_bytes(m, b)} for mode, m in models.items()}
+    out["checkpointed_blocks"] = f"{len(out_blocks)} of {len(model.blocks())}"
     for threads in (1, 2):
         torch.set_num_threads(threads)
         times = {mode: [] for mode in models}
@@ -189,6 +193,7 @@ def part_b(rounds: int = 7) -> dict:
                 times[mode].append(time.perf_counter() - t0)
         for mode in models:
             out[mode][f"step_s_{threads}t"] = statistics.median(times[mode][1:])
+        out[f"paired_ratio_{threads}t"] = statistics.median(f / n for f, n in zip(times["full"][1:], times["none"][1:]))
     return out
 
 
@@ -198,6 +203,7 @@ def main():
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--part-a-json", help="reuse part A rows written by an earlier run (--save-part-a)")
     ap.add_argument("--save-part-a", help="write part A rows to this JSON file")
+    ap.add_argument("--rounds", type=int, default=15, help="timed steps per mode and thread count (part B)")
     args = ap.parse_args()
     if args.zero_worker:
         import warnings
@@ -208,7 +214,7 @@ def main():
     a = json.load(open(args.part_a_json)) if args.part_a_json else part_a()
     if args.save_part_a:
         json.dump(a, open(args.save_part_a, "w"))
-    b = part_b()
+    b = part_b(args.rounds)
     base = max(a[0]["bytes_per_rank"])
     lines = ["| processes | params | max bytes / rank (params+grads+optimizer) | vs 1-process | goal <= |",
              "|---|---|---|---|---|"]
@@ -220,14 +226,17 @@ def main():
         lines.append(f"| {n} | {row['params']:,} | {worst / 2**20:.1f} MiB | {worst / base:.3f} | {goal / base:.3f} |")
     none, full = b["none"], b["full"]
     mem_ratio = none["peak_activation_bytes"] / max(full["peak_activation_bytes"], 1)
-    ratios = {t: full[f"step_s_{t}t"] / none[f"step_s_{t}t"] for t in (1, 2)}
-    lines += ["", "| activation checkpointing | peak activation memory | fwd+bwd, 1 thread | fwd+bwd, 2 threads |",
-              "|---|---|---|---|"]
+    ratios = {t: b[f"paired_ratio_{t}t"] for t in (1, 2)}
+    lines += ["", f"| activation checkpointing ({b['checkpointed_blocks']} blocks recomputed under full) | "
+              "peak activation memory | fwd+bwd, 1 thread | fwd+bwd, 2 threads |", "|---|---|---|---|"]
     for mode, r in (("none", none), ("full", full)):
         lines.append(f"| {mode} | {r['peak_activation_bytes'] / 2**20:.1f} MiB | {r['step_s_1t']:.3f} s | "
                      f"{r['step_s_2t']:.3f} s |")
+    lines.append("| full / none | " + f"{1 / mem_ratio:.3f} | "
+                 + " | ".join(f"{full[f'step_s_{t}t'] / none[f'step_s_{t}t']:.3f} (medians), {ratios[t]:.3f} (paired)"
+                              for t in (1, 2)) + " |")
     lines += ["", f"memory ratio none/full = {mem_ratio:.2f}x (goal >= 3x: {'met' if mem_ratio >= 3 else 'MISSED'}); "
-              + "; ".join(f"time ratio full/none, {t} thread{'s' if t > 1 else ''} = {r:.3f} "
+              + "; ".join(f"time ratio full/none (median of paired rounds), {t} thread{'s' if t > 1 else ''} = {r:.3f} "
                           f"(goal <= 1.35: {'met' if r <= 1.35 else 'MISSED'})" for t, r in ratios.items())
               + f"; ZeRO-3 per-rank goal {'met' if ok_a else 'MISSED'}"]
     table = "\n".join(lines)
@@ -241,7 +250,7 @@ def main():
                 "engine (fp32, persistence threshold 0), bytes of every storage the engine holds for params, "
                 "grads and optimizer state. Part B: one process, batch 2, 256 image + 64 condition tokens, "
                 "forward+backward; peak = running sum of torch.profiler CPU allocator events, grads preallocated; "
-                "time = median of 7 steps, none and full alternating, with 1 and 2 intra-op threads (load average "
+                f"time = {args.rounds} steps per mode, none and full alternating, with 1 and 2 intra-op threads (load average "
                 f"{os.getloadavg()[0]:.1f} at the end).\n\n" + table + "\n")
         path = os.path.join(ROOT, "benchmarks", "RESULTS.md")
         existing = open(path).read() if os.path.exists(path) else "# Benchmark results\n"

@@ -1,8 +1,16 @@
 """Activation checkpointing applied from outside the model files.
 
     none      keep every activation
-    full      recompute every block of `generator.blocks()` in backward
-    every_k   recompute blocks 0, k, 2k, ... (a memory / compute dial)
+    full      recompute every block of `generator.blocks()` in backward but the last
+    every_k   recompute blocks 0, k, 2k, ... but the last (a memory / compute dial)
+
+The model's last block is never checkpointed: its backward starts right after the forward
+(only the output head and the loss come between), so recomputing it would rebuild the very
+activations a plain forward has just made, at the same peak memory. Keeping them saves 1/N
+of the recompute (measured: docs/PARALLEL.md). The only extra is that the head's and the
+loss's activations now coexist with the last block's, a few residual-stream tensors.
+Under pipeline parallelism this applies to the last stage alone, where each micro-batch's
+backward also follows its forward directly.
 
 plus, separately, the frozen MLLM forward of the conditioner (`checkpoint_mllm`): it has
 no trainable weights but gradients flow through it into the RQA, so its activations
@@ -49,23 +57,28 @@ def uncheckpoint_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def select_blocks(num_blocks: int, mode: str, every_k: int = 1) -> list[int]:
+def select_blocks(num_blocks: int, mode: str, every_k: int = 1, includes_last: bool = True) -> list[int]:
+    """Indices of the blocks to checkpoint among `num_blocks`; `includes_last`: the model's
+    last block is among them (then it is left out, see above)."""
     if mode == "none":
         return []
     if mode == "full":
-        return list(range(num_blocks))
-    if mode == "every_k":
-        if every_k < 1:
-            raise ValueError(f"checkpoint_every_k must be >= 1, got {every_k}")
-        return list(range(0, num_blocks, every_k))
-    raise ValueError(f"activation_checkpointing must be none | full | every_k, got {mode!r}")
+        every_k = 1
+    elif mode != "every_k":
+        raise ValueError(f"activation_checkpointing must be none | full | every_k, got {mode!r}")
+    if every_k < 1:
+        raise ValueError(f"checkpoint_every_k must be >= 1, got {every_k}")
+    end = num_blocks - 1 if includes_last else num_blocks
+    return list(range(0, end, every_k))
 
 
 def apply_activation_checkpointing(generator: nn.Module, mode: str = "full", every_k: int = 1,
-                                   blocks: list[nn.Module] | None = None) -> list[int]:
-    """Checkpoint the selected blocks of `generator.blocks()`; returns their indices."""
+                                   blocks: list[nn.Module] | None = None, includes_last: bool = True) -> list[int]:
+    """Checkpoint the selected blocks of `generator.blocks()` (or of `blocks`, a pipeline
+    stage's share, `includes_last` saying whether it ends with the model's last block);
+    returns their indices."""
     blocks = list(blocks if blocks is not None else generator.blocks())
-    chosen = select_blocks(len(blocks), mode, every_k)
+    chosen = select_blocks(len(blocks), mode, every_k, includes_last)
     for i, block in enumerate(blocks):
         if i in chosen:
             checkpoint_module(block)

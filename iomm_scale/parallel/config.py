@@ -8,7 +8,8 @@ error naming the config key, not a hang or a shape mismatch inside a collective.
     zero_stage                DeepSpeed ZeRO stage 0-3 over the data-parallel group
     offload_optimizer         ZeRO optimizer state on CPU (stage >= 1)
     offload_params            ZeRO-3 parameters on CPU (stage 3)
-    activation_checkpointing  "none" | "full" (every block) | "every_k" (every k-th block)
+    activation_checkpointing  "none" | "full" (every block) | "every_k" (every k-th block);
+                              never the model's last block (parallel/checkpointing.py says why)
     checkpoint_every_k        k for "every_k"
     checkpoint_mllm           recompute the frozen MLLM forward in backward instead of
                               keeping its activations (only matters when gradients flow

@@ -380,7 +380,8 @@ def _checkpoint_stage(model, pcfg: ParallelConfig, stage) -> dict:
     gen = getattr(model, "generator", model)
     blocks = gen.blocks()[stage.lo:stage.hi]
     done = {"blocks": [stage.lo + i for i in checkpointing.apply_activation_checkpointing(
-        gen, pcfg.activation_checkpointing, pcfg.checkpoint_every_k, blocks=blocks)], "mllm": False}
+        gen, pcfg.activation_checkpointing, pcfg.checkpoint_every_k, blocks=blocks,
+        includes_last=stage.last)], "mllm": False}
     if pcfg.checkpoint_mllm and stage.first:
         mllm = checkpointing.find_mllm(model)
         if mllm is not None:

@@ -77,6 +77,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..parallel.checkpointing import select_blocks
+
 GiB = 1024 ** 3
 DS_PREFETCH_BUCKET = 50_000_000  # DeepSpeed stage3_prefetch_bucket_size default (elements)
 DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed reduce_bucket_size / allreduce_bucket_size default (elements)
@@ -568,13 +570,10 @@ def stage_blocks(num_blocks: int, pp: int, stage: int) -> tuple[int, int]:
 
 
 def checkpointed(num_blocks: int, layout: Layout) -> set[int]:
-    if layout.checkpointing == "none":
-        return set()
-    if layout.checkpointing == "full":
-        return set(range(num_blocks))
-    if layout.checkpointing == "every_k":
-        return set(range(0, num_blocks, max(1, layout.every_k)))
-    raise ValueError(f"checkpointing must be none | full | every_k, got {layout.checkpointing!r}")
+    """What parallel/checkpointing.py wraps (the model's last block never is)."""
+    if layout.checkpointing not in ("none", "full", "every_k"):
+        raise ValueError(f"checkpointing must be none | full | every_k, got {layout.checkpointing!r}")
+    return set(select_blocks(num_blocks, layout.checkpointing, max(1, layout.every_k)))
 
 
 def plan_memory(cfg, layout: Layout, *, resolution=None, precision: str | None = None, ema: bool | None = None,

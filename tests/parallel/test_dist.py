@@ -100,7 +100,7 @@ def test_two_process_layouts_match_single_process(world2, name):
         assert_ema_per_rank(r, dp=2)
 
 
-@pytest.mark.parametrize("name,blocks", [("dp2_zero3_ckpt", [0, 1, 2, 3]), ("tp2_ckpt_every2", [0, 2]),
+@pytest.mark.parametrize("name,blocks", [("dp2_zero3_ckpt", [0, 1, 2]), ("tp2_ckpt_every2", [0, 2]),
                                          ("pp2_ckpt", [0, 1])])
 def test_activation_checkpointing_under_zero3_tp_pp(world2, name, blocks):
     r = check(world2, name)
@@ -113,7 +113,7 @@ def test_compiled_blocks_with_checkpointing_match_single_process(world2):
     inductor's generated kernels are run by the GPU check) equals the eager single process."""
     r = check(world2, "dp2_zero1_compile_ckpt")
     assert_parity(r)
-    assert r["compiled_blocks"] == 4 and r["checkpointing"]["blocks"] == [0, 1, 2, 3]
+    assert r["compiled_blocks"] == 4 and r["checkpointing"]["blocks"] == [0, 1, 2]  # never the last block
     assert r["dynamo_graphs"] >= 2  # dynamo really traced (double + single block), not a silent no-op
 
 
