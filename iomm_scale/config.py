@@ -110,7 +110,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda"
     precision: str = "fp32"  # "fp32" or "bf16" (autocast; CUDA only)
     compile: bool = False  # torch.compile each generator block (train/compile.py); static shapes
-    compile_backend: str = "inductor"  # "inductor"; "aot_eager" / "eager" trace without code generation
+    compile_backend: str = "inductor"  # "inductor"; "aot_eager" / "aot_eager_decomp_partition" / "eager": no code generation
     compile_mllm: bool = False  # with compile: also each decoder layer of the frozen LLM (fixed condition length)
     log_every: int = 10
     ckpt_every: int = 0  # 0: only at the end

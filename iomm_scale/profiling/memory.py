@@ -45,7 +45,13 @@ What is counted, per device (the most loaded pipeline stage when pp > 1):
                       the log-sum-exp; no S x S matrix) unless the family is configured with
                       the `math` backend. Checkpointing (none / full / every_k) then keeps,
                       for a checkpointed block, only its input (the residual stream), and
-                      rematerialises one block at a time during backward.
+                      rematerialises one block at a time during backward. Compiled blocks
+                      (`Layout.compile` on / all, as train.compile / compile_mllm do) are
+                      traced through torch.compile with the backend
+                      "aot_eager_decomp_partition": inductor's decompositions and its min-cut
+                      partitioner (which recomputes cheap pointwise ops in backward instead
+                      of saving their outputs), run eagerly on the meta device, so what is
+                      counted is what inductor's forward graph saves.
     transients        backward working set (the gradient of a block's output and of its
                       largest saved tensor), one rematerialised block under checkpointing,
                       the optimizer step's temporaries (torch's foreach AdamW: one fp32 copy;
@@ -71,6 +77,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -102,6 +109,7 @@ class Layout:
     checkpoint_mllm: bool | str = False  # False | True ("layers", as parallel/checkpointing.py does) | "whole" (what-if)
     offload_optimizer: bool = False
     offload_params: bool = False
+    compile: str = "off"  # off | on (generator blocks torch.compile'd: train.compile) | all (+ the LLM's layers)
 
     @property
     def world(self) -> int:
@@ -110,7 +118,7 @@ class Layout:
     def describe(self) -> str:
         ck = self.checkpointing if self.checkpointing != "every_k" else f"every_{self.every_k}"
         return (f"tp{self.tp} pp{self.pp} dp{self.dp} zero{self.zero_stage} mb{self.micro_batch} x{self.grad_accum} "
-                f"ckpt={ck}{_mllm_tag(self.checkpoint_mllm)}")
+                f"ckpt={ck}{_mllm_tag(self.checkpoint_mllm)}" + ("" if self.compile == "off" else f" compile={self.compile}"))
 
 
 def _mllm_tag(mode) -> str:
@@ -341,30 +349,59 @@ def _vae_params(vcfg) -> int:
 # ------------------------------------------------------------------------------------------
 # activations: the real forward on the meta device, saved tensors counted per unit
 # ------------------------------------------------------------------------------------------
-class _FlashLikeAttention(torch.autograd.Function):
-    """What fused attention kernels (flash / memory-efficient / CPU flash) keep for
-    backward: q, k, v, the output and the fp32 log-sum-exp; never the S x S scores."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
-        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # pragma: no cover - the planner never runs backward
-        q, k, v, _, _ = ctx.saved_tensors
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+# What fused attention kernels (flash / memory-efficient / CPU flash) keep for backward: q, k,
+# v, the output and the fp32 log-sum-exp; never the S x S scores. A custom op (not an
+# autograd.Function) so that torch.compile's partitioner sees one opaque node whose backward
+# needs exactly those five tensors, as it does for the real kernels.
+@torch.library.custom_op("iomm_plan::flash_like_attention", mutates_args=())
+def _flash_like(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-class _MetaFunctions(torch.overrides.TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", "") == "scaled_dot_product_attention" and args and args[0].is_meta:
-            return _FlashLikeAttention.apply(args[0], args[1] if len(args) > 1 else kwargs["key"],
-                                             args[2] if len(args) > 2 else kwargs["value"])
-        return func(*args, **kwargs)
+@_flash_like.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("iomm_plan::flash_like_attention_backward", mutates_args=())
+def _flash_like_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                         lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # pragma: no cover - never run
+
+
+@_flash_like_backward.register_fake
+def _(grad, q, k, v, out, lse):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _flash_like_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _flash_like_grad(ctx, grad, grad_lse):  # pragma: no cover - the planner never runs backward
+    return _flash_like_backward(grad, *ctx.saved_tensors)
+
+
+_flash_like.register_autograd(_flash_like_grad, setup_context=_flash_like_setup)
+
+
+@contextlib.contextmanager
+def _flash_like_sdpa():
+    """F.scaled_dot_product_attention on meta tensors -> _flash_like, for eager and compiled
+    tracing alike (dynamo traces into the replacement; a TorchFunctionMode it cannot trace).
+    The model files and transformers look the function up on torch.nn.functional per call."""
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, *args, **kwargs):
+        if not query.is_meta:
+            return original(query, key, value, *args, **kwargs)
+        return _flash_like(query, key, value)[0]
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 class _MetaScalars(torch.utils._python_dispatch.TorchDispatchMode):
@@ -460,10 +497,50 @@ def _tensor_bytes(t) -> float:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0.0
 
 
+COMPILE_MODES = ("off", "on", "all")
+
+
+@contextlib.contextmanager
+def _compiled_for_trace(modules: list[nn.Module]):
+    """Run each module's forward through torch.compile while tracing, as train.compile runs
+    it (static shapes, one graph per block), with inductor's decompositions and partitioner
+    but no code generation (backend aot_eager_decomp_partition: it executes the partitioned
+    forward graph eagerly, here on the meta device)."""
+    import torch._dynamo
+
+    def compiled_forward(module):
+        fn = torch.compile(module.forward, backend="aot_eager_decomp_partition", dynamic=False, fullgraph=True)
+
+        def forward(*args, **kwargs):
+            # dynamo does not trace under a dispatch mode (_MetaScalars): off for the block's ops
+            with torch.utils._python_dispatch._disable_current_modes():
+                return fn(*args, **kwargs)
+        return forward
+
+    before = [(m, m.__dict__.get("forward")) for m in modules]
+    torch._dynamo.reset()
+    try:
+        for m in modules:
+            m.forward = compiled_forward(m)
+        # identical blocks share a graph; distinct shapes (double / single / refiner blocks) each add one
+        with torch._dynamo.config.patch(cache_size_limit=max(64, len(modules)),
+                                        accumulated_cache_size_limit=max(256, 4 * len(modules))):
+            yield
+    finally:
+        for m, fwd in before:
+            if fwd is None:
+                del m.forward
+            else:
+                m.forward = fwd
+        torch._dynamo.reset()
+
+
 def trace_activations(cfg, st: _Structure, batch: int, resolution, dtype: torch.dtype, mllm_dtype: torch.dtype,
-                      mllm_len: int | None = None) -> ActivationTrace:
+                      mllm_len: int | None = None, compile: str = "off") -> ActivationTrace:
     """Run one IOMM forward on the meta device (conditioner chain + generator through its
-    pipeline adapter, one block at a time) and count what autograd saves for backward."""
+    pipeline adapter, one block at a time) and count what autograd saves for backward.
+    `compile` on / all: the generator blocks (/ and the frozen LLM's decoder layers) run
+    compiled (see _compiled_for_trace)."""
     from ..parallel.pipeline import get_adapter
     from .flops import condition_lengths, latent_hw
 
@@ -475,7 +552,13 @@ def trace_activations(cfg, st: _Structure, batch: int, resolution, dtype: torch.
     adapter = get_adapter(st.generator)
     boundary, shared = [], 0.0
     meta = dict(device="meta")
-    with _MetaFunctions(), _MetaScalars(), torch.autograd.graph.saved_tensors_hooks(tracker.pack, lambda t: t):
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+    compiled = list(st.blocks) if compile != "off" else []
+    if compile == "all" and st.mllm is not None:
+        compiled += list(getattr(st.mllm.model.language_model, "layers", []))
+    with _compiled_for_trace(compiled), _flash_like_sdpa(), _MetaScalars(), \
+            torch.autograd.graph.saved_tensors_hooks(tracker.pack, lambda t: t):
         context = torch.empty(batch, lens["context"], st.rqa.queries.shape[-1], dtype=mllm_dtype, **meta)
         with tracker.as_unit("rqa"):
             queries = st.rqa(context.to(dtype)).to(mllm_dtype)
@@ -540,9 +623,9 @@ def extrapolate(t1: ActivationTrace, t2: ActivationTrace, mb: int) -> Activation
 
 def _trace_for(cache, cfg, st, lay, lora_rank, dtype, mllm_dtype, res, mllm_len) -> ActivationTrace:
     def at(mb):
-        key = ("trace", lay.tp, lora_rank, dtype, mllm_dtype, mb, str(res), mllm_len)
+        key = ("trace", lay.tp, lora_rank, dtype, mllm_dtype, mb, str(res), mllm_len, lay.compile)
         if key not in cache:
-            cache[key] = trace_activations(cfg, st, mb, res, dtype, mllm_dtype, mllm_len)
+            cache[key] = trace_activations(cfg, st, mb, res, dtype, mllm_dtype, mllm_len, lay.compile)
         return cache[key]
 
     if lay.micro_batch <= 2:
@@ -893,6 +976,9 @@ def main(argv=None) -> list[MemoryPlan]:  # tools/plan_memory.py
     ap.add_argument("--checkpoint-mllm", default="false",
                     help="comma list: false; true / layers (per decoder layer, what parallel.checkpoint_mllm does); "
                          "whole (one checkpoint around the LLM: a what-if)")
+    ap.add_argument("--compile", default=None,
+                    help="comma list: off; on (generator blocks torch.compile'd, as train.compile); all (+ the frozen "
+                         "LLM's decoder layers, as train.compile_mllm). Default: what the config's train section says")
     ap.add_argument("--micro-batch", default=None, help="comma list (default data.batch_size)")
     ap.add_argument("--global-batch", type=int, default=None, help="sets grad_accum = global / (micro x dp)")
     ap.add_argument("--resolution", type=int, default=None)
@@ -912,6 +998,10 @@ def main(argv=None) -> list[MemoryPlan]:  # tools/plan_memory.py
         raise SystemExit(f"--gpus {args.gpus} is not divisible by tp*pp = {args.tp * args.pp}")
     dp = args.gpus // (args.tp * args.pp)
     mbs = [int(x) for x in args.micro_batch.split(",")] if args.micro_batch else [cfg.data.batch_size]
+    compile_modes = (args.compile.split(",") if args.compile else
+                     ["all" if cfg.train.compile and cfg.train.compile_mllm else ("on" if cfg.train.compile else "off")])
+    if set(compile_modes) - set(COMPILE_MODES):
+        raise SystemExit(f"--compile takes {', '.join(COMPILE_MODES)}; got {args.compile!r}")
     cache: dict = {}
     kw = dict(resolution=args.resolution, precision=args.precision, lora_rank=args.lora_rank, frozen=args.frozen,
               device=args.device, capacity_gib=args.gpu_mem, _cache=cache)
@@ -923,9 +1013,10 @@ def main(argv=None) -> list[MemoryPlan]:  # tools/plan_memory.py
     for z in (int(x) for x in args.zero.split(",")):
         for ck in args.checkpointing.split(","):
             mode, k = (("every_k", int(ck.split("_")[1])) if ck.startswith("every_") else (ck, 1))
-            for cm in dict.fromkeys(_bool_or_str(x) for x in args.checkpoint_mllm.split(",")):  # true == layers
+            for cm, co in itertools.product(dict.fromkeys(_bool_or_str(x) for x in args.checkpoint_mllm.split(",")),
+                                            compile_modes):  # true == layers
                 base = Layout(tp=args.tp, pp=args.pp, dp=dp, zero_stage=z, checkpointing=mode, every_k=k,
-                              checkpoint_mllm=cm, offload_optimizer=args.offload_optimizer)
+                              checkpoint_mllm=cm, offload_optimizer=args.offload_optimizer, compile=co)
                 for mb in mbs:
                     accum = cfg.train.grad_accum
                     if args.global_batch:

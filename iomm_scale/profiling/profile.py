@@ -407,7 +407,7 @@ def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: in
         try:
             from .memory import Layout, plan_memory
 
-            p = plan_memory(cfg, Layout(micro_batch=b, checkpointing=case.checkpointing),
+            p = plan_memory(cfg, Layout(micro_batch=b, checkpointing=case.checkpointing, compile=case.compile_mode),
                             device=device.type, precision=None if device.type == "cuda" else "fp32")
             row["plan_GiB"] = p.allocated / 2**30
         except Exception as e:  # noqa: BLE001 - the estimate is a convenience column

@@ -9,14 +9,17 @@ for input of size 1920"); with static shapes each new shape gets its own graph i
 
 Measured on an H200 (benchmarks/RESULTS.md): the IOMM-B generator step 1.49-1.56x faster than
 eager, the whole IOMM step 1.75x. `inductor` needs a C compiler on CPU and Triton on CUDA;
-`aot_eager` (no code generation) checks the traced graphs, and is what the CPU tests use.
+`aot_eager` (no code generation) checks the traced graphs, and is what the CPU tests use;
+`aot_eager_decomp_partition` adds inductor's decompositions and its partitioner (which decides
+what the forward saves for backward) without code generation: same saved activations as
+inductor, used by the CPU memory-planner test.
 """
 
 from __future__ import annotations
 
 import torch
 
-COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "aot_eager_decomp_partition", "eager")
 
 
 def _compile_each(modules: list[torch.nn.Module], backend: str) -> int:
