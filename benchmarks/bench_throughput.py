@@ -255,9 +255,10 @@ def gpu_blocks(out_dir: str, batches=(4, 8), iters: int = 20, warmup: int = 5, d
 
 
 def memory_rows(cases=("flux:none", "flux:full", "flux:every_k", "s3dit:none", "s3dit:full", "qwen_mmdit:none",
-                        "qwen_mmdit:full")):
+                        "qwen_mmdit:full", "flux:none:all", "qwen_mmdit:none:all")):
     """The planner against measured peak memory (tests/profiling/_measure_memory.py: the
-    Trainer's step, fp32, CPU peak RSS) on the small configs of tests/profiling/_memory_cases.py."""
+    Trainer's step, fp32, CPU peak RSS) on the small configs of tests/profiling/_memory_cases.py;
+    `FAMILY:MODE:all`: train.compile + compile_mllm (backend aot_eager_decomp_partition)."""
     import json
 
     sys.path.insert(0, os.path.join(ROOT, "tests", "profiling"))
@@ -276,8 +277,8 @@ def memory_rows(cases=("flux:none", "flux:full", "flux:every_k", "s3dit:none", "
             continue
         r = json.loads(line)
         cfg = make_cfg(r["family"])
-        plan = plan_memory(cfg, Layout(micro_batch=cfg.data.batch_size, checkpointing=r["checkpointing"], every_k=2),
-                           device="cpu")
+        plan = plan_memory(cfg, Layout(micro_batch=cfg.data.batch_size, checkpointing=r["checkpointing"], every_k=2,
+                                       compile=r.get("compile", "off")), device="cpu")
         r.update(plan=plan.allocated, acts=plan.component("activations"))
         rows.append(r)
     return rows
@@ -289,6 +290,8 @@ MEM_HEAD = ("| generator (hidden 192, 256 + 16 tokens, micro-batch 4) | checkpoi
 
 def fmt_mem_row(r) -> str:
     mode = "every 2nd block" if r["checkpointing"] == "every_k" else r["checkpointing"]
+    if r.get("compile", "off") != "off":
+        mode += f", compiled ({r['compile']})"
     return (f"| {r['family']} | {mode} | {r['peak'] / 2**20:.1f} | {r['plan'] / 2**20:.1f} | "
             f"{r['plan'] / r['peak']:.3f} |")
 

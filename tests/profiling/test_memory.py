@@ -25,9 +25,12 @@ from _memory_cases import make_cfg  # noqa: E402
 from iomm_scale.profiling import memory as M  # noqa: E402
 
 TOL = 0.15
-# FAMILY:CHECKPOINTING[:COMPILE]; compile "all": blocks and the tiny LLM's layers compiled
-# (backend aot_eager_decomp_partition: inductor's partitioner decides what is saved)
-CASES = ["flux:none", "flux:full", "s3dit:full", "qwen_mmdit:none", "flux:none:all"]
+# FAMILY:CHECKPOINTING. Compiled steps are checked by their saved bytes below (exact), not by
+# the CPU peak: the CPU stand-in for inductor (aot_eager_decomp_partition) runs the decomposed
+# graphs op by op, so the temporaries inductor fuses into kernels are materialised: its peak is
+# 10-15% above the plan (benchmarks/RESULTS.md), while on an H200 with inductor the plan is
+# within 1.3%.
+CASES = ["flux:none", "flux:full", "s3dit:full", "qwen_mmdit:none"]
 
 
 @pytest.fixture(scope="module")
