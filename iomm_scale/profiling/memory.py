@@ -682,6 +682,14 @@ def plan_memory(cfg, layout: Layout, *, resolution=None, precision: str | None =
                 parallel/deepspeed_engine.py keeps)
     """
     lay = layout
+    if lay.compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {lay.compile!r}")
+    if lay.compile != "off":  # the layouts train.compile runs under (tp 1, pp 1, ZeRO 0-2)
+        from ..train.compile import compile_layout_errors
+
+        errors = compile_layout_errors(lay.tp, lay.pp, lay.zero_stage)
+        if errors:
+            raise ValueError("; ".join(msg for _, msg in errors))
     if lora_rank is None:  # the run's LoRA (model.lora), counted on the default targets
         lora_rank = getattr(getattr(cfg.model, "lora", None), "r", None)
     if precision is None:

@@ -121,6 +121,15 @@ def test_compiled_trace_matches_saved_tensors_of_a_real_compiled_forward(family)
     assert abs(traced["off"] / real - 1) > 0.08, (traced, real)
 
 
+def test_compiled_layouts_are_those_train_compile_runs(flux_cfg):
+    """The planner refuses compile where the trainer does (tp / pp > 1, ZeRO-3), with its reason."""
+    for lay in (M.Layout(tp=2, compile="on"), M.Layout(pp=2, compile="on"), M.Layout(dp=2, zero_stage=3, compile="all")):
+        with pytest.raises(ValueError, match="compiled blocks are proved under data parallelism"):
+            M.plan_memory(flux_cfg, lay, device="cpu")
+    with pytest.raises(ValueError, match="compile must be one of"):
+        M.plan_memory(flux_cfg, M.Layout(compile="yes"), device="cpu")
+
+
 def test_extrapolated_trace_is_exact(flux_cfg):
     st = M._build_structure(flux_cfg, 1, None, torch.float32, torch.float32)
     t1, t2, t6 = (M.trace_activations(flux_cfg, st, b, 128, torch.float32, torch.float32) for b in (1, 2, 6))
