@@ -85,6 +85,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..parallel.checkpointing import select_blocks
+from ..train.compile import COMPILE_MODES, compile_layout_errors
 
 GiB = 1024 ** 3
 DS_PREFETCH_BUCKET = 50_000_000  # DeepSpeed stage3_prefetch_bucket_size default (elements)
@@ -497,9 +498,6 @@ def _tensor_bytes(t) -> float:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0.0
 
 
-COMPILE_MODES = ("off", "on", "all")
-
-
 @contextlib.contextmanager
 def _compiled_for_trace(modules: list[nn.Module]):
     """Run each module's forward through torch.compile while tracing, as train.compile runs
@@ -685,8 +683,6 @@ def plan_memory(cfg, layout: Layout, *, resolution=None, precision: str | None =
     if lay.compile not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {COMPILE_MODES}, got {lay.compile!r}")
     if lay.compile != "off":  # the layouts train.compile runs under (tp 1, pp 1, ZeRO 0-2)
-        from ..train.compile import compile_layout_errors
-
         errors = compile_layout_errors(lay.tp, lay.pp, lay.zero_stage)
         if errors:
             raise ValueError("; ".join(msg for _, msg in errors))

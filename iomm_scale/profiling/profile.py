@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..train.compile import COMPILE_MODES
+
 PRESETS = ("tiny", "b", "l", "xl", "qwen_image_lora")
 COLUMNS = ["scope", "micro_batch", "checkpointing", "attention", "compile", "step_s", "step_min_s", "cpu_s",
            "samples_per_s",
@@ -285,7 +287,7 @@ def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: in
         check_backend(case.attention)
     except Exception as e:  # noqa: BLE001
         return {**row, "status": f"skipped: {e}".split(". ")[0]}
-    if case.compile_mode not in ("off", "on", "all"):
+    if case.compile_mode not in COMPILE_MODES:
         return {**row, "status": f"skipped: compile must be off, on or all, got {case.compile!r}"}
     bf16 = cfg.train.precision == "bf16" and device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
@@ -494,7 +496,7 @@ def main(argv=None) -> list[dict]:
     cfg = load_preset_or_config(args.preset, args.config, args.overrides)
     mbs = _csv_list(args.micro_batch, int) if args.micro_batch else [cfg.data.batch_size]
     compile_modes = _csv_list(args.compile)
-    if set(compile_modes) - {"off", "on", "all"}:
+    if set(compile_modes) - set(COMPILE_MODES):
         parser.error(f"--compile takes off, on, all; got {args.compile!r}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":  # load every library a case touches before the first RSS baseline

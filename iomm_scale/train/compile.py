@@ -20,6 +20,9 @@ from __future__ import annotations
 import torch
 
 COMPILE_BACKENDS = ("inductor", "aot_eager", "aot_eager_decomp_partition", "eager")
+# what is compiled (iomm-profile --compile, the memory planner's Layout.compile): nothing; the
+# generator blocks (train.compile); + the frozen LLM's decoder layers (train.compile_mllm)
+COMPILE_MODES = ("off", "on", "all")
 
 
 def _compile_each(modules: list[torch.nn.Module], backend: str) -> int:
