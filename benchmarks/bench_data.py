@@ -15,8 +15,8 @@ measured in the same run, interleaved round by round (median reported):
                tar read, decode, centre crop + resize, batch of 16 uint8 channels-last (the
                model converts to [-1, 1] on its device);
   * features:  our loader on feature shards (IOMM-B at 512 px: latents 16x64x64 and
-               vision tokens 256x1536, stored float16; read from the memory-mapped shard,
-               checked finite, stacked) -> float16 batches.
+               vision tokens 256x1536, stored float16; each array read by one pread from the
+               shard straight into its batch slot, checked finite there) -> float16 batches.
 Goals (issue 4): raw >= 0.8 x bare PIL; features >= 20 x raw.
 
 Loader figures are steady state: one loader streams 192 raw / 512 feature samples (12 / 32

@@ -25,6 +25,7 @@ import torch
 
 from .errors import BadSample
 from .preprocess import unit_pixels
+from .shards import FileSpan
 from .writer import final_name, shard_writer
 
 LATENTS, VISION = "latents.npy", "vision.npy"
@@ -110,21 +111,82 @@ def npy_view(data) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, count=math.prod(dims), offset=offset).reshape(dims)
 
 
-_STORED = (np.dtype(np.float16), np.dtype(np.float32))
+_STORED = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}  # native byte order
 
 
-def _load(data: bytes, ndim: int, name: str) -> torch.Tensor:
-    try:
-        arr = npy_view(data)
-    except (ValueError, TypeError, struct.error) as exn:
-        raise BadSample("bad_features", f"{name}: {type(exn).__name__}: {exn}") from None
-    if arr.ndim != ndim or arr.dtype.kind != "f" or arr.size == 0:
-        raise BadSample("bad_features", f"{name}: expected a {ndim}-d float array, got {arr.dtype} {arr.shape}")
+def _npy_end(head: bytes) -> int:
+    """Bytes from the start of a .npy payload to the end of its header (0 when `head` is too
+    short to say)."""
+    if len(head) < 12:
+        return 0
+    return 10 + struct.unpack("<H", head[8:10])[0] if head[6] == 1 else 12 + struct.unpack("<I", head[8:12])[0]
+
+
+class StoredArray:
+    """One feature array of a sample, parsed but not yet copied: `dtype`, `shape`, and
+    `into(dst)`, which fills a tensor of that dtype and shape. From a FileSpan (a local
+    shard) the bytes go straight from the page cache into `dst` (one pread); from bytes in
+    memory, one copy."""
+
+    __slots__ = ("name", "dtype", "shape", "_span", "_offset", "_tensor")
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, span=None, offset: int = 0,
+                 tensor: Optional[torch.Tensor] = None):
+        self.name, self.shape, self.dtype = name, shape, dtype
+        self._span, self._offset, self._tensor = span, offset, tensor
+
+    def into(self, dst: torch.Tensor) -> torch.Tensor:
+        if self._tensor is not None:
+            return dst.copy_(self._tensor)
+        if not dst.is_contiguous():
+            return dst.copy_(self.tensor())
+        try:
+            self._span.readinto(self._offset, dst.numpy())
+        except OSError as exn:
+            raise BadSample("bad_features", f"{self.name}: {exn}") from None
+        return dst
+
+    def tensor(self) -> torch.Tensor:
+        """The array as a tensor of its own (a view of the sample's bytes when they are in memory)."""
+        if self._tensor is not None:
+            return self._tensor
+        return self.into(torch.empty(self.shape, dtype=self.dtype))
+
+
+def _array(arr: np.ndarray, name: str) -> StoredArray:
     if arr.dtype not in _STORED:  # float64, big-endian, ...: stored otherwise than we write
         arr = arr.astype(np.float32)
-    with warnings.catch_warnings():  # a read-only view of the tar member: the batch copy only reads it
+    with warnings.catch_warnings():  # a read-only view of the member: the batch copy only reads it
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(arr)
+        return StoredArray(name, arr.shape, _STORED[arr.dtype], tensor=torch.from_numpy(arr))
+
+
+def stored_array(data, ndim: int, name: str) -> StoredArray:
+    """A .npy member (bytes, or a shards.FileSpan of a local shard) -> StoredArray; raises
+    BadSample("bad_features") unless it is a non-empty `ndim`-d float array."""
+    try:
+        if isinstance(data, FileSpan):
+            head = data.read(0, 256)
+            if _npy_end(head) > len(head):  # a long header (many dims, padding)
+                head = data.read(0, _npy_end(head))
+            dtype, dims, offset = _npy_header(head)
+            nbytes = math.prod(dims) * dtype.itemsize
+            if offset + nbytes > len(data):
+                raise ValueError(f"{len(data) - offset} data bytes for {dtype} {dims}")
+            if dtype not in _STORED and dtype.kind == "f":
+                arr = npy_view(data.read())
+            else:
+                arr = None
+        else:
+            arr = npy_view(data)
+            dtype, dims = arr.dtype, arr.shape
+    except (ValueError, TypeError, IndexError, struct.error, OSError) as exn:
+        raise BadSample("bad_features", f"{name}: {type(exn).__name__}: {exn}") from None
+    if len(dims) != ndim or dtype.kind != "f" or math.prod(dims) == 0:
+        raise BadSample("bad_features", f"{name}: expected a {ndim}-d float array, got {dtype} {dims}")
+    if arr is not None:
+        return _array(arr, name)
+    return StoredArray(name, tuple(dims), _STORED[dtype], span=data, offset=offset)
 
 
 def check_finite(tensor: torch.Tensor, name: str) -> None:
@@ -135,11 +197,10 @@ def check_finite(tensor: torch.Tensor, name: str) -> None:
         raise BadSample("bad_features", f"{name}: non-finite values")
 
 
-def decode_features(sample: dict, resolution: Optional[int], check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw feature sample -> (latents [C, h, w], vision features [T, D]) in their stored
-    dtype (float16 or float32), as read-only views of the sample's bytes. `check=False` leaves
-    the finite check (check_finite) to the caller: the loader runs it on the sample's copy in
-    its batch slot, while the copy is still in cache."""
+def feature_arrays(sample: dict, resolution: Optional[int]) -> tuple[StoredArray, StoredArray]:
+    """Raw feature sample -> (latents [C, h, w], vision features [T, D]) as StoredArrays in
+    their stored dtype (float16 or float32), not yet copied or checked finite (the loader
+    reads them straight into their batch slots and checks them there)."""
     if LATENTS not in sample or VISION not in sample:
         raise BadSample("missing_image", f"feature sample lacks {LATENTS} / {VISION}")
     if resolution is not None and "json" in sample:
@@ -149,7 +210,14 @@ def decode_features(sample: dict, resolution: Optional[int], check: bool = True)
             raise BadSample("bad_features", "unparseable .json") from None
         if made_for is not None and made_for != resolution:
             raise BadSample("feature_mismatch", f"made at {made_for} px, training at {resolution} px")
-    lat, vis = _load(sample[LATENTS], 3, LATENTS), _load(sample[VISION], 2, VISION)
+    return stored_array(sample[LATENTS], 3, LATENTS), stored_array(sample[VISION], 2, VISION)
+
+
+def decode_features(sample: dict, resolution: Optional[int], check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw feature sample -> (latents [C, h, w], vision features [T, D]) tensors in their
+    stored dtype (float16 or float32; read-only views of the sample's bytes when they are in
+    memory), checked finite unless `check=False`."""
+    lat, vis = (a.tensor() for a in feature_arrays(sample, resolution))
     if check:
         check_finite(lat, LATENTS)
         check_finite(vis, VISION)

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import WebDatasetConfig, parse_bucket
 from .errors import BadDataCounter, BadSample, DataErrorBudgetExceeded, check_budget, merge_stats
-from .features import LATENTS, VISION, check_finite, decode_features
+from .features import LATENTS, VISION, check_finite, feature_arrays
 from .preprocess import bucket_sizes, caption_of, decode_image_chw, image_member
 from .shards import ChunkedShuffle, SlotPlan, expand_shards
 
@@ -107,14 +107,14 @@ class _Worker:
             if LATENTS not in sample or VISION not in sample:
                 raise BadSample("missing_image", f"feature sample lacks {LATENTS} / {VISION}")
             caption = None if image_only else caption_of(sample)
-            lat, vis = decode_features(sample, self.resolution, check=False)
-            bkey = (tuple(lat.shape), tuple(vis.shape), lat.dtype, vis.dtype)
-            # Straight into the sample's slot of the batch being filled (one copy from the mapped
+            lat, vis = feature_arrays(sample, self.resolution)
+            bkey = (lat.shape, vis.shape, lat.dtype, vis.dtype)
+            # Straight into the sample's slot of the batch being filled (one pread from a local
             # shard), then checked there while it is still in cache (a rejected sample's slot is
             # reused by the next one).
             lat_slot, vis_slot = self._slot(bkey, lat, vis)
-            lat_slot.copy_(lat)
-            vis_slot.copy_(vis)
+            lat.into(lat_slot)
+            vis.into(vis_slot)
             check_finite(lat_slot, LATENTS)
             check_finite(vis_slot, VISION)
             return bkey, (lat_slot, vis_slot), caption
@@ -125,7 +125,7 @@ class _Worker:
                                max_image_pixels=self.cfg.max_image_pixels, resize_filter=self.cfg.resize_filter)
         return tuple(chw.shape), chw, caption
 
-    def _slot(self, bkey: tuple, lat: torch.Tensor, vis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _slot(self, bkey: tuple, lat, vis) -> tuple[torch.Tensor, torch.Tensor]:
         """The next free slot of bucket `bkey`'s feature batch (allocated when the bucket opens)."""
         batch = self.feature_batches.get(bkey)
         if batch is None:

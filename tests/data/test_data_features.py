@@ -155,3 +155,66 @@ def test_batch_memory_is_reused_only_when_released(tmp_path):
         for batch in kept:  # checked after the whole epoch: nothing was written over
             held.update(content(batch))
         assert held == dropped, kind
+
+
+def _padded_npy(arr, header_bytes: int) -> bytes:
+    """A valid .npy (format 1.0) whose header dict is spread over `header_bytes` (spaces after
+    its first entry): longer than what a FileSpan reads first."""
+    raw = np_bytes(arr)
+    hlen = int.from_bytes(raw[8:10], "little")
+    header = raw[10:10 + hlen].rstrip(b"\n ")
+    first = header.index(b", ") + 2
+    header = header[:first] + b" " * (header_bytes - 11 - len(header)) + header[first:] + b"\n"
+    return raw[:8] + len(header).to_bytes(2, "little") + header + raw[10 + hlen:]
+
+
+@pytest.mark.parametrize("preadv", [True, False])
+def test_local_shards_read_by_span_equal_streamed_bytes(tmp_path, monkeypatch, preadv):
+    """Local shards hand feature members out as FileSpans (pread straight into the batch;
+    seek + read where os.preadv is missing); streamed ones (pipe:) as bytes. Both give the
+    same values for every stored form: float16, float32, float64 and big-endian (converted
+    to float32) and a long .npy header."""
+    import os
+
+    from iomm_scale.data.features import feature_arrays
+    if not preadv:
+        monkeypatch.delattr(os, "preadv")
+    from iomm_scale.data.shards import FileSpan, read_shard
+
+    rng = np.random.default_rng(0)
+    lat = rng.standard_normal((4, 4, 4))
+    forms = {"f16": lambda a: np_bytes(a.astype(np.float16)), "f32": lambda a: np_bytes(a.astype(np.float32)),
+             "f64": np_bytes, "be32": lambda a: np_bytes(a.astype(">f4")),
+             "long": lambda a: _padded_npy(a.astype(np.float32), 384)}
+    path = str(tmp_path / "forms-000000.tar")
+    write_shard(path, [{"__key__": k, "latents.npy": f(lat), "vision.npy": f(lat[0])} for k, f in forms.items()])
+    local = list(read_shard(path, views=("latents.npy", "vision.npy")))
+    streamed = list(read_shard(f"pipe:cat {path}", views=("latents.npy", "vision.npy")))
+    assert all(isinstance(s["latents.npy"], FileSpan) for s in local)
+    assert all(isinstance(s["latents.npy"], bytes) for s in streamed)
+    for a, b in zip(local, streamed):
+        (la, va), (lb, vb) = feature_arrays(a, None), feature_arrays(b, None)
+        assert (la.shape, la.dtype, va.shape) == (lb.shape, lb.dtype, vb.shape) == (
+            (4, 4, 4), torch.float16 if a["__key__"] == "f16" else torch.float32, (4, 4))
+        slot = torch.full(la.shape, -7.0, dtype=la.dtype)
+        assert torch.equal(la.into(slot), lb.tensor()) and torch.equal(va.tensor(), vb.tensor())
+        assert torch.allclose(lb.tensor().double(), torch.from_numpy(lat), atol=2e-3, rtol=2e-3)
+
+
+def test_span_of_a_shrunk_shard_is_a_bad_sample(tmp_path):
+    """A shard file cut short after its members were listed: reading a span gives a counted
+    bad sample (bad_features), never a crash or a silently short array."""
+    from iomm_scale.data.errors import BadSample
+    from iomm_scale.data.features import feature_arrays
+    from iomm_scale.data.shards import read_shard
+
+    write_feature_shards(feature_samples(3, vis_shape=(64, 64)), str(tmp_path / "feat-%06d.tar"))
+    path = str(tmp_path / "feat-000000.tar")
+    samples = list(read_shard(path, views=("latents.npy", "vision.npy")))
+    lat, vis = feature_arrays(samples[-1], R)  # headers read
+    with open(path, "r+b") as f:
+        f.truncate(samples[-1]["vision.npy"].offset + 1000)
+    lat.into(torch.empty(lat.shape, dtype=lat.dtype))  # before the cut: fine
+    with pytest.raises(BadSample) as err:
+        vis.into(torch.empty(vis.shape, dtype=vis.dtype))
+    assert err.value.reason == "bad_features" and "short read" in str(err.value)

@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from iomm_scale.data.shards import _Member, _open_tar, read_shard
+from iomm_scale.data.shards import FileSpan, _Member, _open_tar, read_shard
 
 
 def _tar(path, fmt, extra=()):
@@ -35,7 +35,7 @@ def _read(url):
     samples, error = [], None
     try:
         for s in read_shard(url, views=("bin",)):
-            samples.append({k: bytes(v) if isinstance(v, memoryview) else v
+            samples.append({k: bytes(v) if isinstance(v, FileSpan) else v
                             for k, v in s.items() if k != "__url__"})
     except Exception as e:  # noqa: BLE001 - compared between the two paths
         error = type(e).__name__
