@@ -54,6 +54,17 @@ from iomm_scale.data.preprocess import decode_image_chw  # noqa: E402
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def make_jpegs(n: int, size: tuple[int, int], seed: int = 0) -> list[bytes]:
     import skimage.data
 
@@ -140,7 +151,7 @@ def main() -> None:
         rates.setdefault("feature loader", []).append(rate) if round_ else None
     med = {k: statistics.median(v) for k, v in rates.items()}
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores visible, "
           f"torch {torch.__version__}, Pillow {Image.__version__}; one process, one thread")
     print(f"resolution {R}, {args.images} JPEGs per size (mean "
           + ", ".join(f"{s[0]}x{s[1]}: {np.mean([len(j) for j in v[0]]) / 1e3:.0f} kB" for s, v in scenarios.items())

@@ -23,6 +23,9 @@
 #                    batches: RQA + frozen LLM fwd/bwd + DiT), micro-batch 8, checkpointing full,
 #                    compile off / on (generator blocks) / all (+ the frozen LLM's decoder layers)
 #   5 compile        generator step with torch.compile per block, micro-batch 8 / 16 x none / full
+#   6 data           issue 4's data benchmark (benchmarks/bench_data.py: bare PIL vs our raw loader vs
+#                    feature shards, per CPU core) on this host's server CPU, a second machine beside
+#                    the development VM (needs the carried webdataset / simplejpeg wheels)
 # Sizes: GPU_CHECK_STEP_MB / _STEP_CKPT / _STEP_COMPILE (stage 4), GPU_CHECK_COMPILE_MB / _COMPILE_CKPT (stage 5).
 # GPU_CHECK_STAGES=preflight,pytest_gpu,...: run only the named stages (the others are listed as not selected).
 # Results: $OUT/RESULTS.md (stage table + every table), CSVs and logs beside it.
@@ -138,6 +141,11 @@ run_stage compile 200 $PY -m iomm_scale.profiling.profile --config $B_CFG "${B_O
     --scope generator --micro-batch $CMBS --checkpointing $CCK --attention sdpa --compile $COMPILE --steps $STEPS --warmup 3 \
     --no-plan --csv "$OUT/compile.csv"
 
+# ---- 6: the data pipeline per CPU core on this host (issue 4) ----------------------------------
+DROUNDS=5; [[ $DRY == 1 ]] && DROUNDS=1
+DARGS=(--rounds $DROUNDS); [[ $DRY == 1 ]] && DARGS+=(--images 8 --features 64 --repeat 1)
+run_stage data 120 $PY benchmarks/bench_data.py "${DARGS[@]}"
+
 # ---- report ------------------------------------------------------------------------------------
 {
   echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ), $(elapsed) s"
@@ -158,6 +166,9 @@ run_stage compile 200 $PY -m iomm_scale.profiling.profile --config $B_CFG "${B_O
       echo '```'; echo
     fi
   done
+  if [[ -f "$OUT/data.log" ]]; then
+    echo "## data (per CPU core)"; echo; grep -E "^(machine|resolution|per-round|\||[0-9]+x[0-9]+:|  )" "$OUT/data.log"; echo
+  fi
   if [[ -f "$OUT/pytest_gpu.log" ]]; then
     echo "## pytest -m gpu"; echo; echo '```'; tail -n 25 "$OUT/pytest_gpu.log"; echo '```'
   fi

@@ -12,6 +12,11 @@ Scopes:
     generator  the DiT alone: forward + backward + optimizer step on synthetic x_t and an
                RQA-shaped condition (what dominates; needs no MLLM or VAE weights)
 
+Timing: `step_s` is the median wall time of a step; `fwd_bwd_s` the median time from its
+start to the end of backward (CUDA events on the stream; on CPU the clock), the part the
+model FLOPs count. `mfu` is the whole step's MFU, `mfu_fwd_bwd` (table: fbMFU%) that of
+forward + backward alone, without clipping, optimizer, zero_grad and EMA (`optimizer_s`).
+
 `--random-frozen` builds the frozen MLLM at its real size with random weights (from the
 offline config table in profiling/flops.py) and feeds latents + vision features as
 feature shards would, so a full IOMM step can be timed on a machine without the weights.
@@ -48,9 +53,9 @@ from ..train.compile import COMPILE_MODES
 
 PRESETS = ("tiny", "b", "l", "xl", "qwen_image_lora")
 COLUMNS = ["scope", "micro_batch", "checkpointing", "attention", "compile", "step_s", "step_min_s", "cpu_s",
-           "samples_per_s",
-           "image_tokens_per_s", "tflops_per_step", "tflops_per_s", "mfu", "peak_mem_GiB", "act_saved_GiB", "plan_GiB",
-           "status"]
+           "fwd_bwd_s", "optimizer_s", "samples_per_s",
+           "image_tokens_per_s", "tflops_per_step", "tflops_per_s", "mfu", "mfu_fwd_bwd", "peak_mem_GiB",
+           "act_saved_GiB", "plan_GiB", "status"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -348,9 +353,22 @@ def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: in
             with autocast:
                 return model.loss(batch)
 
-    def step(i: int):
+    marks: list = []  # per timed step: (start, after backward, end), CUDA events or CPU clocks
+
+    def mark():
+        if device.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def step(i: int, timed: bool = False):
+        if timed:
+            marks.append([mark()])
         loss = loss_fn()
         loss.backward()
+        if timed:
+            marks[-1].append(mark())
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         set_lr(opt, i, cfg)
@@ -358,6 +376,8 @@ def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: in
         opt.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(model.trainable_state_dict())
+        if timed:
+            marks[-1].append(mark())
 
     try:
         cpu = device.type == "cpu"
@@ -378,7 +398,7 @@ def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: in
             cpu_times = []
             for i in range(steps):
                 t0, c0 = time.perf_counter(), time.process_time()
-                step(warmup + i)
+                step(warmup + i, timed=True)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
@@ -398,11 +418,20 @@ def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: in
         return {**row, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]}
     step_s = sorted(times)[len(times) // 2]
     row.update(step_min_s=min(times), cpu_s=sorted(cpu_times)[len(cpu_times) // 2])
+    # The step split at the end of backward: forward + backward (what the model FLOPs count)
+    # and the rest (clipping, optimizer, zero_grad, EMA). On CUDA from events on the stream.
+    if device.type == "cuda":
+        splits = [(a.elapsed_time(m) / 1e3, m.elapsed_time(z) / 1e3) for a, m, z in marks]
+    else:
+        splits = [(m - a, z - m) for a, m, z in marks]
+    fwd_bwd_s = sorted(f for f, _ in splits)[len(splits) // 2]
+    row.update(fwd_bwd_s=fwd_bwd_s, optimizer_s=sorted(o for _, o in splits)[len(splits) // 2])
     peak = peak_tflops if peak_tflops else (peak_tflops_for(device) if device.type == "cuda" else None)
     achieved = flops / step_s / 1e12
     row.update(step_s=step_s, samples_per_s=b / step_s, image_tokens_per_s=b * image_tokens(cfg) / step_s,
                tflops_per_step=flops / 1e12, tflops_per_s=achieved,
                mfu=mfu_of(achieved, peak) if peak else None,
+               mfu_fwd_bwd=mfu_of(flops / fwd_bwd_s / 1e12, peak) if peak else None,
                peak_mem_GiB=None if pm.peak is None else pm.peak / 2**30, act_saved_GiB=saved / 2**30, status="ok")
     del model, opt
     if plan and scope == "step":
@@ -442,14 +471,17 @@ def _fmt(v, spec):
 
 def format_row(r: dict) -> str:
     return (f"{r['scope']:<9s} {r['micro_batch']:>4d} {r['checkpointing']:<7s} {r['attention']:<6s} {r['compile']:<4s} "
-            f"{_fmt(r.get('step_s'), '9.4f')} {_fmt(r.get('samples_per_s'), '10.2f')} "
+            f"{_fmt(r.get('step_s'), '9.4f')} {_fmt(r.get('fwd_bwd_s'), '9.4f')} {_fmt(r.get('samples_per_s'), '10.2f')} "
             f"{_fmt(r.get('image_tokens_per_s'), '12.0f')} {_fmt(r.get('tflops_per_s'), '9.4g')} "
-            f"{_fmt(None if r.get('mfu') is None else 100 * r['mfu'], '6.1f')} {_fmt(r.get('peak_mem_GiB'), '9.3f')} "
+            f"{_fmt(None if r.get('mfu') is None else 100 * r['mfu'], '6.1f')} "
+            f"{_fmt(None if r.get('mfu_fwd_bwd') is None else 100 * r['mfu_fwd_bwd'], '6.1f')} "
+            f"{_fmt(r.get('peak_mem_GiB'), '9.3f')} "
             f"{_fmt(r.get('act_saved_GiB'), '9.3f')} {_fmt(r.get('plan_GiB'), '8.3f')}  {r.get('status', '')}")
 
 
-HEADER = (f"{'scope':<9s} {'mb':>4s} {'ckpt':<7s} {'attn':<6s} {'comp':<4s} {'step_s':>9s} {'samples/s':>10s} "
-          f"{'img_tok/s':>12s} {'TFLOP/s':>9s} {'MFU%':>6s} {'peak_GiB':>9s} {'saved_GiB':>9s} {'plan_GiB':>8s}  status")
+HEADER = (f"{'scope':<9s} {'mb':>4s} {'ckpt':<7s} {'attn':<6s} {'comp':<4s} {'step_s':>9s} {'fwd_bwd_s':>9s} "
+          f"{'samples/s':>10s} {'img_tok/s':>12s} {'TFLOP/s':>9s} {'MFU%':>6s} {'fbMFU%':>6s} {'peak_GiB':>9s} "
+          f"{'saved_GiB':>9s} {'plan_GiB':>8s}  status")
 
 
 def format_table(rows: list[dict]) -> str:

@@ -64,6 +64,10 @@ def test_planner_matches_cuda_peak(family, mode, compile):
     cfg = _gpu_cfg(family, batch=8)
     row = run_case(cfg, Case(8, mode, "sdpa", compile), scope="step", steps=1, warmup=1, device="cuda")
     assert row["status"] == "ok", row
+    # the CUDA-event split of the one timed step lies inside its wall time
+    assert 0 < row["fwd_bwd_s"] and 0 < row["optimizer_s"] and row["fwd_bwd_s"] + row["optimizer_s"] <= row["step_s"]
+    if row["mfu"] is not None:  # a card in the peak table (H100 / H200 / A100 / H800)
+        assert 0 < row["mfu"] < row["mfu_fwd_bwd"] < 1, row
     ratio = row["plan_GiB"] / row["peak_mem_GiB"]
     print(json.dumps({"family": family, "mode": mode, "compile": compile, "measured_GiB": row["peak_mem_GiB"],
                       "plan_GiB": row["plan_GiB"]}))

@@ -68,6 +68,10 @@ def test_profile_cli_cpu(tmp_path, tiny_cfg):
     assert len(ok) == 2 and all(r["tflops_per_s"] > 0 and r["peak_mem_GiB"] > 0 for r in ok)
     assert any(r["status"].startswith("skipped") for r in rows)  # flash: no CUDA here
     assert csv_path.read_text().startswith("scope,micro_batch")
+    assert "fwd_bwd_s,optimizer_s" in csv_path.read_text().splitlines()[0]
+    for r in ok:  # one timed step: its two parts lie inside it
+        assert 0 < r["fwd_bwd_s"] and 0 < r["optimizer_s"] and r["fwd_bwd_s"] + r["optimizer_s"] <= r["step_s"]
+        assert r["mfu"] is None and r["mfu_fwd_bwd"] is None  # CPU: no MFU
     full = next(r for r in ok if r["checkpointing"] == "full")
     none = next(r for r in ok if r["checkpointing"] == "none")
     assert full["act_saved_GiB"] < none["act_saved_GiB"]
