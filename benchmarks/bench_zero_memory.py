@@ -23,6 +23,11 @@ less activation memory for <= 35% more step time. Full recompute adds one forwar
 block: on a GPU, where backward costs ~2x forward, that is ~1.33x; on this CPU backward
 costs only ~1.7-1.9x forward, and with 2 threads the many small ops of the forward scale
 worse than the GEMMs, so the ratio depends on the thread count.
+
+Part B again, process-isolated (`--isolated PAIRS`, default 6): each mode alone in a fresh
+process, as in training (one model per process, its allocator in steady state), none and
+full processes alternating. In-process interleaving lets one model's allocations shape the
+other's heap: with four models interleaved the `none` step ran 10-15% slower than alone.
 """
 
 from __future__ import annotations
@@ -198,6 +203,43 @@ def part_b(rounds: int = 15) -> dict:
     return out
 
 
+def time_worker(mode: str, threads: int, steps: int) -> float:
+    """Median fwd+bwd step time of one model, alone in this process (after 3 warm-up steps)."""
+    import torch
+
+    from iomm_scale.parallel.checkpointing import apply_activation_checkpointing
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = flux(layers=4, single=8)
+    apply_activation_checkpointing(model, mode)
+    b = batch(2, 32, 64)
+    times = []
+    for _ in range(steps + 3):
+        t0 = time.perf_counter()
+        _step(model, b)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[3:])
+
+
+def part_b_isolated(pairs: int, steps: int = 11) -> dict:
+    """Each mode alone in a fresh process (as in training: one model per process, its
+    allocator in steady state), none and full processes alternating, `pairs` pairs per thread
+    count; the ratio is the median of the per-pair ratios."""
+    out = {}
+    for threads in (1, 2):
+        rows = []
+        for _ in range(pairs):
+            pair = {}
+            for mode in ("none", "full"):
+                res = subprocess.run([sys.executable, __file__, "--time-worker", mode, str(threads), str(steps)],
+                                     check=True, capture_output=True, text=True)
+                pair[mode] = float(res.stdout.strip().splitlines()[-1])
+            rows.append(pair)
+        out[threads] = {"pairs": rows, "ratio": statistics.median(p["full"] / p["none"] for p in rows)}
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--zero-worker")
@@ -205,7 +247,15 @@ def main():
     ap.add_argument("--part-a-json", help="reuse part A rows written by an earlier run (--save-part-a)")
     ap.add_argument("--save-part-a", help="write part A rows to this JSON file")
     ap.add_argument("--rounds", type=int, default=15, help="timed steps per mode and thread count (part B)")
+    ap.add_argument("--isolated", type=int, default=6, metavar="PAIRS",
+                    help="part B again with each mode alone in its own process: PAIRS none/full process pairs per "
+                         "thread count (0: skip)")
+    ap.add_argument("--time-worker", nargs=3, metavar=("MODE", "THREADS", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.time_worker:
+        mode, threads, steps = args.time_worker
+        print(f"{time_worker(mode, int(threads), int(steps)):.6f}")
+        return
     if args.zero_worker:
         import warnings
 
@@ -240,6 +290,21 @@ def main():
               + "; ".join(f"time ratio full/none (median of paired rounds), {t} thread{'s' if t > 1 else ''} = {r:.3f} "
                           f"(goal <= 1.35: {'met' if r <= 1.35 else 'MISSED'})" for t, r in ratios.items())
               + f"; ZeRO-3 per-rank goal {'met' if ok_a else 'MISSED'}"]
+    iso = part_b_isolated(args.isolated) if args.isolated else None
+    if iso:
+        lines += ["", f"Process-isolated (each mode alone in a fresh process, {args.isolated} alternating none/full "
+                  "process pairs per thread count, median of 11 steps each):", "",
+                  "| threads | none s (per pair) | full s (per pair) | full / none, median of pairs (range) |",
+                  "|---|---|---|---|"]
+        for t, r in iso.items():
+            ratios_t = [p["full"] / p["none"] for p in r["pairs"]]
+            none_s = " ".join(f"{p['none']:.3f}" for p in r["pairs"])
+            full_s = " ".join(f"{p['full']:.3f}" for p in r["pairs"])
+            lines.append(f"| {t} | {none_s} | {full_s} | {r['ratio']:.3f} "
+                         f"({min(ratios_t):.3f}-{max(ratios_t):.3f}) |")
+        lines += ["", "; ".join(f"process-isolated time ratio full/none, {t} thread{'s' if t > 1 else ''} = "
+                                f"{r['ratio']:.3f} (goal <= 1.35: {'met' if r['ratio'] <= 1.35 else 'MISSED'})"
+                                for t, r in iso.items())]
     table = "\n".join(lines)
     print(table)
     if args.record:
@@ -251,7 +316,8 @@ def main():
                 "engine (fp32, persistence threshold 0), bytes of every storage the engine holds for params, "
                 "grads and optimizer state. Part B: one process, batch 2, 256 image + 64 condition tokens, "
                 "forward+backward; peak = running sum of torch.profiler CPU allocator events, grads preallocated; "
-                f"time = {args.rounds} steps per mode, none and full alternating, with 1 and 2 intra-op threads (load average "
+                f"time = {args.rounds} steps per mode, none and full alternating, with 1 and 2 intra-op threads, then "
+                f"{args.isolated} process-isolated pairs per thread count (load average "
                 f"{os.getloadavg()[0]:.1f} at the end).\n\n" + table + "\n")
         path = os.path.join(ROOT, "benchmarks", "RESULTS.md")
         existing = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
