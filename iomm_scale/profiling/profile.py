@@ -405,7 +405,7 @@ def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: in
                 cpu_times.append(time.process_time() - c0)
         if cpu:
             release_freed_memory(precise=True)
-        from .memory import _storage_keys
+        from .activation_trace import _storage_keys
 
         saved = count_saved(loss_fn, _storage_keys(model))
     except Exception as e:  # noqa: BLE001 - out of memory, or a compiler error: record it, go on with the next case

@@ -22,6 +22,7 @@ sys.path.insert(0, HERE)
 
 from _memory_cases import make_cfg  # noqa: E402
 
+from iomm_scale.profiling import activation_trace as A  # noqa: E402
 from iomm_scale.profiling import memory as M  # noqa: E402
 
 TOL = 0.15
@@ -77,9 +78,9 @@ def test_trace_matches_saved_tensors_of_a_real_forward(flux_cfg):
     cfg = make_cfg("flux", batch=2)
     model = build_iomm(cfg).train()
     batch = {"pixels": torch.rand(2, 3, 128, 128) * 2 - 1, "captions": [None, None]}
-    real = count_saved(lambda: model.loss(batch), M._storage_keys(model))
+    real = count_saved(lambda: model.loss(batch), A._storage_keys(model))
     st = M._build_structure(cfg, 1, None, torch.float32, torch.float32)
-    tr = M.trace_activations(cfg, st, 2, 128, torch.float32, torch.float32)
+    tr = A.trace_activations(cfg, st, 2, 128, torch.float32, torch.float32)
     traced = sum(tr.units.values()) + tr.shared
     assert abs(traced / real - 1) < 0.01, (traced, real)
 
@@ -109,12 +110,12 @@ def test_compiled_trace_matches_saved_tensors_of_a_real_compiled_forward(family)
     compile_blocks(model.generator, "aot_eager_decomp_partition")
     compile_frozen_mllm(model.conditioner, "aot_eager_decomp_partition")
     try:
-        real = count_saved(lambda: model.loss(batch), M._storage_keys(model))
+        real = count_saved(lambda: model.loss(batch), A._storage_keys(model))
     finally:
         torch._dynamo.reset()
     st = M._build_structure(cfg, 1, None, torch.float32, torch.float32)
     traced = {mode: sum(tr.units.values()) + tr.shared for mode, tr in
-              ((m, M.trace_activations(cfg, st, 2, 128, torch.float32, torch.float32, compile=m)) for m in ("off", "all"))}
+              ((m, A.trace_activations(cfg, st, 2, 128, torch.float32, torch.float32, compile=m)) for m in ("off", "all"))}
     assert abs(traced["all"] / real - 1) < COMPILED_TRACE_TOL[family], (traced, real)
     assert abs(traced["off"] / real - 1) > 0.08, (traced, real)
 
@@ -130,8 +131,8 @@ def test_compiled_layouts_are_those_train_compile_runs(flux_cfg):
 
 def test_extrapolated_trace_is_exact(flux_cfg):
     st = M._build_structure(flux_cfg, 1, None, torch.float32, torch.float32)
-    t1, t2, t6 = (M.trace_activations(flux_cfg, st, b, 128, torch.float32, torch.float32) for b in (1, 2, 6))
-    e = M.extrapolate(t1, t2, 6)
+    t1, t2, t6 = (A.trace_activations(flux_cfg, st, b, 128, torch.float32, torch.float32) for b in (1, 2, 6))
+    e = A.extrapolate(t1, t2, 6)
     assert all(abs(e.units[k] - t6.units[k]) < 1 for k in t6.units)
     assert e.block_boundary == pytest.approx(t6.block_boundary)
 
