@@ -136,10 +136,9 @@ class StoredArray:
         self._span, self._offset, self._tensor = span, offset, tensor
 
     def into(self, dst: torch.Tensor) -> torch.Tensor:
+        """Fill `dst` (contiguous, this dtype and shape) with the array."""
         if self._tensor is not None:
             return dst.copy_(self._tensor)
-        if not dst.is_contiguous():
-            return dst.copy_(self.tensor())
         try:
             self._span.readinto(self._offset, dst.numpy())
         except OSError as exn:
@@ -153,40 +152,37 @@ class StoredArray:
         return self.into(torch.empty(self.shape, dtype=self.dtype))
 
 
-def _array(arr: np.ndarray, name: str) -> StoredArray:
-    if arr.dtype not in _STORED:  # float64, big-endian, ...: stored otherwise than we write
-        arr = arr.astype(np.float32)
-    with warnings.catch_warnings():  # a read-only view of the member: the batch copy only reads it
-        warnings.simplefilter("ignore", UserWarning)
-        return StoredArray(name, arr.shape, _STORED[arr.dtype], tensor=torch.from_numpy(arr))
+def _check_layout(dims: tuple[int, ...], dtype: np.dtype, ndim: int, name: str) -> None:
+    if len(dims) != ndim or dtype.kind != "f" or math.prod(dims) == 0:
+        raise BadSample("bad_features", f"{name}: expected a {ndim}-d float array, got {dtype} {dims}")
 
 
 def stored_array(data, ndim: int, name: str) -> StoredArray:
     """A .npy member (bytes, or a shards.FileSpan of a local shard) -> StoredArray; raises
-    BadSample("bad_features") unless it is a non-empty `ndim`-d float array."""
+    BadSample("bad_features") unless it is a non-empty `ndim`-d float array. A span stored as
+    float16 / float32 is left in the file (read later, straight into its batch slot); any
+    other form is read into memory and converted to float32, as a streamed member is."""
     try:
         if isinstance(data, FileSpan):
             head = data.read(0, 256)
             if _npy_end(head) > len(head):  # a long header (many dims, padding)
                 head = data.read(0, _npy_end(head))
             dtype, dims, offset = _npy_header(head)
-            nbytes = math.prod(dims) * dtype.itemsize
-            if offset + nbytes > len(data):
-                raise ValueError(f"{len(data) - offset} data bytes for {dtype} {dims}")
-            if dtype not in _STORED and dtype.kind == "f":
-                arr = npy_view(data.read())
-            else:
-                arr = None
-        else:
-            arr = npy_view(data)
-            dtype, dims = arr.dtype, arr.shape
+            if dtype in _STORED:
+                _check_layout(dims, dtype, ndim, name)
+                if offset + math.prod(dims) * dtype.itemsize > len(data):
+                    raise ValueError(f"{len(data) - offset} data bytes for {dtype} {dims}")
+                return StoredArray(name, tuple(dims), _STORED[dtype], span=data, offset=offset)
+            data = data.read()
+        arr = npy_view(data)
     except (ValueError, TypeError, IndexError, struct.error, OSError) as exn:
         raise BadSample("bad_features", f"{name}: {type(exn).__name__}: {exn}") from None
-    if len(dims) != ndim or dtype.kind != "f" or math.prod(dims) == 0:
-        raise BadSample("bad_features", f"{name}: expected a {ndim}-d float array, got {dtype} {dims}")
-    if arr is not None:
-        return _array(arr, name)
-    return StoredArray(name, tuple(dims), _STORED[dtype], span=data, offset=offset)
+    _check_layout(arr.shape, arr.dtype, ndim, name)
+    if arr.dtype not in _STORED:  # float64, big-endian, ...: stored otherwise than we write
+        arr = arr.astype(np.float32)
+    with warnings.catch_warnings():  # a read-only view of the member: the batch copy only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        return StoredArray(name, arr.shape, _STORED[arr.dtype], tensor=torch.from_numpy(arr))
 
 
 def check_finite(tensor: torch.Tensor, name: str) -> None:
