@@ -28,6 +28,15 @@ Part B again, process-isolated (`--isolated PAIRS`, default 6): each mode alone 
 process, as in training (one model per process, its allocator in steady state), none and
 full processes alternating. In-process interleaving lets one model's allocations shape the
 other's heap: with four models interleaved the `none` step ran 10-15% slower than alone.
+
+Part C (`--zero-time PAIRS`, default 3): the step time of part B's model and batch (2 samples
+per rank) trained by the DeepSpeed ZeRO-3 engine under torchrun with 1 and 2 processes, one
+intra-op thread each (torchrun's default; on this 2-core machine, one core per rank), checkpointing
+none vs full: the whole training step (forward, backward, ZeRO-3 gathers and reduce-scatters, AdamW
+on the partitions), median of 8 steps after 3 warm-up steps, none and full runs alternating.
+Under ZeRO-3 the backward gathers each block's parameters again in both modes (released after
+the forward); with checkpointing the recompute's gather serves the block's backward too, so the
+collectives are the same (counted once: 120 all-gathers per step either way, 2 processes).
 """
 
 from __future__ import annotations
@@ -127,18 +136,72 @@ def zero_worker(out_path: str) -> None:
     dist.destroy_process_group()
 
 
+def zero_time_worker(mode: str, steps: int, out_path: str) -> None:
+    """Part C: median ZeRO-3 training-step time (rank 0's clock, ranks in step by a barrier)."""
+    import torch
+    import torch.distributed as dist
+
+    from iomm_scale.parallel.config import ParallelConfig
+    from iomm_scale.parallel.groups import init_distributed, init_parallel_state
+    from iomm_scale.parallel.runtime import ParallelRuntime
+
+    init_distributed()
+    torch.set_num_threads(1)
+    pcfg = ParallelConfig(zero_stage=3, activation_checkpointing=mode)
+    lay = init_parallel_state(pcfg)
+    torch.manual_seed(0)
+    rt = ParallelRuntime.build(flux(layers=4, single=8), pcfg,
+                               lambda ps: torch.optim.AdamW(ps, lr=1e-4, betas=(0.9, 0.95)), micro_batch=2)
+    b = batch(2, 32, 64, seed=lay.dp_rank)  # part B's batch on every rank
+    times = []
+    for _ in range(steps + 3):
+        dist.barrier()
+        t0 = time.perf_counter()
+        rt.train_step(b)
+        times.append(time.perf_counter() - t0)
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump({"world": dist.get_world_size(), "mode": mode, "step_s": statistics.median(times[3:]),
+                       "checkpointing": rt.info["checkpointing"]}, f, default=str)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _torchrun(n: int, args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+           str(29700 + n), os.path.abspath(__file__), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr[-4000:])
+
+
+def part_c(pairs: int, steps: int = 8) -> dict:
+    """ZeRO-3 step time, checkpointing none vs full, 1 and 2 processes: `pairs` alternating
+    none / full launches per world size; the ratio is the median of the per-pair ratios."""
+    import tempfile
+
+    out = {}
+    for n in (1, 2):
+        rows = []
+        for _ in range(pairs):
+            pair = {}
+            for mode in ("none", "full"):
+                path = os.path.join(tempfile.mkdtemp(), "time.json")
+                _torchrun(n, ["--zero-time-worker", mode, str(steps), path])
+                pair[mode] = json.load(open(path))["step_s"]
+            rows.append(pair)
+        out[n] = {"pairs": rows, "ratio": statistics.median(p["full"] / p["none"] for p in rows)}
+    return out
+
+
 def part_a() -> list[dict]:
     import tempfile
 
     rows = []
     for n in (1, 2, 4):
         out = os.path.join(tempfile.mkdtemp(), "zero.json")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
-               str(29700 + n), os.path.abspath(__file__), "--zero-worker", out]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        if p.returncode != 0:
-            raise RuntimeError(p.stderr[-4000:])
+        _torchrun(n, ["--zero-worker", out])
         rows.append(json.load(open(out)))
     return rows
 
@@ -250,17 +313,24 @@ def main():
     ap.add_argument("--isolated", type=int, default=6, metavar="PAIRS",
                     help="part B again with each mode alone in its own process: PAIRS none/full process pairs per "
                          "thread count (0: skip)")
+    ap.add_argument("--zero-time", type=int, default=3, metavar="PAIRS",
+                    help="part C: ZeRO-3 step time with 1 and 2 processes, PAIRS none/full launch pairs each (0: skip)")
+    ap.add_argument("--zero-time-worker", nargs=3, metavar=("MODE", "STEPS", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--time-worker", nargs=3, metavar=("MODE", "THREADS", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.time_worker:
         mode, threads, steps = args.time_worker
         print(f"{time_worker(mode, int(threads), int(steps)):.6f}")
         return
-    if args.zero_worker:
+    if args.zero_worker or args.zero_time_worker:
         import warnings
 
         warnings.filterwarnings("ignore")
-        zero_worker(args.zero_worker)
+        if args.zero_worker:
+            zero_worker(args.zero_worker)
+        else:
+            mode, steps, out = args.zero_time_worker
+            zero_time_worker(mode, int(steps), out)
         return
     a = json.load(open(args.part_a_json)) if args.part_a_json else part_a()
     if args.save_part_a:
@@ -305,6 +375,20 @@ def main():
         lines += ["", "; ".join(f"process-isolated time ratio full/none, {t} thread{'s' if t > 1 else ''} = "
                                 f"{r['ratio']:.3f} (goal <= 1.35: {'met' if r['ratio'] <= 1.35 else 'MISSED'})"
                                 for t, r in iso.items())]
+    zt = part_c(args.zero_time) if args.zero_time else None
+    if zt:
+        lines += ["", f"ZeRO-3 training step (part C: torchrun, 1 thread per rank, {args.zero_time} alternating none/full "
+                  "launch pairs per world size, median of 8 steps each):", "",
+                  "| processes | none s (per pair) | full s (per pair) | full / none, median of pairs (range) |",
+                  "|---|---|---|---|"]
+        for n, r in zt.items():
+            ratios_n = [p["full"] / p["none"] for p in r["pairs"]]
+            none_s = " ".join(f"{p['none']:.3f}" for p in r["pairs"])
+            full_s = " ".join(f"{p['full']:.3f}" for p in r["pairs"])
+            lines.append(f"| {n} | {none_s} | {full_s} | {r['ratio']:.3f} ({min(ratios_n):.3f}-{max(ratios_n):.3f}) |")
+        lines += ["", "; ".join(f"ZeRO-3 step time ratio full/none, {n} process{'es' if n > 1 else ''} = "
+                                f"{r['ratio']:.3f} (goal <= 1.35: {'met' if r['ratio'] <= 1.35 else 'MISSED'})"
+                                for n, r in zt.items())]
     table = "\n".join(lines)
     print(table)
     if args.record:
@@ -317,7 +401,9 @@ def main():
                 "grads and optimizer state. Part B: one process, batch 2, 256 image + 64 condition tokens, "
                 "forward+backward; peak = running sum of torch.profiler CPU allocator events, grads preallocated; "
                 f"time = {args.rounds} steps per mode, none and full alternating, with 1 and 2 intra-op threads, then "
-                f"{args.isolated} process-isolated pairs per thread count (load average "
+                f"{args.isolated} process-isolated pairs per thread count. Part C: part B's model and per-rank batch "
+                f"under a ZeRO-3 engine with 1 and 2 processes (torchrun, 1 thread per rank), whole training step, "
+                f"{args.zero_time} none/full launch pairs each (load average "
                 f"{os.getloadavg()[0]:.1f} at the end).\n\n" + table + "\n")
         path = os.path.join(ROOT, "benchmarks", "RESULTS.md")
         existing = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
