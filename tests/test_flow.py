@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from iomm_scale import flow
@@ -28,6 +29,21 @@ def test_timestep_sampling_ranges_and_shift():
     assert t.mean() > 0.6  # shift > 1 moves mass towards noise
     assert flow.shift_timesteps(torch.tensor([0.0, 1.0]), 3.0).tolist() == [0.0, 1.0]
     assert abs(flow.resolution_shift(256, cfg) - math.exp(0.5)) < 1e-9
+
+
+def test_resolution_shift_is_fluxs_mu_between_its_endpoints():
+    cfg = flow.FlowConfig(resolution_shift=True)  # base_shift 0.5 at 256 tokens, max_shift 1.15 at 4096
+    assert flow.resolution_shift(4096, cfg) == pytest.approx(math.exp(1.15), rel=1e-12)
+    assert flow.resolution_shift(2176, cfg) == pytest.approx(math.exp(0.825), rel=1e-12)  # halfway
+    assert flow.effective_shift(cfg, 1024) == pytest.approx(math.exp(0.5 + 0.65 * 768 / 3840), rel=1e-12)
+    assert flow.effective_shift(flow.FlowConfig(shift=3.0), 4096) == 3.0  # fixed shift unless resolution_shift
+
+
+def test_logit_normal_timesteps_follow_logit_mean_and_std():
+    g = torch.Generator().manual_seed(0)
+    cfg = flow.FlowConfig(timestep_sampling="logit_normal", logit_mean=1.0, logit_std=0.5)
+    logit = torch.logit(flow.sample_timesteps(20000, cfg, 256, generator=g).double())
+    assert abs(logit.mean().item() - 1.0) < 0.02 and abs(logit.std().item() - 0.5) < 0.02
 
 
 def test_sampler_is_exact_on_straight_paths():

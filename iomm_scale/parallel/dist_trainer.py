@@ -272,6 +272,7 @@ class DistributedTrainer:
         self.loader = build_loader(cfg, rank=self.layout.dp_rank, world_size=self.layout.dp)
         self.history: list[tuple[int, float]] = []  # (step, loss) logged by this launch, for loss_curve.png
         self._stop = False
+        self._on_disk: str | None = None  # tag of this run's engine checkpoint equal to the live state
         if resume_full is None:
             self._maybe_resume()
 
@@ -303,7 +304,12 @@ class DistributedTrainer:
         return self.run_dir / "checkpoints"
 
     def save(self) -> str:
+        """Checkpoint the current step (collective), unless this run's checkpoints already hold it
+        (saved at this step, or resumed from it): DeepSpeed re-writes a tag's files in place, so
+        saving the tag `latest` names again would open a window for a crash to spoil it."""
         tag = f"step_{self.rt.step:08d}"
+        if self._on_disk == tag:
+            return tag
         if self.layout.tp_rank == 0 and self.layout.pp_rank == 0:
             # before the engine's save, which writes `latest` last: `latest` never names a tag
             # without the loader positions (or the EMA, which rt.save writes first too)
@@ -312,6 +318,9 @@ class DistributedTrainer:
             atomic_save(self.loader.state_dict(), self.ckpt_root / tag / f"data_dp{self.layout.dp_rank}.pt")
         dist.barrier()
         self.rt.save(str(self.ckpt_root), tag=tag)
+        self._on_disk = tag
+        if self.is_logger:
+            print(f"[iomm] checkpoint {self.ckpt_root / tag}", flush=True)
         return tag
 
     def write_outputs(self, exported: str | None) -> None:
@@ -351,6 +360,8 @@ class DistributedTrainer:
             return
         tag = latest.read_text().strip() if mode == "auto" else Path(mode).name
         self.rt.load(str(root), tag=tag)
+        if root.resolve() == self.ckpt_root.resolve() and tag == f"step_{self.rt.step:08d}":
+            self._on_disk = tag
         data = root / tag / f"data_dp{self.layout.dp_rank}.pt"
         if data.is_file():
             self.loader.load_state_dict(torch.load(data, weights_only=False))

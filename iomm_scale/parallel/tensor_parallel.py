@@ -31,7 +31,7 @@ gradients are summed over the TP group by a hook (`tp_partial_grad`); they are f
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -289,46 +289,3 @@ def register_partial_grad_hooks(model: nn.Module, tp_group=None, head_dim: int |
         names.append(name)
     model._iomm_tp_partial_grad = names
     return names
-
-
-def _tp_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if is_tp_layer(m)}
-
-
-def gather_full_state_dict(model: nn.Module, tp_group=None, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """The single-device state dict of a TP-sharded model (collective over the TP group;
-    every rank gets the full tensors). ZeRO-3 partitioned params must be gathered first."""
-    tp_group = tp_group if tp_group is not None else _default_tp_group()
-    tp = dist.get_world_size(tp_group)
-    layers = _tp_layers(model)
-    out = {}
-    for name, t in model.state_dict(keep_vars=False).items():
-        if keys is not None and name not in keys:
-            continue
-        mod_name, _, leaf = name.rpartition(".")
-        layer = layers.get(mod_name)
-        if layer is None or tp == 1 or (leaf == "bias" and layer.tp_style == "row"):
-            out[name] = t.detach().clone()
-            continue
-        dim = 0 if (layer.tp_style == "column" or leaf == "bias") else 1
-        shards = [torch.empty_like(t) for _ in range(tp)]
-        dist.all_gather(shards, t.detach().contiguous(), group=tp_group)
-        out[name] = unshard_tensors(shards, dim, layer.tp_fused_sizes)
-    return out
-
-
-def shard_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], tp_group=None) -> dict[str, torch.Tensor]:
-    """This rank's slice of a single-device state dict, for `model.load_state_dict`."""
-    tp_group = tp_group if tp_group is not None else _default_tp_group()
-    tp, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
-    layers = _tp_layers(model)
-    out = {}
-    for name, t in full.items():
-        mod_name, _, leaf = name.rpartition(".")
-        layer = layers.get(mod_name)
-        if layer is None or tp == 1 or (leaf == "bias" and layer.tp_style == "row"):
-            out[name] = t
-            continue
-        dim = 0 if (layer.tp_style == "column" or leaf == "bias") else 1
-        out[name] = shard_tensor(t, dim, layer.tp_fused_sizes, tp, rank)
-    return out

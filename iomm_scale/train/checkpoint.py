@@ -4,7 +4,9 @@ Layout:  <run_dir>/checkpoints/step_00000100/state.pt   (+ `latest`, a file nami
 
 A checkpoint is written to `step_N.tmp/`, fsynced, then renamed to `step_N/`; `latest` is
 replaced atomically afterwards. A crash at any moment leaves the previous checkpoint
-intact and `latest` pointing at a complete one. Frozen weights (the MLLM, the VAE) are
+intact and `latest` pointing at a complete one (or naming a step whose directory is gone
+for an instant: writing step N again moves the old `step_N/` aside to `step_N.old/` first,
+and `find_latest` takes that one when `step_N/` is missing). Frozen weights (the MLLM, the VAE) are
 saved only when they cannot be reloaded from a path (random init), so checkpoints of real
 runs hold just what training changes.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -74,28 +77,44 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, state: dict, keep: 
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    previous = root / f"step_{step:08d}.old"  # this step written before: kept until the new one is in place
     if final.exists():
-        shutil.rmtree(final)
+        if previous.exists():
+            shutil.rmtree(previous)
+        os.replace(final, previous)
     os.replace(tmp, final)
     latest_tmp = root / f"{LATEST}.tmp"
     latest_tmp.write_text(final.name)
     os.replace(latest_tmp, root / LATEST)
     _fsync_dir(root)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep]:
+    shutil.rmtree(previous, ignore_errors=True)
+    for old in sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir())[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+_STEP_DIR = re.compile(r"step_(\d+)$")
+_PREVIOUS_DIR = re.compile(r"step_(\d+)\.old$")
+
+
 def find_latest(ckpt_root: str | os.PathLike) -> Path | None:
+    """The checkpoint `latest` names when it is complete, else the newest complete one; a
+    `step_N.old/` stands in for a missing `step_N/` (a crash while step N was re-written)."""
     root = Path(ckpt_root)
+    if not root.is_dir():
+        return None
     marker = root / LATEST
     if marker.exists():
         path = root / marker.read_text().strip()
         if (path / "state.pt").exists():
             return path
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "state.pt").exists() and not p.name.endswith(".tmp"))
-    return done[-1] if done else None
+    done = {}
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name) or _PREVIOUS_DIR.match(p.name)
+        if m and (p / "state.pt").exists() and (int(m.group(1)) not in done or m.re is _STEP_DIR):
+            done[int(m.group(1))] = p
+    return done[max(done)] if done else None
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

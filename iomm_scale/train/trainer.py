@@ -101,6 +101,7 @@ class Trainer:
         self.step = 0
         self.history: list[tuple[int, float]] = []
         self._stop_requested = False
+        self._on_disk: tuple[int, Path] | None = None  # (step, dir) of this run's checkpoint equal to the live state
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self._maybe_resume()
 
@@ -174,7 +175,13 @@ class Trainer:
         print(f"initialised weights from {path}")
 
     def save(self) -> Path:
-        return ckpt.save_checkpoint(self.ckpt_root, self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
+        """Checkpoint the current step, unless this run's checkpoints already hold it (saved at
+        this step, or resumed from it): re-writing it would only open a window for a crash."""
+        if self._on_disk is not None and self._on_disk[0] == self.step and (self._on_disk[1] / "state.pt").exists():
+            return self._on_disk[1]
+        path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
+        self._on_disk = (self.step, path)
+        return path
 
     def _maybe_resume(self) -> None:
         mode = self.cfg.train.resume
@@ -184,6 +191,8 @@ class Trainer:
                 self._init_weights(self.cfg.train.init_from)
             return
         self.load_state_dict(ckpt.load_checkpoint(path))
+        if path.parent.resolve() == self.ckpt_root.resolve():
+            self._on_disk = (self.step, path)
         print(f"resumed from {path} at step {self.step}")
 
     # ---- one step ----------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 from data_shardkit import (corrupt_png_header, good_jpeg, not_an_image, too_small_jpeg, truncate_tar_in_member,
                            truncated_jpeg, write_clean_shards, write_shard)
 from iomm_scale.data import DataErrorBudgetExceeded, WebDatasetConfig, build_webdataset_loader
+from iomm_scale.data.errors import check_budget, merge_stats
 
 R = 32
 # kind -> (expected reason, how many, sample factory)
@@ -78,6 +79,33 @@ def test_counters_equal_the_planted_corruptions(corrupted):
     assert sorted(keys) == sorted(good)  # every good sample once, no bad one
     assert totals.pop("__ok__") == len(good)
     assert totals == expected
+
+
+def test_bad_fraction_counts_bad_samples_and_shards_over_everything_read(corrupted):
+    """The loader's stats: bad = planted samples, shard errors = the 2 broken shards, and the
+    fraction the budget is judged on = (bad + bad shards) / (samples read + bad shards)."""
+    pattern, good, expected, _ = corrupted
+    cfg = WebDatasetConfig(paired_shards=[pattern], image_only_fraction=0.0, num_workers=2, epochs=1,
+                           shuffle_buffer=7, error_budget=0.5)
+    loader = build_webdataset_loader(cfg, R, 4, 0, 1, seed=0)
+    for _ in loader:
+        pass
+    stats = loader.stats()
+    assert (stats["ok"], stats["bad"], stats["shard_errors"]) == (len(good), 19, 2)
+    assert stats["seen"] == len(good) + 19
+    assert stats["bad_fraction"] == pytest.approx(21 / (len(good) + 19 + 2), rel=1e-12)
+
+
+def test_error_budget_threshold_and_merge_of_worker_counts():
+    a = {"ok": 90, "reasons": {"not_an_image": 4, "shard_error": 1}, "bad_by_shard": {"s1": 4, "s2": 1}}
+    b = {"ok": 100, "reasons": {"truncated_image": 5}, "bad_by_shard": {"s3": 5}}
+    stats = merge_stats([a, b])
+    assert (stats["seen"], stats["ok"], stats["bad"], stats["shard_errors"]) == (199, 190, 9, 1)
+    assert stats["bad_fraction"] == 10 / 200 and stats["worst_shards"] == [["s3", 5], ["s1", 4], ["s2", 1]]
+    check_budget(stats, 0.05, 20, "here")  # exactly at the budget: allowed
+    with pytest.raises(DataErrorBudgetExceeded, match=r"5.0% > error_budget 4.9%"):
+        check_budget(stats, 0.049, 20, "here")
+    check_budget(stats, 0.049, 201, "here")  # too few items yet to judge
 
 
 def test_captions_do_not_matter_for_image_only_shards(corrupted):

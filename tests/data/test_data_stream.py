@@ -50,6 +50,20 @@ def test_every_sample_exactly_once_per_epoch_over_2_ranks_x_2_workers(clean):
     assert all(c is None for b in per_rank[0] for c in b[1])  # image-only shards: no captions
 
 
+@pytest.mark.parametrize("world_size,workers", [(3, 2), (2, 3)])
+def test_every_sample_exactly_once_when_ranks_and_workers_differ(clean, tmp_path, world_size, workers):
+    """Slots are rank * workers + worker: with as many ranks as workers per rank (the test
+    above) a slot formula mixing the two up still looks right."""
+    _, pattern, keys = clean  # 9 shards for 6 slots: split by shard
+    cfg = WebDatasetConfig(image_shards=[pattern], num_workers=workers, epochs=1, shuffle_buffer=8)
+    seen = Counter(k for r in range(world_size) for k in keys_of(run(cfg, rank=r, world_size=world_size)[0]))
+    assert seen == Counter(keys)
+    few, few_keys = write_clean_shards(tmp_path, n_shards=2, per_shard=13)  # 2 shards for 6 slots: by sample
+    cfg = WebDatasetConfig(image_shards=[few], num_workers=workers, epochs=1, shuffle_buffer=4)
+    seen = Counter(k for r in range(world_size) for k in keys_of(run(cfg, rank=r, world_size=world_size, batch_size=3)[0]))
+    assert seen == Counter(few_keys)
+
+
 def test_fewer_shards_than_slots_splits_by_sample(tmp_path):
     pattern, keys = write_clean_shards(tmp_path, n_shards=2, per_shard=13)
     cfg = WebDatasetConfig(image_shards=[pattern], num_workers=2, epochs=1, shuffle_buffer=4)

@@ -91,6 +91,7 @@ def _capture_rqa_input(model):
 
 @pytest.mark.parametrize("ratio", [0.0, 0.3, 0.85])
 def test_masking_zeroes_a_binomial_fraction_exactly(model, ratio):
+    torch.manual_seed(0)  # the keep masks come from the global generator
     cond = model.conditioner
     pixels = _batch(n=16)["pixels"]
     feats = cond.vision_features(pixels)
@@ -112,6 +113,20 @@ def test_masking_zeroes_a_binomial_fraction_exactly(model, ratio):
     frac = zero.float().mean().item()
     sigma = math.sqrt(ratio * (1 - ratio) / n)
     assert abs(frac - ratio) < 4 * sigma, (frac, ratio, sigma)
+    assert not (zero == zero[0]).all()  # each sample draws its own mask
+
+
+def test_sampling_does_not_mask_the_reference_by_default(model, tiny_cfg):
+    torch.manual_seed(0)
+    cond = model.conditioner
+    pixels = _batch(n=2)["pixels"]
+    feats = cond.vision_features(pixels)
+    seen, handle = _capture_rqa_input(model)  # the first RQA call: the reference's condition
+    try:
+        model.sample(2, tiny_cfg().data.resolution, pixels=pixels, steps=1)
+    finally:
+        handle.remove()
+    assert torch.equal(seen["context"][:, cond.aux_ids.numel():], feats)
 
 
 def test_dropped_samples_get_the_null_condition(model):

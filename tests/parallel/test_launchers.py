@@ -25,8 +25,9 @@ def run(cmd):
 def test_torchrun_then_deepspeed_launcher_resume(tmp_path):
     run_dir = str(tmp_path / "run")
     out = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29633",
-               "launchers/pretrain.py", *ARGS, "--run-dir", run_dir, "train.steps=2"])
+               "launchers/pretrain.py", *ARGS, "--run-dir", run_dir, "train.steps=2", "train.ckpt_every=2"])
     assert "tp 2 x pp 1 x dp 1" in out and "done at step 2" in out
+    assert out.count("[iomm] checkpoint ") == 1  # the periodic save at step 2; the final one does not re-write it
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     out = run([deepspeed, "--num_gpus", "2", "--master_port", "29634", "launchers/pretrain.py", *ARGS,
                "--run-dir", run_dir, "train.steps=3"])

@@ -46,6 +46,62 @@ def test_checkpoints_are_atomic_and_pruned(tiny_cfg, tmp_path):
     assert ckpt.find_latest(tmp_path / "checkpoints").name == "step_00000003"
 
 
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    from iomm_scale.train import checkpoint as ckpt
+
+    root = tmp_path / "checkpoints"
+    t = Trainer(tiny_cfg("train.steps=3", "train.keep_checkpoints=3"), run_dir=tmp_path)
+    for _ in range(2):
+        t.train_step()
+        t.save()
+    t.train_step()
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            t.save()
+    assert not (root / "step_00000003").exists() and (root / "step_00000003.tmp").exists()
+    assert (root / "latest").read_text() == "step_00000002"
+    assert ckpt.find_latest(root).name == "step_00000002" and ckpt.load_checkpoint(ckpt.find_latest(root))["step"] == 2
+    assert Trainer(tiny_cfg("train.steps=3", "train.resume=auto"), run_dir=tmp_path).step == 2
+
+    # Re-writing a step: a crash between moving the old copy aside and putting the new one in
+    # place leaves `latest` naming a missing directory for an instant; the old copy stands in.
+    real_replace = os.replace
+
+    def crash_on_publish(src, dst):
+        if str(src).endswith("step_00000002.tmp"):
+            raise OSError("killed")
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", crash_on_publish)
+        with pytest.raises(OSError, match="killed"):
+            ckpt.save_checkpoint(root, 2, {"step": 2, "version": "new"}, keep=3)
+    found = ckpt.find_latest(root)
+    assert found.name == "step_00000002.old" and "version" not in ckpt.load_checkpoint(found)
+    ckpt.save_checkpoint(root, 2, {"step": 2, "version": "new"}, keep=3)
+    found = ckpt.find_latest(root)
+    assert found.name == "step_00000002" and ckpt.load_checkpoint(found)["version"] == "new"
+    assert not (root / "step_00000002.old").exists()
+
+
+def test_fit_saves_each_step_once_and_a_finished_run_not_again(tiny_cfg, tmp_path, monkeypatch):
+    from iomm_scale.train import checkpoint as ckpt
+
+    saved = []
+    real_save = ckpt.save_checkpoint
+    monkeypatch.setattr(ckpt, "save_checkpoint", lambda root, step, *a, **k: saved.append(step) or real_save(root, step, *a, **k))
+    Trainer(tiny_cfg("train.steps=4", "train.ckpt_every=2"), run_dir=tmp_path).fit()
+    assert saved == [2, 4]  # the final save does not write step 4 a second time
+    Trainer(tiny_cfg("train.steps=4", "train.ckpt_every=2", "train.resume=auto"), run_dir=tmp_path).fit()
+    assert saved == [2, 4]  # resumed at the end: nothing to write
+
+
 def test_fit_writes_metrics_checkpoint_and_pngs(tiny_cfg, tmp_path):
     t = Trainer(tiny_cfg("train.steps=4", "train.num_samples=2", "flow.sample_steps=2", "train.log_every=2"),
                 run_dir=tmp_path)
