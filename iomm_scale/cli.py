@@ -8,6 +8,7 @@ naming the file and key, and exits with status 2 before any model is built.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import ConfigError, load_config
@@ -34,8 +35,14 @@ def train_main(argv=None) -> None:
     cfg = _load(args)
     from .train.trainer import Trainer
 
-    trainer = Trainer(cfg, run_dir=args.run_dir)
+    try:
+        trainer = Trainer(cfg, run_dir=args.run_dir)
+    except ConfigError as e:  # what the config alone could not vouch for (shards, init_from, layout)
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     last = trainer.fit()
+    if trainer.stopped_by_signal:
+        return  # fit() said where the checkpoint is
     if not last:  # resumed at (or past) train.steps: nothing was trained in this launch
         print(f"done: the run is already at step {trainer.step} (train.steps={cfg.train.steps}; raise it, or "
               f"train.resume=never to start over); outputs in {trainer.run_dir}")
@@ -48,7 +55,8 @@ def train_main(argv=None) -> None:
 def sample_main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="iomm-sample", description="Generate images from a trained run.")
     _config_args(parser)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (…/checkpoints/step_N)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint (…/checkpoints/step_N), a run dir (its newest), or an EMA export (<run_dir>/ema)")
     parser.add_argument("--images", nargs="*", default=[], help="reference images (image-conditioned generation)")
     parser.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
     parser.add_argument("--out", default="samples.png")
@@ -60,11 +68,27 @@ def sample_main(argv=None) -> None:
     if not args.images and not args.prompt:
         parser.error("give --images or --prompt")
     cfg = _load(args)
+    _check_inputs(args.checkpoint, args.images)
     from .sampling import sample_from_checkpoint
 
     sample_from_checkpoint(cfg, args.checkpoint, args.images, args.prompt, args.out, args.steps, args.cfg_scale,
                            args.seed, use_ema=not args.no_ema)
-    print(f"wrote {args.out}")
+    print(f"wrote {os.path.abspath(args.out)}")
+
+
+def _check_inputs(checkpoint: str, images: list[str] = ()) -> None:
+    """A checkpoint we can read and existing reference images, before any model is built."""
+    from .train.checkpoint import init_source, resolve_checkpoint
+
+    try:
+        init_source(resolve_checkpoint(checkpoint), "--checkpoint")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    missing = [p for p in images if not os.path.isfile(p)]
+    if missing:
+        print(f"error: --images: no such file: {', '.join(missing)}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def params_main(argv=None) -> None:
@@ -82,7 +106,8 @@ def export_lora_main(argv=None) -> None:
                                      description="Write a LoRA run's checkpoint as diffusers LoRA weights "
                                                  "(pytorch_lora_weights.safetensors) + iomm_conditioner.safetensors.")
     _config_args(parser)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (…/checkpoints/step_N)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint (…/checkpoints/step_N), a run dir (its newest), or an EMA export (<run_dir>/ema)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--no-ema", action="store_true", help="the live weights even if the checkpoint has EMA")
     args = parser.parse_args(argv)
@@ -90,6 +115,7 @@ def export_lora_main(argv=None) -> None:
     if cfg.model.lora is None:
         print(f"config error: {cfg.source}: model.lora: no LoRA section, nothing to export", file=sys.stderr)
         raise SystemExit(2)
+    _check_inputs(args.checkpoint)
     from .models.lora import export_lora
     from .sampling import load_trained
 

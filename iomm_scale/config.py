@@ -397,7 +397,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, value = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: bad key {key!r}")
-    return key.split("."), yaml.safe_load(value) if value != "" else ""
+    if value == "":
+        return key.split("."), ""
+    try:
+        return key.split("."), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        problem = str(e).splitlines()[0]
+        hint = (" (quote list items holding braces: " + key + "='[\"data/img-{000000..000099}.tar\"]')"
+                if "{" in value else "")
+        raise ConfigError(f"override {key}: value {value!r} is not valid YAML: {problem}{hint}") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

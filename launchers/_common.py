@@ -6,8 +6,10 @@
 
 Same arguments as iomm-train, plus the `parallel.*` keys (tp, pp, zero_stage, ...).
 The deepspeed launcher's `--local_rank N` is accepted and ignored (LOCAL_RANK is read
-from the environment). A bad config or layout exits with status 2 before any process
-group work, with one message naming the file and key.
+from the environment). A bad config, layout or input (missing shards, an unusable
+train.init_from) exits with status 2 before any process group exists, with one message
+(from the first rank) naming the file and key; torchrun / deepspeed then report the failed
+child and exit 1 themselves.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("DS_BUILD_OPS", "0")
+
+
+def _config_error(message: str) -> None:
+    """Exit 2 with the message, printed by the first process only (every rank finds the same
+    problem; the launcher itself then reports its child's failure)."""
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        print(f"config error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main(description: str, default_config: str | None = None, argv=None) -> None:
@@ -39,8 +49,7 @@ def main(description: str, default_config: str | None = None, argv=None) -> None
         cfg, pcfg = split_parallel_args(args.config, args.overrides)
         pcfg.validate_or_raise()  # the parts that need no world size, before start-up
     except (ConfigError, LayoutError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _config_error(str(e))
     import warnings
 
     warnings.filterwarnings("ignore", module="megatron")
@@ -48,11 +57,9 @@ def main(description: str, default_config: str | None = None, argv=None) -> None
         trainer = DistributedTrainer(cfg, pcfg, run_dir=args.run_dir, resume_full=args.resume_full,
                                      save_full=args.save_full)
     except LayoutError as e:
-        print(f"config error: {cfg.source}: parallel: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except ConfigError as e:  # e.g. --save-full / --resume-full with Muon
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _config_error(f"{cfg.source}: parallel: {e}")
+    except ConfigError as e:  # e.g. --save-full / --resume-full with Muon, missing shards, train.init_from
+        _config_error(str(e))
     trainer.fit()
     import torch.distributed as dist
 

@@ -1,6 +1,9 @@
 """Mixed fine-tuning (IOMM stage 2: image-only + text-image pairs) under DeepSpeed /
-torchrun / srun. Start from a pre-training run with train.resume=<checkpoint dir> or from
-a layout-free checkpoint with --resume-full DIR. See _common.py."""
+torchrun / srun. The pre-training weights come from `train.init_from` (fresh optimizer, step
+0): a launcher run's EMA export `<run_dir>/ema`, its layout-free copy `<run_dir>/full`
+(--save-full), or an iomm-train checkpoint `.../checkpoints/step_N`; they are loaded whole and
+then cut for this run's layout. (`train.resume` / --resume-full continue a run instead: its
+optimizer and step too.) See _common.py."""
 
 from _common import main
 

@@ -62,6 +62,24 @@ def test_bad_override_syntax():
         load_config(TINY, ["train.steps"])
     with pytest.raises(ConfigError, match="is not a section"):
         load_config(TINY, ["train.steps.x=1"])
+    with pytest.raises(ConfigError, match=r"override data.webdataset.image_shards: value .* is not valid YAML.*quote"):
+        load_config(TINY, ["data.webdataset.image_shards=[/data/img-{000000..000003}.tar]"])
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["data.source=webdataset", "data.webdataset.image_shards=['/nowhere/img-{000000..000003}.tar']"],
+     ["data.webdataset.image_shards", "4 of 4 shards do not exist", "/nowhere/img-000000.tar"]),
+    (["train.init_from=/nowhere/ema"], ["train.init_from", "no such file or directory"]),
+])
+def test_missing_inputs_stop_iomm_train_before_the_model_is_built(capsys, monkeypatch, tmp_path, overrides, words):
+    import iomm_scale.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "build_iomm", lambda *a, **k: pytest.fail("model built despite a missing input"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.train_main(["--config", TINY, "--run-dir", str(tmp_path), *overrides])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error:") and all(w in err for w in words) and "Traceback" not in err, err
 
 
 def test_cli_prints_one_line_and_exits_2_without_building(capsys, monkeypatch):

@@ -20,6 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from iomm_scale.data.preprocess import IMAGE_EXTS  # noqa: E402
 from iomm_scale.data.writer import make_shards, scan_folder, scan_manifest  # noqa: E402
 
 
@@ -49,12 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_count < 1 or args.max_size_mb <= 0:
         print("error: --max-count must be >= 1 and --max-size-mb > 0", file=sys.stderr)
         return 2
+    source = args.folder or args.manifest
+    if not (os.path.isdir(source) if args.folder else os.path.isfile(source)):
+        print(f"error: {'--folder' if args.folder else '--manifest'} {source}: no such "
+              f"{'directory' if args.folder else 'file'}", file=sys.stderr)
+        return 2
     entries = scan_folder(args.folder) if args.folder else scan_manifest(args.manifest)
     summary = make_shards(entries, args.out + "-%06d.tar", max_count=args.max_count, max_size_mb=args.max_size_mb,
                           min_size=args.min_size, require_caption=args.require_caption, verify=args.verify,
                           shuffle=args.shuffle, seed=args.seed, max_side=args.max_side, quality=args.quality,
                           workers=args.workers)
     print(summary.format())
+    if not summary.written:
+        print(f"error: nothing written from {source}" + ("" if summary.rejected else
+              f" (no {'/'.join(IMAGE_EXTS)} files found)"), file=sys.stderr)
     return 0 if summary.written else 1
 
 

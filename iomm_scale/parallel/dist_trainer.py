@@ -43,9 +43,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from .config import ParallelConfig, describe, model_info, validate_layout
-from .groups import init_distributed, init_parallel_state
+from .groups import env_from_slurm, init_distributed, init_parallel_state
 
 log = logging.getLogger("iomm_scale.parallel")
 from .runtime import ParallelRuntime
@@ -215,14 +216,19 @@ class DistributedTrainer:
     def __init__(self, cfg, pcfg: ParallelConfig, run_dir: str | os.PathLike | None = None,
                  resume_full: str | None = None, save_full: bool = False):
         from ..iomm import build_iomm
-        from ..train.trainer import build_loader, resolve_device
+        from ..train.trainer import build_loader, check_inputs, resolve_device
 
         self.cfg, self.pcfg = cfg, pcfg
         self.run_dir = Path(run_dir or cfg.run_dir or Path("runs") / cfg.name)
         self.save_full_at_end = save_full
-        init_distributed()
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        if not dist.is_initialized():
+        # Everything checkable is checked before the process group exists (world size from the
+        # launcher's environment): a bad layout or input fails at once, not at a rendezvous.
+        env_from_slurm()
+        if dist.is_initialized():
+            world = dist.get_world_size()
+        elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            world = int(os.environ["WORLD_SIZE"])
+        else:
             raise RuntimeError("the parallel launchers need a launcher: deepspeed / torchrun / srun "
                                "(use iomm-train for one process)")
         with torch.device("meta"):
@@ -239,6 +245,11 @@ class DistributedTrainer:
             from ..config import ConfigError, format_errors
 
             raise ConfigError(format_errors(cfg.source, muon_errors))
+        # Stage 2 starts from train.init_from's weights unless this run resumes (then its own
+        # checkpoint has them); checked here, loaded into the whole model before it is sharded.
+        init_from = cfg.train.init_from if resume_full is None and not self._will_resume() else None
+        check_inputs(cfg, init_from=bool(init_from))  # shards exist, init_from readable: before any model
+        init_distributed()
         self.layout = init_parallel_state(pcfg)
         self.device = resolve_device(cfg.train.device)
         if self.device.type == "cuda":
@@ -246,9 +257,16 @@ class DistributedTrainer:
         self.is_logger = dist.get_rank() == 0
         if self.is_logger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             print(f"[iomm] {describe(pcfg, world)}", flush=True)
         torch.manual_seed(cfg.train.seed)
         model = build_iomm(cfg, "cpu")
+        if init_from:
+            from ..train.checkpoint import apply_init_weights
+
+            what = apply_init_weights(model, init_from, cfg.train.init_from_ema)
+            if self.is_logger:
+                print(f"[iomm] initialised weights from {what}", flush=True)
         self.micro_batches = pcfg.num_microbatches if pcfg.num_microbatches > 1 else cfg.train.grad_accum
         if self.micro_batches != pcfg.num_microbatches:
             pcfg = ParallelConfig(**{**pcfg.__dict__, "num_microbatches": self.micro_batches})
@@ -349,6 +367,10 @@ class DistributedTrainer:
         except Exception as e:  # noqa: BLE001 - e.g. out of memory beside the engine: the run itself succeeded
             print(f"[iomm] no samples.png ({type(e).__name__}: {e}); sample with iomm-sample --checkpoint {exported}",
                   flush=True)
+
+    def _will_resume(self) -> bool:
+        mode = self.cfg.train.resume
+        return mode != "never" and (mode != "auto" or (self.ckpt_root / "latest").is_file())
 
     def _maybe_resume(self) -> None:
         mode = self.cfg.train.resume

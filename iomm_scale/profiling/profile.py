@@ -525,7 +525,13 @@ def main(argv=None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     release_freed_memory()
-    cfg = load_preset_or_config(args.preset, args.config, args.overrides)
+    from ..config import ConfigError
+
+    try:
+        cfg = load_preset_or_config(args.preset, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     mbs = _csv_list(args.micro_batch, int) if args.micro_batch else [cfg.data.batch_size]
     compile_modes = _csv_list(args.compile)
     if set(compile_modes) - set(COMPILE_MODES):

@@ -123,3 +123,81 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not file.exists():
         raise FileNotFoundError(f"no checkpoint at {path} (expected {file})")
     return torch.load(file, map_location="cpu", weights_only=False)
+
+
+# --------------------------------------------------------------------------- train.init_from
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run directory, or its `checkpoints/`, stands for the newest complete single-process
+    checkpoint in it; any other path is returned as given."""
+    p = Path(path)
+    for root in (p / "checkpoints", p):
+        if root.is_dir() and ((root / LATEST).is_file() or any(_STEP_DIR.match(c.name) for c in root.iterdir())):
+            found = find_latest(root)
+            if found is not None:
+                return found
+    return p
+
+
+def init_source(path: str | os.PathLike, label: str = "train.init_from") -> tuple[str, Path]:
+    """What `train.init_from` points at, checked before anything is built: ("single", file)
+    for a single-process checkpoint (an iomm-train `step_N/`, its `state.pt`, or a launcher
+    run's EMA export `<run_dir>/ema/`), ("full", dir) for a layout-free checkpoint
+    (`--save-full`: `full_pp*.pt`). A DeepSpeed checkpoint is refused with what to use instead."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{label}={path}: no such file or directory")
+    if p.is_file():
+        return "single", p
+    if (p / "state.pt").is_file():
+        return "single", p / "state.pt"
+    if any(p.glob("full_pp*.pt")):
+        return "full", p
+    if (p / LATEST).is_file() or any(p.glob("*model_states.pt")) or any(p.glob("*/*model_states.pt")):
+        raise ValueError(f"{label}={path} is a DeepSpeed checkpoint (a launcher run's, one file per rank "
+                         "and layout): start from that run's EMA export <run_dir>/ema (written at the end of a "
+                         "run with optim.ema_decay) or its layout-free copy <run_dir>/full (launcher --save-full)")
+    raise ValueError(f"{label}={path}: no state.pt (single-process checkpoint or EMA export) and no "
+                     "full_pp*.pt (layout-free checkpoint) in this directory")
+
+
+def read_init_weights(path: str | os.PathLike, use_ema: bool,
+                      label: str = "train.init_from") -> tuple[dict[str, torch.Tensor], dict[str, dict], str]:
+    """(trainable weights under single-process names, frozen modules' state dicts, a description)
+    from `train.init_from` (or iomm-sample's --checkpoint): the EMA weights when `use_ema` and
+    the checkpoint has them."""
+    kind, where = init_source(path, label)
+    if kind == "single":
+        state = load_checkpoint(where)
+        ema = state.get("ema") or {}
+        if use_ema and ema.get("shadow"):
+            return ema["shadow"], state.get("frozen", {}), f"{path} (EMA weights)"
+        return state["model"], state.get("frozen", {}), f"{path}"
+    params, ema = {}, {}
+    for f in sorted(where.glob("full_pp*.pt")):  # one file per pipeline stage, distinct names
+        part = torch.load(f, map_location="cpu", weights_only=True)
+        params.update(part["params"])
+        ema.update(part.get("ema") or {})
+    if use_ema and ema:
+        return ema, {}, f"{path} (EMA weights)"
+    return params, {}, f"{path}"
+
+
+@torch.no_grad()
+def apply_init_weights(model: torch.nn.Module, path: str | os.PathLike, use_ema: bool) -> str:
+    """Copy `train.init_from`'s weights into every trainable parameter of the single-device
+    `model` (and frozen modules the checkpoint carries); returns what was read. A trainable
+    parameter the checkpoint lacks is an error naming it."""
+    weights, frozen, what = read_init_weights(path, use_ema)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(trainable) - set(weights))
+    if missing:
+        raise KeyError(f"train.init_from={path}: checkpoint lacks {len(missing)} trainable parameters, e.g. {missing[:5]}")
+    for n, p in trainable.items():
+        if weights[n].shape != p.shape:
+            raise ValueError(f"train.init_from={path}: {n} has shape {tuple(weights[n].shape)} in the checkpoint, "
+                             f"{tuple(p.shape)} in this model (another model config?)")
+        p.copy_(weights[n])
+    modules = dict(model.named_modules())
+    for name, sd in frozen.items():
+        modules[name].load_state_dict(sd)
+    return what

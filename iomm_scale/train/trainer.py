@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig, format_errors
 from ..iomm import IOMMModel, build_iomm
 from ..optim.builder import EMA, build_optimizer, set_lr
 from ..profiling.mfu import ThroughputLog
@@ -50,6 +50,22 @@ def build_loader(cfg: RunConfig, rank: int = 0, world_size: int = 1):
     return build_webdataset_loader(d.webdataset, d.resolution, d.batch_size, rank, world_size, cfg.train.seed)
 
 
+def check_inputs(cfg: RunConfig, init_from: bool) -> None:
+    """What a run reads that the config alone cannot vouch for, checked before any model is
+    built: local shards exist; `train.init_from` (when `init_from`, i.e. the run does not resume)
+    is a checkpoint we can start from. Raises ConfigError naming the key."""
+    errors = []
+    if cfg.data.source == "webdataset":
+        errors += [(f"data.webdataset.{k}", m) for k, m in cfg.data.webdataset.missing_shards()]
+    if init_from and cfg.train.init_from:
+        try:
+            ckpt.init_source(cfg.train.init_from)
+        except ValueError as e:
+            errors.append(("train.init_from", str(e).removeprefix(f"train.init_from={cfg.train.init_from}: ")))
+    if errors:
+        raise ConfigError(format_errors(cfg.source, errors))
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -72,12 +88,13 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.train.device)
         if cfg.train.precision == "bf16" and self.device.type != "cuda":
-            raise RuntimeError("train.precision bf16 needs a CUDA device; use fp32 on CPU")
+            raise ConfigError(f"{cfg.source}: train.precision: bf16 needs a CUDA device; use fp32 on CPU")
         torch.manual_seed(cfg.train.seed)
         par = cfg.parallel
         if par.tp > 1 or par.pp > 1 or par.zero_stage > 0:
-            raise RuntimeError(f"{cfg.source}: parallel.tp/pp/zero_stage need several processes: launch with "
-                               "launchers/pretrain.py under torchrun or deepspeed (docs/PARALLEL.md)")
+            raise ConfigError(f"{cfg.source}: parallel.tp/pp/zero_stage need several processes: launch with "
+                              "launchers/pretrain.py under torchrun or deepspeed (docs/PARALLEL.md)")
+        check_inputs(cfg, init_from=self._resume_path() is None)
         self.model = model if model is not None else build_iomm(cfg, self.device)
         if par.activation_checkpointing != "none" or par.checkpoint_mllm:
             from ..parallel.checkpointing import apply_to_model
@@ -104,6 +121,11 @@ class Trainer:
         self._on_disk: tuple[int, Path] | None = None  # (step, dir) of this run's checkpoint equal to the live state
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self._maybe_resume()
+
+    @property
+    def stopped_by_signal(self) -> bool:
+        """fit() returned early on SIGTERM / SIGINT (after saving a checkpoint)."""
+        return self._stop_requested
 
     # ---- checkpoints -----------------------------------------------------------------
     @property
@@ -158,21 +180,11 @@ class Trainer:
 
     def _init_weights(self, path) -> None:
         """Fine-tuning start: weights from a (pre-training) checkpoint; fresh optimizer, step 0."""
-        state = ckpt.load_checkpoint(path)
-        weights = state["ema"]["shadow"] if self.cfg.train.init_from_ema and state.get("ema") else state["model"]
-        params = dict(self.model.named_parameters())
-        missing = sorted(set(self.model.trainable_state_dict()) - set(weights))
-        if missing:
-            raise KeyError(f"train.init_from={path}: checkpoint lacks {missing[:5]}")
-        with torch.no_grad():
-            for n in self.model.trainable_state_dict():
-                params[n].copy_(weights[n])
-            if self.ema:
-                self.ema.shadow = {n: params[n].detach().float().clone() for n in self.ema.shadow}
-        modules = dict(self.model.named_modules())
-        for name, sd in state.get("frozen", {}).items():
-            modules[name].load_state_dict(sd)
-        print(f"initialised weights from {path}")
+        what = ckpt.apply_init_weights(self.model, path, self.cfg.train.init_from_ema)
+        if self.ema:
+            params = dict(self.model.named_parameters())
+            self.ema.shadow = {n: params[n].detach().float().clone() for n in self.ema.shadow}
+        print(f"initialised weights from {what}")
 
     def save(self) -> Path:
         """Checkpoint the current step, unless this run's checkpoints already hold it (saved at
@@ -183,9 +195,12 @@ class Trainer:
         self._on_disk = (self.step, path)
         return path
 
-    def _maybe_resume(self) -> None:
+    def _resume_path(self) -> Path | None:
         mode = self.cfg.train.resume
-        path = None if mode == "never" else ckpt.find_latest(self.ckpt_root) if mode == "auto" else Path(mode)
+        return None if mode == "never" else ckpt.find_latest(self.ckpt_root) if mode == "auto" else Path(mode)
+
+    def _maybe_resume(self) -> None:
+        path = self._resume_path()
         if path is None:
             if self.cfg.train.init_from:
                 self._init_weights(self.cfg.train.init_from)

@@ -85,6 +85,13 @@ def test_manifest_and_cli(folder, tmp_path, capsys):
     assert "written: 4 samples in 2 shards" in out and "not_an_image: 1" in out
     assert os.path.exists(tmp_path / "cli" / "pairs-000001.tar")
     assert "pairs-{000000..000001}.tar" in out
+    # a missing source is named at once; an empty folder says why nothing was written
+    assert tool.main(["--folder", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert f"--folder {tmp_path / 'nope'}: no such directory" in capsys.readouterr().err
+    assert tool.main(["--manifest", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert tool.main(["--folder", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 1
+    assert "nothing written" in capsys.readouterr().err and not os.path.exists(tmp_path / "x-000000.tar")
 
 
 def test_shards_appear_only_when_complete(tmp_path):

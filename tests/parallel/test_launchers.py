@@ -39,6 +39,27 @@ def test_torchrun_then_deepspeed_launcher_resume(tmp_path):
     assert "sample grid:" in out
     for png in ("samples.png", "loss_curve.png"):
         assert os.path.getsize(os.path.join(run_dir, png)) > 0
+    assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
+
+    # Stage 2 under another layout (DP=2, ZeRO-2) starts from that run's EMA export: with a
+    # vanishing learning rate its own export after one step holds exactly those weights.
+    import torch
+
+    ft_dir = str(tmp_path / "finetune")
+    out = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29635",
+               "launchers/finetune.py", *ARGS[:-2], "parallel.zero_stage=2", "--run-dir", ft_dir, "train.steps=1",
+               f"train.init_from={run_dir}/ema", "optim.lr=1e-30", "train.num_samples=0"])
+    assert f"initialised weights from {run_dir}/ema (EMA weights)" in out
+    source = torch.load(os.path.join(run_dir, "ema", "state.pt"), weights_only=False)["ema"]["shadow"]
+    started = torch.load(os.path.join(ft_dir, "ema", "state.pt"), weights_only=False)["model"]
+    assert source.keys() == started.keys()
+    for name, value in source.items():
+        torch.testing.assert_close(started[name], value, rtol=0, atol=1e-12, msg=name)
+    # a DeepSpeed checkpoint is refused before anything is built, naming what to use instead
+    p = subprocess.run([sys.executable, "launchers/finetune.py", *ARGS[:-2], "--run-dir", str(tmp_path / "x"),
+                        f"train.init_from={run_dir}/checkpoints/step_00000003"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "RANK": "0", "WORLD_SIZE": "1"})
+    assert p.returncode == 2 and "is a DeepSpeed checkpoint" in p.stderr and "<run_dir>/ema" in p.stderr, p.stderr
 
 
 def test_bad_layout_is_a_clear_error_before_start():

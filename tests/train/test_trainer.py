@@ -102,6 +102,31 @@ def test_fit_saves_each_step_once_and_a_finished_run_not_again(tiny_cfg, tmp_pat
     assert saved == [2, 4]  # resumed at the end: nothing to write
 
 
+def test_sigterm_saves_at_the_next_step_and_says_so(tmp_path, capsys, monkeypatch):
+    import signal
+
+    from iomm_scale import cli
+
+    real_step = Trainer.train_step
+
+    def step_then_preempt(self):
+        out = real_step(self)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as SLURM / torchrun would, mid-run
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_preempt)
+    before = signal.getsignal(signal.SIGTERM)
+    cli.train_main(["--config", "configs/tiny.yaml", "--run-dir", str(tmp_path), "train.steps=50",
+                    "train.progress_bar=false", "data.batch_size=2", "data.builtin.crops_per_photo=1",
+                    "train.num_samples=0"])
+    out = capsys.readouterr().out
+    assert f"stopped by signal at step 2; checkpoint {tmp_path / 'checkpoints' / 'step_00000002'}" in out
+    assert "done:" not in out
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is given back
+
+
 def test_fit_writes_metrics_checkpoint_and_pngs(tiny_cfg, tmp_path):
     t = Trainer(tiny_cfg("train.steps=4", "train.num_samples=2", "flow.sample_steps=2", "train.log_every=2"),
                 run_dir=tmp_path)
@@ -132,7 +157,7 @@ def test_cli_runs_the_tiny_config_end_to_end(tmp_path, capsys):
     assert "done: the run is already at step 12 (train.steps=12" in capsys.readouterr().out
 
 
-def test_iomm_sample_from_a_checkpoint(tiny_cfg, tmp_path):
+def test_iomm_sample_from_a_checkpoint(tiny_cfg, tmp_path, capsys):
     from PIL import Image
 
     from iomm_scale import cli
@@ -149,6 +174,18 @@ def test_iomm_sample_from_a_checkpoint(tiny_cfg, tmp_path):
                      "--prompt", "a red circle on a blue background", "--out", str(out)])
     grid = Image.open(out)
     assert grid.size[1] > grid.size[0] / 2  # three rows: reference, image-conditioned, text-conditioned
+    # the run dir stands for its newest checkpoint
+    again = tmp_path / "again.png"
+    cli.sample_main(["--config", os.path.join(root, "configs/tiny.yaml"), *overrides, "flow.sample_steps=2",
+                     "--checkpoint", str(tmp_path / "run"), "--images", str(ref),
+                     "--prompt", "a red circle on a blue background", "--out", str(again)])
+    assert again.read_bytes() == out.read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:  # named before any model is built
+        cli.sample_main(["--config", os.path.join(root, "configs/tiny.yaml"), "--checkpoint", str(tmp_path / "nowhere"),
+                         "--images", str(ref)])
+    assert exit_.value.code == 2
+    assert f"--checkpoint={tmp_path / 'nowhere'}: no such file or directory" in capsys.readouterr().err
 
 
 def test_mixed_finetune_starts_from_pretrained_weights(tiny_cfg, tmp_path):
