@@ -78,10 +78,10 @@ def sample_main(argv=None) -> None:
 
 def _check_inputs(checkpoint: str, images: list[str] = ()) -> None:
     """A checkpoint we can read and existing reference images, before any model is built."""
-    from .train.checkpoint import init_source, resolve_checkpoint
+    from .train.checkpoint import init_source
 
     try:
-        init_source(resolve_checkpoint(checkpoint), "--checkpoint")
+        init_source(checkpoint, "--checkpoint")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

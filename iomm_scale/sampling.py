@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from .iomm import build_iomm
-from .train.checkpoint import init_source, read_init_weights, resolve_checkpoint
+from .train.checkpoint import init_source, read_init_weights
 from .train.plots import save_grid
 
 
@@ -29,10 +29,9 @@ def load_trained(cfg, checkpoint: str, use_ema: bool = True, device="cpu"):
     """The model of `cfg` with a checkpoint's weights (its EMA when `use_ema` and it has one):
     a `step_N/` dir or its state.pt, a run dir (its newest checkpoint), a launcher run's EMA
     export (`<run_dir>/ema`) or a layout-free copy (`<run_dir>/full`)."""
-    path = resolve_checkpoint(checkpoint)
-    init_source(path, "--checkpoint")  # a wrong path fails before the model is built
+    init_source(checkpoint, "--checkpoint")  # a wrong path fails before the model is built
     model = build_iomm(cfg, device)
-    weights, frozen, _ = read_init_weights(path, use_ema, "--checkpoint")
+    weights, frozen, _ = read_init_weights(checkpoint, use_ema, "--checkpoint")
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     with torch.no_grad():

@@ -142,8 +142,9 @@ def init_source(path: str | os.PathLike, label: str = "train.init_from") -> tupl
     """What `train.init_from` points at, checked before anything is built: ("single", file)
     for a single-process checkpoint (an iomm-train `step_N/`, its `state.pt`, or a launcher
     run's EMA export `<run_dir>/ema/`), ("full", dir) for a layout-free checkpoint
-    (`--save-full`: `full_pp*.pt`). A DeepSpeed checkpoint is refused with what to use instead."""
-    p = Path(path)
+    (`--save-full`: `full_pp*.pt`); a run directory stands for its newest single-process
+    checkpoint. A DeepSpeed checkpoint is refused with what to use instead."""
+    p = resolve_checkpoint(path)
     if not p.exists():
         raise ValueError(f"{label}={path}: no such file or directory")
     if p.is_file():
@@ -157,7 +158,8 @@ def init_source(path: str | os.PathLike, label: str = "train.init_from") -> tupl
                          "and layout): start from that run's EMA export <run_dir>/ema (written at the end of a "
                          "run with optim.ema_decay) or its layout-free copy <run_dir>/full (launcher --save-full)")
     raise ValueError(f"{label}={path}: no state.pt (single-process checkpoint or EMA export) and no "
-                     "full_pp*.pt (layout-free checkpoint) in this directory")
+                     "full_pp*.pt (layout-free checkpoint) in this directory (for a launcher run give "
+                     "<run_dir>/ema or <run_dir>/full)")
 
 
 def read_init_weights(path: str | os.PathLike, use_ema: bool,
