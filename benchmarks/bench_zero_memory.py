@@ -181,18 +181,12 @@ def part_c(pairs: int, steps: int = 8) -> dict:
     none / full launches per world size; the ratio is the median of the per-pair ratios."""
     import tempfile
 
-    out = {}
-    for n in (1, 2):
-        rows = []
-        for _ in range(pairs):
-            pair = {}
-            for mode in ("none", "full"):
-                path = os.path.join(tempfile.mkdtemp(), "time.json")
-                _torchrun(n, ["--zero-time-worker", mode, str(steps), path])
-                pair[mode] = json.load(open(path))["step_s"]
-            rows.append(pair)
-        out[n] = {"pairs": rows, "ratio": statistics.median(p["full"] / p["none"] for p in rows)}
-    return out
+    def time_one(n: int, mode: str) -> float:
+        path = os.path.join(tempfile.mkdtemp(), "time.json")
+        _torchrun(n, ["--zero-time-worker", mode, str(steps), path])
+        return json.load(open(path))["step_s"]
+
+    return _alternating_pairs((1, 2), pairs, time_one)
 
 
 def part_a() -> list[dict]:
@@ -289,18 +283,35 @@ def part_b_isolated(pairs: int, steps: int = 11) -> dict:
     """Each mode alone in a fresh process (as in training: one model per process, its
     allocator in steady state), none and full processes alternating, `pairs` pairs per thread
     count; the ratio is the median of the per-pair ratios."""
+    def time_one(threads: int, mode: str) -> float:
+        res = subprocess.run([sys.executable, __file__, "--time-worker", mode, str(threads), str(steps)],
+                             check=True, capture_output=True, text=True)
+        return float(res.stdout.strip().splitlines()[-1])
+
+    return _alternating_pairs((1, 2), pairs, time_one)
+
+
+def _alternating_pairs(keys, pairs: int, time_one) -> dict:
+    """{key: {"pairs": [{"none": s, "full": s}, ...], "ratio": median of full / none}}: for each
+    key `pairs` pairs of fresh runs, none then full, so machine drift hits both alike."""
     out = {}
-    for threads in (1, 2):
-        rows = []
-        for _ in range(pairs):
-            pair = {}
-            for mode in ("none", "full"):
-                res = subprocess.run([sys.executable, __file__, "--time-worker", mode, str(threads), str(steps)],
-                                     check=True, capture_output=True, text=True)
-                pair[mode] = float(res.stdout.strip().splitlines()[-1])
-            rows.append(pair)
-        out[threads] = {"pairs": rows, "ratio": statistics.median(p["full"] / p["none"] for p in rows)}
+    for key in keys:
+        rows = [{mode: time_one(key, mode) for mode in ("none", "full")} for _ in range(pairs)]
+        out[key] = {"pairs": rows, "ratio": statistics.median(p["full"] / p["none"] for p in rows)}
     return out
+
+
+def _pairs_table(title: str, column: str, results: dict, label) -> list[str]:
+    """Markdown lines for {threads or processes: {"pairs": [{"none", "full"}], "ratio"}}."""
+    lines = ["", title, "", f"| {column} | none s (per pair) | full s (per pair) | full / none, median of pairs (range) |",
+             "|---|---|---|---|"]
+    for key, r in results.items():
+        ratios = [p["full"] / p["none"] for p in r["pairs"]]
+        none_s = " ".join(f"{p['none']:.3f}" for p in r["pairs"])
+        full_s = " ".join(f"{p['full']:.3f}" for p in r["pairs"])
+        lines.append(f"| {key} | {none_s} | {full_s} | {r['ratio']:.3f} ({min(ratios):.3f}-{max(ratios):.3f}) |")
+    return lines + ["", "; ".join(f"{label(key)} = {r['ratio']:.3f} (goal <= 1.35: "
+                                  f"{'met' if r['ratio'] <= 1.35 else 'MISSED'})" for key, r in results.items())]
 
 
 def main():
@@ -362,33 +373,14 @@ def main():
               + f"; ZeRO-3 per-rank goal {'met' if ok_a else 'MISSED'}"]
     iso = part_b_isolated(args.isolated) if args.isolated else None
     if iso:
-        lines += ["", f"Process-isolated (each mode alone in a fresh process, {args.isolated} alternating none/full "
-                  "process pairs per thread count, median of 11 steps each):", "",
-                  "| threads | none s (per pair) | full s (per pair) | full / none, median of pairs (range) |",
-                  "|---|---|---|---|"]
-        for t, r in iso.items():
-            ratios_t = [p["full"] / p["none"] for p in r["pairs"]]
-            none_s = " ".join(f"{p['none']:.3f}" for p in r["pairs"])
-            full_s = " ".join(f"{p['full']:.3f}" for p in r["pairs"])
-            lines.append(f"| {t} | {none_s} | {full_s} | {r['ratio']:.3f} "
-                         f"({min(ratios_t):.3f}-{max(ratios_t):.3f}) |")
-        lines += ["", "; ".join(f"process-isolated time ratio full/none, {t} thread{'s' if t > 1 else ''} = "
-                                f"{r['ratio']:.3f} (goal <= 1.35: {'met' if r['ratio'] <= 1.35 else 'MISSED'})"
-                                for t, r in iso.items())]
+        lines += _pairs_table(f"Process-isolated (each mode alone in a fresh process, {args.isolated} alternating "
+                              "none/full process pairs per thread count, median of 11 steps each):", "threads", iso,
+                              lambda t: f"process-isolated time ratio full/none, {t} thread{'s' if t > 1 else ''}")
     zt = part_c(args.zero_time) if args.zero_time else None
     if zt:
-        lines += ["", f"ZeRO-3 training step (part C: torchrun, 1 thread per rank, {args.zero_time} alternating none/full "
-                  "launch pairs per world size, median of 8 steps each):", "",
-                  "| processes | none s (per pair) | full s (per pair) | full / none, median of pairs (range) |",
-                  "|---|---|---|---|"]
-        for n, r in zt.items():
-            ratios_n = [p["full"] / p["none"] for p in r["pairs"]]
-            none_s = " ".join(f"{p['none']:.3f}" for p in r["pairs"])
-            full_s = " ".join(f"{p['full']:.3f}" for p in r["pairs"])
-            lines.append(f"| {n} | {none_s} | {full_s} | {r['ratio']:.3f} ({min(ratios_n):.3f}-{max(ratios_n):.3f}) |")
-        lines += ["", "; ".join(f"ZeRO-3 step time ratio full/none, {n} process{'es' if n > 1 else ''} = "
-                                f"{r['ratio']:.3f} (goal <= 1.35: {'met' if r['ratio'] <= 1.35 else 'MISSED'})"
-                                for n, r in zt.items())]
+        lines += _pairs_table(f"ZeRO-3 training step (part C: torchrun, 1 thread per rank, {args.zero_time} alternating "
+                              "none/full launch pairs per world size, median of 8 steps each):", "processes", zt,
+                              lambda n: f"ZeRO-3 step time ratio full/none, {n} process{'es' if n > 1 else ''}")
     table = "\n".join(lines)
     print(table)
     if args.record:
