@@ -339,6 +339,8 @@ def validate(cfg: RunConfig) -> list[tuple[str, str]]:
         errors.append(("optim.lr", f"must be > 0, got {o.lr}"))
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         errors.append(("optim.betas", f"must be two numbers in [0, 1), got {o.betas}"))
+    if not o.eps > 0:  # 0 would divide 0 by 0 for a parameter whose gradients are all zero
+        errors.append(("optim.eps", f"must be > 0, got {o.eps}"))
     if o.weight_decay < 0:
         errors.append(("optim.weight_decay", f"must be >= 0, got {o.weight_decay}"))
     if o.grad_clip < 0:

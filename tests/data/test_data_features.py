@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from data_shardkit import write_clean_shards, write_shard
 from iomm_scale.data import WebDatasetConfig, build_webdataset_loader, unit_pixels, write_feature_shards
-from iomm_scale.data.features import precompute_feature_shards
+from iomm_scale.data.errors import BadSample
+from iomm_scale.data.features import feature_arrays, precompute_feature_shards
 
 R = 32
 
@@ -72,18 +73,24 @@ def test_bad_feature_samples_are_counted(tmp_path):
     np.save(inf16, np.array([[1.0, np.inf]] * 6, dtype=np.float16))
     good_vis = io.BytesIO()
     np.save(good_vis, np.zeros((6, 8), dtype=np.float32))
+    fortran = io.BytesIO()
+    np.save(fortran, np.asfortranarray(np.arange(64, dtype=np.float32).reshape(4, 4, 4)))
+    fortran = fortran.getvalue()
+    with pytest.raises(BadSample, match="Fortran"):  # the streamed (bytes) path too
+        feature_arrays({"latents.npy": fortran, "vision.npy": good_vis.getvalue()}, R)
     write_shard(str(tmp_path / "bad-000000.tar"), [
         {"__key__": "garbage", "latents.npy": b"\x93NUMPY garbage", "vision.npy": good_vis.getvalue()},
         {"__key__": "nan", "latents.npy": nan.getvalue(), "vision.npy": good_vis.getvalue()},
         {"__key__": "nolatents", "vision.npy": good_vis.getvalue()},
         {"__key__": "inf16", "latents.npy": np_bytes(np.zeros((4, 4, 4), np.float16)), "vision.npy": inf16.getvalue()},
+        {"__key__": "fortran", "latents.npy": fortran, "vision.npy": good_vis.getvalue()},  # would read scrambled
     ])
     cfg = WebDatasetConfig(image_shards=[str(tmp_path / f"{p}-000000.tar") for p in ("ok", "res", "bad")],
                            features=True, num_workers=0, epochs=1, error_budget=1.0)
     loader = build_webdataset_loader(cfg, R, 4, 0, 1, 0)
     assert sorted(by_key(loader)) == [f"f{i:04d}" for i in range(6)]
     reasons = {r: n for r, n in loader.stats()["reasons"].items() if n}
-    assert reasons == {"feature_mismatch": 2, "bad_features": 3, "missing_image": 1}
+    assert reasons == {"feature_mismatch": 2, "bad_features": 4, "missing_image": 1}
 
 
 def test_feature_batches_group_equal_shapes(tmp_path):

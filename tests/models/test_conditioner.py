@@ -152,3 +152,25 @@ def test_text_prompts_mixed_with_images_left_padding_changes_nothing(tiny_cfg):
     real = mask[1]
     torch.testing.assert_close(both[1][real], alone_text[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(both[0], alone_img[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.25])
+def test_condition_dropout_drops_a_binomial_fraction(tiny_cfg, rate):
+    torch.manual_seed(0)
+    model = build_iomm(tiny_cfg(f"flow.cond_dropout={rate}"))
+    seen = []
+    real = model.conditioner.forward
+
+    def spy(feats, captions=None, drop=None, mask_ratio=None):
+        seen.append(drop.clone())
+        return real(feats, captions, drop=drop, mask_ratio=mask_ratio)
+
+    model.conditioner.forward = spy
+    with torch.no_grad():
+        for _ in range(4):
+            model.prepare_generator_inputs(_batch(n=64))
+    dropped = torch.cat(seen).sum().item()
+    n = 4 * 64
+    assert abs(dropped - rate * n) <= 4 * math.sqrt(n * rate * (1 - rate)) + 1e-9, dropped
+    if rate:
+        assert dropped > 0

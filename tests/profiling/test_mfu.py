@@ -75,6 +75,14 @@ def test_profile_cli_cpu(tmp_path, tiny_cfg):
     full = next(r for r in ok if r["checkpointing"] == "full")
     none = next(r for r in ok if r["checkpointing"] == "none")
     assert full["act_saved_GiB"] < none["act_saved_GiB"]
+    # the FLOPs are the whole micro-batch's (2 samples), the rate is per timed step
+    from iomm_scale.config import load_config
+    from iomm_scale.profiling.flops import training_flops
+
+    cfg = load_config("configs/tiny.yaml", ["data.batch_size=2", "data.resolution=32"])
+    for r in ok:
+        assert r["tflops_per_step"] == pytest.approx(training_flops(cfg, batch=2)["total"] / 1e12, rel=1e-9)
+        assert r["tflops_per_s"] == pytest.approx(r["tflops_per_step"] / r["step_s"], rel=1e-9)
 
 
 def _live_tensors() -> int:

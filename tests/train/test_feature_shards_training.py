@@ -64,3 +64,29 @@ def test_feature_shards_train_exactly_like_raw_images(tmp_path):
     # Same pixels -> same latents and vision features (float32 storage); tolerance covers
     # summation-order differences only.
     torch.testing.assert_close(torch.tensor(feat_losses), torch.tensor(raw_losses), rtol=1e-6, atol=0)
+
+
+def test_paired_feature_shards_keep_every_caption(tmp_path):
+    """A fine-tuning config (lambda 0.5) precomputes its paired shards with every caption: the
+    mixture withholds captions per step at training time, never once for good in the shard."""
+    import io
+    import tarfile
+
+    import precompute_features
+
+    raw = tmp_path / "pairs-000000.tar"
+    with wds.TarWriter(str(raw), encoder=False, mtime=0) as w:
+        for i, img in enumerate(photo_crops(32, 1)[:8]):
+            arr = ((img.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="PNG")
+            w.write({"__key__": f"pair{i:03d}", "png": buf.getvalue(), "txt": f"caption number {i}".encode()})
+    overrides = ["data.source=webdataset", "data.batch_size=4", "data.image_only_fraction=0.5",
+                 f"data.webdataset.paired_shards=[{raw}]", "data.webdataset.num_workers=0"]
+    tiny = os.path.join(ROOT, "configs", "tiny.yaml")
+    assert precompute_features.main(["--config", tiny, "--out", str(tmp_path / "feat")]
+                                    + [f"--set={o}" for o in overrides]) == 0
+    with tarfile.open(tmp_path / "feat-paired-000000.tar") as tar:
+        captions = {m.name.split(".")[0]: tar.extractfile(m).read().decode()
+                    for m in tar.getmembers() if m.name.endswith(".txt")}
+    assert captions == {f"pair{i:03d}": f"caption number {i}" for i in range(8)}

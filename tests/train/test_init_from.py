@@ -48,3 +48,19 @@ def test_bad_sources_are_named(tiny_cfg, tmp_path):
     torch.save({"model": small}, tmp_path / "state.pt")
     with pytest.raises(ValueError, match=f"{name} has shape"):
         ckpt.apply_init_weights(build_iomm(tiny_cfg()), tmp_path / "state.pt", use_ema=True)
+
+
+def test_single_process_checkpoint_live_or_ema_weights_and_its_frozen_parts(tiny_cfg, tmp_path):
+    torch.manual_seed(3)
+    source = build_iomm(tiny_cfg())
+    live = _trainable(source)
+    mllm = source.conditioner.mllm  # random-init frozen parts are saved with the run
+    frozen = {"conditioner.mllm": {k: v + 1.0 for k, v in mllm.state_dict().items()}}
+    torch.save({"model": live, "ema": {"decay": 0.9, "shadow": {n: v + 0.5 for n, v in live.items()}}, "frozen": frozen},
+               tmp_path / "state.pt")
+    for use_ema, shift in ((False, 0.0), (True, 0.5)):
+        torch.manual_seed(4)
+        model = build_iomm(tiny_cfg())
+        ckpt.apply_init_weights(model, tmp_path, use_ema=use_ema)
+        assert all(torch.equal(p, live[n] + shift) for n, p in _trainable(model).items())
+        assert all(torch.equal(v, frozen["conditioner.mllm"][k]) for k, v in model.conditioner.mllm.state_dict().items())
