@@ -51,12 +51,12 @@ def flux_cfg(**kw):
     return FluxConfig(**base)
 
 
-def build_generator(family="flux"):
+def build_generator(family="flux", **flux_kw):
     torch.manual_seed(0)
     if family == "flux":
         from iomm_scale.models.flux_mmdit import FluxMMDiT
 
-        return FluxMMDiT(flux_cfg())
+        return FluxMMDiT(flux_cfg(**flux_kw))
     from iomm_scale.models.registry import FAMILIES
 
     cfg_cls, model_cls = FAMILIES[family]
@@ -118,11 +118,13 @@ def optimizer_fn(params):
 
 # --------------------------------------------------------------------------- reference
 def reference(model, make_batch, dp: int, m: int, steps: int, loss_fn=default_loss_fn, start_state=None,
-              make_opt=None, clip=None, ema_decay=None, ema_out=None):
+              make_opt=None, clip=None, ema_decay=None, ema_out=None, norms_out=None):
     """Single process: walks the same (dp rank, micro-batch) slices with the same seeds.
     `make_opt(model)` builds the optimizer (default: AdamW over the trainable parameters).
     `ema_decay`: the single-process trainer's EMA (optim/builder.EMA) after every step, its
-    shadow appended to the list `ema_out` per step."""
+    shadow appended to the list `ema_out` per step. `norms_out`: the global gradient norm
+    before clipping appended per step (what the runtime reports: clip and AdamW undo a uniform
+    gradient scale in the parameters, the norm shows it)."""
     from iomm_scale.optim.builder import EMA
 
     model = copy.deepcopy(model)
@@ -141,6 +143,9 @@ def reference(model, make_batch, dp: int, m: int, steps: int, loss_fn=default_lo
                 loss = loss_fn(model, mb)
                 (loss / (dp * m)).backward()
                 total += loss.item() / (dp * m)
+        if norms_out is not None:
+            norms_out.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params
+                                                                          if p.grad is not None]))))
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
@@ -162,10 +167,12 @@ def run_layout(model, make_batch, pcfg, micro_batch, steps=STEPS, batch_keys=Non
     lay = init_parallel_state(pcfg)
     rt = ParallelRuntime.build(copy.deepcopy(model), pcfg, opt_fn, micro_batch=micro_batch, grad_clip=clip,
                                persistence_threshold=0, batch_keys=batch_keys, **build_kw)
-    losses = []
+    losses, rt.test_grad_norms = [], []
     for step in range(rt.step, rt.step + steps):
         batch = dp_slice(make_batch(model, step), lay.dp, lay.dp_rank)
-        losses.append(rt.train_step(batch)["loss"])
+        out = rt.train_step(batch)
+        losses.append(out["loss"])
+        rt.test_grad_norms.append(out["grad_norm"])
     return rt, losses
 
 
@@ -280,13 +287,15 @@ def scenario_generator(name: str, family="flux", **p) -> dict:
     gen = build_generator(family)
     make = lambda model, step: generator_batch(gen, step, dp * m * micro)  # noqa: E731
     ref_ema: list = []
-    ref_losses, hist = reference(gen, make, dp, m, STEPS, ema_decay=ema_decay, ema_out=ref_ema)
+    ref_norms: list = []
+    ref_losses, hist = reference(gen, make, dp, m, STEPS, ema_decay=ema_decay, ema_out=ref_ema, norms_out=ref_norms)
     keys = ("x_t", "t", "cond", "cond_mask", "target")
     init = {n: q.detach().clone() for n, q in gen.named_parameters()}
     with _compile_enabled(compile_backend is not None):
         rt, losses = run_layout(gen, make, pcfg, micro, batch_keys=keys, ema_decay=ema_decay,
                                 compile_backend=compile_backend)
         out = compare(rt, losses, ref_losses, hist[-1], init)
+    out["grad_norms"], out["ref_grad_norms"] = rt.test_grad_norms, ref_norms
     out["compiled_blocks"] = rt.info.get("compiled_blocks", 0)
     out["dynamo_graphs"] = _dynamo_graphs()
     if ema_decay:
@@ -396,7 +405,7 @@ def scenario_reshard(name: str, save: dict, load: dict, native: dict | None = No
     return out
 
 
-def scenario_ema(name: str, export=False, **p) -> dict:
+def scenario_ema(name: str, export=False, flux_kw=None, **p) -> dict:
     """EMA (parallel/ema.py) under a layout, on the tiny FLUX generator, decay EMA_DECAY:
     3 steps, EMA (and params) against the single-process EMA (optim/builder.EMA) of the same
     run; DeepSpeed checkpoint + per-rank EMA files, rebuilt from zeroed weights, loaded: every
@@ -408,7 +417,7 @@ def scenario_ema(name: str, export=False, **p) -> dict:
     m = p.get("num_microbatches", 1)
     micro = p.pop("micro", 2)
     pcfg = ParallelConfig(**p)
-    gen = build_generator()
+    gen = build_generator(**(flux_kw or {}))
     make = lambda model, step: generator_batch(gen, step, dp * m * micro)  # noqa: E731
     ref_ema: list = []
     ref_losses, hist = reference(gen, make, dp, m, STEPS + 1, ema_decay=EMA_DECAY, ema_out=ref_ema)
@@ -418,6 +427,7 @@ def scenario_ema(name: str, export=False, **p) -> dict:
     out = compare(rt, losses, ref_losses[:STEPS], hist[STEPS - 1], init)
     out.update(compare_ema(rt, ref_ema[STEPS - 1], init, hist[STEPS - 1]))
     out["ema_bytes"] = ema_bytes(rt)
+    out["n_uneven"] = sum(1 for q in gen.parameters() if q.requires_grad and q.numel() % dp)
     out["ema_zero_stage"] = rt.ema.zero_stage
     saved = {n: t.detach().cpu().clone() for n, t in rt.ema.shadow.items()}
     ckpt_dir = _shared_tmpdir()
@@ -742,7 +752,10 @@ SCENARIOS = {
     "iomm_dp2_zero1_compile_mllm": lambda: scenario_iomm("iomm_dp2_zero1_compile_mllm", zero_stage=1,
                                                          compile_backend="aot_eager", compile_mllm=True),
     # EMA (parallel/ema.py): parity with the single-process EMA, bitwise same-layout resume, export
-    "ema_dp2_zero3": lambda: scenario_ema("ema_dp2_zero3", export=True, zero_stage=3),
+    # 5 latent channels, patch 1: the output bias has 5 elements, so ZeRO-3 pads its 2 partitions
+    # (3 + 2 real elements): the EMA must hold the real ones only
+    "ema_dp2_zero3": lambda: scenario_ema("ema_dp2_zero3", export=True, zero_stage=3,
+                                          flux_kw=dict(in_channels=5, latent_patch=1)),
     "ema_dp2_zero1": lambda: scenario_ema("ema_dp2_zero1", zero_stage=1),
     "ema_tp2": lambda: scenario_ema("ema_tp2", tp=2, zero_stage=1),
     # Qwen-Image family + tiny Qwen2.5-VL + LoRA (peft): only adapters, RQA and projection train
