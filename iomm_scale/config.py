@@ -11,6 +11,7 @@ is typed by its `family` (flux, s3dit, qwen_mmdit; see models/registry.py).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -212,7 +213,8 @@ def _build(cls, data: dict, prefix: str, errors: list):
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
-            close = [n for n in names if n.lower().startswith(str(k)[:3].lower())]
+            close = difflib.get_close_matches(str(k), sorted(names), n=1, cutoff=0.6) or \
+                [n for n in sorted(names) if n.lower().startswith(str(k)[:3].lower())]
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             errors.append((key, f"unknown key{hint}; valid keys: {', '.join(sorted(names))}"))
             continue
@@ -254,7 +256,7 @@ def _build_data_section(data: dict, errors: list) -> DataConfig:
     return section
 
 
-def from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
+def from_dict(raw: dict, source: str = "<dict>", world_size: int | None = None) -> RunConfig:
     errors: list[tuple[str, str]] = []
     raw = dict(raw or {})
     model = dict(raw.pop("model", {}) or {})
@@ -271,7 +273,7 @@ def from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
     cfg.data = data
     cfg.source = source
     if not errors:
-        errors = validate(cfg)
+        errors = validate(cfg, world_size)
     if errors:
         raise ConfigError(format_errors(source, errors))
     return cfg
@@ -282,8 +284,9 @@ def format_errors(source: str, errors: list[tuple[str, str]]) -> str:
     return lines[0] if len(lines) == 1 else f"{len(lines)} problems in the config:\n  " + "\n  ".join(lines)
 
 
-def validate(cfg: RunConfig) -> list[tuple[str, str]]:
-    """Value checks across sections (types are already right)."""
+def validate(cfg: RunConfig, world_size: int | None = None) -> list[tuple[str, str]]:
+    """Value checks across sections (types are already right); the parallel layout against the
+    launch's `world_size` too when it is known (the launchers pass it)."""
     errors: list[tuple[str, str]] = []
 
     def sub(prefix, items):
@@ -362,8 +365,8 @@ def validate(cfg: RunConfig) -> list[tuple[str, str]]:
     if o.muon.implementation not in ("iomm", "deepspeed"):
         errors.append(("optim.muon.implementation", f"must be 'iomm' or 'deepspeed', got {o.muon.implementation!r}"))
 
-    if gen is not None:  # the layout against the model's heads / blocks; world size is checked at launch
-        sub("parallel", cfg.parallel.validate(None, model_info(gen)))
+    if gen is not None:  # the layout against the model's heads / blocks (and the launch's world size)
+        sub("parallel", cfg.parallel.validate(world_size, model_info(gen)))
 
     t = cfg.train
     if t.steps < 1:
@@ -425,7 +428,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
+                world_size: int | None = None) -> RunConfig:
     source = str(path) if path else "<defaults>"
     raw: dict = {}
     if path is not None:
@@ -440,7 +444,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             raise ConfigError(f"{source}: top level must be a mapping")
     if overrides:
         source = f"{source} (with overrides {' '.join(overrides)})"
-    return from_dict(apply_overrides(raw, overrides or []), source)
+    return from_dict(apply_overrides(raw, overrides or []), source, world_size)
 
 
 def to_dict(obj) -> Any:

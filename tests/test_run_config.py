@@ -29,6 +29,8 @@ TINY = os.path.join(ROOT, "configs", "tiny.yaml")
          "model.conditioner.mllm.path", "does not exist"),
         (["model.conditioner.mllm.random_init=false"], "model.conditioner.mllm.path", "missing"),
         (["train.stepz=10"], "train.stepz", "unknown key (did you mean 'steps'?)"),
+        (["train.stpes=10"], "train.stpes", "unknown key (did you mean 'steps'?)"),
+        (["model.generator.num_layer=3"], "model.generator.num_layer", "(did you mean 'num_layers'?)"),
         (["train.steps=ten"], "train.steps", "expected an integer"),
         (["optim.betas=[0.9]"], "optim.betas", "two numbers"),
         (["model.generator.family=unet"], "model.generator.family", "unknown family"),

@@ -459,7 +459,9 @@ def split_parallel_args(config_path: str | None, overrides: list[str]):
 
     from ..config import ConfigError, format_errors
 
-    cfg = load_config(config_path, overrides)
+    env_from_slurm()  # the launch's world size joins the layout checks (every problem in one message)
+    world = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else None
+    cfg = load_config(config_path, overrides, world_size=world)
     errors = muon_launch_errors(cfg, cfg.parallel) + lora_launch_errors(cfg, cfg.parallel)
     if errors:
         raise ConfigError(format_errors(cfg.source, errors))

@@ -67,3 +67,9 @@ def test_bad_layout_is_a_clear_error_before_start():
                         "parallel.zero_stage=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert "zero_stage: ZeRO-3 cannot be combined with pipeline parallelism" in p.stderr
+    # under a launcher the world size joins the checks: every problem in one message, from one rank
+    p = subprocess.run([sys.executable, "launchers/pretrain.py", "--config", "configs/tiny.yaml", "parallel.tp=3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "RANK": "0", "WORLD_SIZE": "2"})
+    assert p.returncode == 2 and "2 problems" in p.stderr, p.stderr
+    assert "world size 2 is not divisible by tp*pp = 3*1 = 3" in p.stderr and "4 attention heads" in p.stderr
