@@ -47,11 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from iomm_scale.config import ConfigError, format_errors, load_config
+    from iomm_scale.config import ConfigError, load_config
     from iomm_scale.data.features import precompute_feature_shards
     from iomm_scale.data.stream import build_webdataset_loader
     from iomm_scale.data.writer import brace_pattern
     from iomm_scale.iomm import build_iomm
+    from iomm_scale.train.trainer import check_inputs
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -65,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     if wds_cfg.features:
         print("error: data.webdataset.features is true: the config already reads feature shards", file=sys.stderr)
         return 2
-    missing = wds_cfg.missing_shards()  # before the VAE and the MLLM are loaded
-    if missing:
-        print(f"config error: {format_errors(cfg.source, [('data.webdataset.' + k, m) for k, m in missing])}",
-              file=sys.stderr)
+    try:
+        check_inputs(cfg, init_from=False)  # shards exist: before the VAE and the MLLM are loaded
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
         return 2
     device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     model = build_iomm(cfg, device=device).eval()

@@ -46,7 +46,7 @@ import torch.distributed as dist
 import yaml
 
 from .config import ParallelConfig, describe, model_info, validate_layout
-from .groups import env_from_slurm, init_distributed, init_parallel_state
+from .groups import init_distributed, init_parallel_state, launch_world_size
 
 log = logging.getLogger("iomm_scale.parallel")
 from .runtime import ParallelRuntime
@@ -223,12 +223,8 @@ class DistributedTrainer:
         self.save_full_at_end = save_full
         # Everything checkable is checked before the process group exists (world size from the
         # launcher's environment): a bad layout or input fails at once, not at a rendezvous.
-        env_from_slurm()
-        if dist.is_initialized():
-            world = dist.get_world_size()
-        elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            world = int(os.environ["WORLD_SIZE"])
-        else:
+        world = dist.get_world_size() if dist.is_initialized() else launch_world_size()
+        if world is None:
             raise RuntimeError("the parallel launchers need a launcher: deepspeed / torchrun / srun "
                                "(use iomm-train for one process)")
         with torch.device("meta"):
@@ -459,9 +455,8 @@ def split_parallel_args(config_path: str | None, overrides: list[str]):
 
     from ..config import ConfigError, format_errors
 
-    env_from_slurm()  # the launch's world size joins the layout checks (every problem in one message)
-    world = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else None
-    cfg = load_config(config_path, overrides, world_size=world)
+    # the launch's world size joins the layout checks (every problem in one message)
+    cfg = load_config(config_path, overrides, world_size=launch_world_size())
     errors = muon_launch_errors(cfg, cfg.parallel) + lora_launch_errors(cfg, cfg.parallel)
     if errors:
         raise ConfigError(format_errors(cfg.source, errors))

@@ -55,6 +55,13 @@ def env_from_slurm() -> None:
         os.environ["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
 
 
+def launch_world_size() -> int | None:
+    """The world size the launcher (torchrun / deepspeed / srun) set up, before any process
+    group exists; None in a plain single-process run."""
+    env_from_slurm()
+    return int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else None
+
+
 def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> bool:
     """Initialise torch.distributed from the launcher's environment. Returns False (and does
     nothing) in a plain single-process run with no launcher variables."""

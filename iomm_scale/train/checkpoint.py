@@ -154,7 +154,7 @@ def init_source(path: str | os.PathLike, label: str = "train.init_from") -> tupl
     if any(p.glob("full_pp*.pt")):
         return "full", p
     if (p / LATEST).is_file() or any(p.glob("*model_states.pt")) or any(p.glob("*/*model_states.pt")):
-        raise ValueError(f"{label}={path} is a DeepSpeed checkpoint (a launcher run's, one file per rank "
+        raise ValueError(f"{label}={path}: a DeepSpeed checkpoint (a launcher run's, one file per rank "
                          "and layout): start from that run's EMA export <run_dir>/ema (written at the end of a "
                          "run with optim.ema_decay) or its layout-free copy <run_dir>/full (launcher --save-full)")
     raise ValueError(f"{label}={path}: no state.pt (single-process checkpoint or EMA export) and no "

@@ -36,7 +36,7 @@ def test_bad_sources_are_named(tiny_cfg, tmp_path):
     (ds / "latest").write_text("step_00000010")
     (ds / "step_00000010" / "mp_rank_00_model_states.pt").write_bytes(b"")
     for where in (ds, ds / "step_00000010"):
-        with pytest.raises(ValueError, match="is a DeepSpeed checkpoint.*<run_dir>/ema"):
+        with pytest.raises(ValueError, match="a DeepSpeed checkpoint.*<run_dir>/ema"):
             ckpt.init_source(where)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no state.pt .* and no full_pp"):
