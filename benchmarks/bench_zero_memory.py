@@ -2,6 +2,7 @@
 
     python benchmarks/bench_zero_memory.py [--record]      # runs everything, prints a table
                                                             # (--record appends to RESULTS.md)
+    python benchmarks/bench_zero_memory.py --parts isolated,c --zero-time-worlds 1,2,4   # time only
 
 Part A (ZeRO-3 scaling): a FluxMMDiT (~25M params) trained one AdamW step by a DeepSpeed
 ZeRO-3 engine under torchrun with 1, 2 and 4 processes (gloo). Per rank we count the bytes
@@ -30,7 +31,8 @@ full processes alternating. In-process interleaving lets one model's allocations
 other's heap: with four models interleaved the `none` step ran 10-15% slower than alone.
 
 Part C (`--zero-time PAIRS`, default 3): the step time of part B's model and batch (2 samples
-per rank) trained by the DeepSpeed ZeRO-3 engine under torchrun with 1 and 2 processes, one
+per rank) trained by the DeepSpeed ZeRO-3 engine under torchrun with 1 and 2 processes
+(`--zero-time-worlds 1,2,4` on a host with the cores for it), one
 intra-op thread each (torchrun's default; on this 2-core machine, one core per rank), checkpointing
 none vs full: the whole training step (forward, backward, ZeRO-3 gathers and reduce-scatters, AdamW
 on the partitions), median of 8 steps after 3 warm-up steps, none and full runs alternating.
@@ -176,8 +178,8 @@ def _torchrun(n: int, args: list[str]) -> None:
         raise RuntimeError(p.stderr[-4000:])
 
 
-def part_c(pairs: int, steps: int = 8) -> dict:
-    """ZeRO-3 step time, checkpointing none vs full, 1 and 2 processes: `pairs` alternating
+def part_c(pairs: int, worlds=(1, 2), steps: int = 8) -> dict:
+    """ZeRO-3 step time, checkpointing none vs full, with `worlds` processes: `pairs` alternating
     none / full launches per world size; the ratio is the median of the per-pair ratios."""
     import tempfile
 
@@ -186,7 +188,7 @@ def part_c(pairs: int, steps: int = 8) -> dict:
         _torchrun(n, ["--zero-time-worker", mode, str(steps), path])
         return json.load(open(path))["step_s"]
 
-    return _alternating_pairs((1, 2), pairs, time_one)
+    return _alternating_pairs(worlds, pairs, time_one)
 
 
 def part_a() -> list[dict]:
@@ -296,7 +298,12 @@ def _alternating_pairs(keys, pairs: int, time_one) -> dict:
     key `pairs` pairs of fresh runs, none then full, so machine drift hits both alike."""
     out = {}
     for key in keys:
-        rows = [{mode: time_one(key, mode) for mode in ("none", "full")} for _ in range(pairs)]
+        rows = []
+        for i in range(pairs):
+            rows.append({mode: time_one(key, mode) for mode in ("none", "full")})
+            # progress as it comes: a run stopped by a time limit still leaves its finished pairs
+            print(f"[{key}] pair {i + 1}/{pairs}: none {rows[-1]['none']:.3f} s, full {rows[-1]['full']:.3f} s, "
+                  f"ratio {rows[-1]['full'] / rows[-1]['none']:.3f}", flush=True)
         out[key] = {"pairs": rows, "ratio": statistics.median(p["full"] / p["none"] for p in rows)}
     return out
 
@@ -314,6 +321,40 @@ def _pairs_table(title: str, column: str, results: dict, label) -> list[str]:
                                   f"{'met' if r['ratio'] <= 1.35 else 'MISSED'})" for key, r in results.items())]
 
 
+def _csv(text: str, conv=str) -> list:
+    return [conv(x) for x in text.split(",") if x.strip()]
+
+
+def part_a_lines(a: list[dict]) -> list[str]:
+    base = max(a[0]["bytes_per_rank"])
+    lines = ["| processes | params | max bytes / rank (params+grads+optimizer) | vs 1-process | goal <= |",
+             "|---|---|---|---|---|"]
+    ok_a = True
+    for row in a:
+        n, worst = row["world"], max(row["bytes_per_rank"])
+        goal = base / n * 1.10
+        ok_a &= worst <= goal
+        lines.append(f"| {n} | {row['params']:,} | {worst / 2**20:.1f} MiB | {worst / base:.3f} | {goal / base:.3f} |")
+    return lines + ["", f"ZeRO-3 per-rank goal {'met' if ok_a else 'MISSED'}"]
+
+
+def part_b_lines(b: dict) -> list[str]:
+    none, full = b["none"], b["full"]
+    mem_ratio = none["peak_activation_bytes"] / max(full["peak_activation_bytes"], 1)
+    ratios = {t: b[f"paired_ratio_{t}t"] for t in (1, 2)}
+    lines = ["", f"| activation checkpointing ({b['checkpointed_blocks']} blocks recomputed under full) | "
+             "peak activation memory | fwd+bwd, 1 thread | fwd+bwd, 2 threads |", "|---|---|---|---|"]
+    for mode, r in (("none", none), ("full", full)):
+        lines.append(f"| {mode} | {r['peak_activation_bytes'] / 2**20:.1f} MiB | {r['step_s_1t']:.3f} s | "
+                     f"{r['step_s_2t']:.3f} s |")
+    lines.append("| full / none | " + f"{1 / mem_ratio:.3f} | "
+                 + " | ".join(f"{full[f'step_s_{t}t'] / none[f'step_s_{t}t']:.3f} (medians), {ratios[t]:.3f} (paired)"
+                              for t in (1, 2)) + " |")
+    return lines + ["", f"memory ratio none/full = {mem_ratio:.2f}x (goal >= 3x: {'met' if mem_ratio >= 3 else 'MISSED'}); "
+                    + "; ".join(f"time ratio full/none (median of paired rounds), {t} thread{'s' if t > 1 else ''} = "
+                                f"{r:.3f} (goal <= 1.35: {'met' if r <= 1.35 else 'MISSED'})" for t, r in ratios.items())]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--zero-worker")
@@ -326,6 +367,10 @@ def main():
                          "thread count (0: skip)")
     ap.add_argument("--zero-time", type=int, default=3, metavar="PAIRS",
                     help="part C: ZeRO-3 step time with 1 and 2 processes, PAIRS none/full launch pairs each (0: skip)")
+    ap.add_argument("--zero-time-worlds", default="1,2",
+                    help="part C's world sizes (default 1,2: this 2-core VM; 1,2,4 on a larger host)")
+    ap.add_argument("--zero-time-steps", type=int, default=8, help="part C's timed steps per launch (after 3)")
+    ap.add_argument("--parts", default="a,b,isolated,c", help="which parts to run (comma list of a,b,isolated,c)")
     ap.add_argument("--zero-time-worker", nargs=3, metavar=("MODE", "STEPS", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--time-worker", nargs=3, metavar=("MODE", "THREADS", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -343,43 +388,27 @@ def main():
             mode, steps, out = args.zero_time_worker
             zero_time_worker(mode, int(steps), out)
         return
-    a = json.load(open(args.part_a_json)) if args.part_a_json else part_a()
-    if args.save_part_a:
-        json.dump(a, open(args.save_part_a, "w"))
-    b = part_b(args.rounds)
-    base = max(a[0]["bytes_per_rank"])
-    lines = ["| processes | params | max bytes / rank (params+grads+optimizer) | vs 1-process | goal <= |",
-             "|---|---|---|---|---|"]
-    ok_a = True
-    for row in a:
-        n, worst = row["world"], max(row["bytes_per_rank"])
-        goal = base / n * 1.10
-        ok_a &= worst <= goal
-        lines.append(f"| {n} | {row['params']:,} | {worst / 2**20:.1f} MiB | {worst / base:.3f} | {goal / base:.3f} |")
-    none, full = b["none"], b["full"]
-    mem_ratio = none["peak_activation_bytes"] / max(full["peak_activation_bytes"], 1)
-    ratios = {t: b[f"paired_ratio_{t}t"] for t in (1, 2)}
-    lines += ["", f"| activation checkpointing ({b['checkpointed_blocks']} blocks recomputed under full) | "
-              "peak activation memory | fwd+bwd, 1 thread | fwd+bwd, 2 threads |", "|---|---|---|---|"]
-    for mode, r in (("none", none), ("full", full)):
-        lines.append(f"| {mode} | {r['peak_activation_bytes'] / 2**20:.1f} MiB | {r['step_s_1t']:.3f} s | "
-                     f"{r['step_s_2t']:.3f} s |")
-    lines.append("| full / none | " + f"{1 / mem_ratio:.3f} | "
-                 + " | ".join(f"{full[f'step_s_{t}t'] / none[f'step_s_{t}t']:.3f} (medians), {ratios[t]:.3f} (paired)"
-                              for t in (1, 2)) + " |")
-    lines += ["", f"memory ratio none/full = {mem_ratio:.2f}x (goal >= 3x: {'met' if mem_ratio >= 3 else 'MISSED'}); "
-              + "; ".join(f"time ratio full/none (median of paired rounds), {t} thread{'s' if t > 1 else ''} = {r:.3f} "
-                          f"(goal <= 1.35: {'met' if r <= 1.35 else 'MISSED'})" for t, r in ratios.items())
-              + f"; ZeRO-3 per-rank goal {'met' if ok_a else 'MISSED'}"]
-    iso = part_b_isolated(args.isolated) if args.isolated else None
+    parts = set(_csv(args.parts))
+    if parts - {"a", "b", "isolated", "c"}:
+        ap.error(f"--parts takes a, b, isolated, c; got {args.parts!r}")
+    lines: list[str] = []
+    if "a" in parts:
+        a = json.load(open(args.part_a_json)) if args.part_a_json else part_a()
+        if args.save_part_a:
+            json.dump(a, open(args.save_part_a, "w"))
+        lines += part_a_lines(a)
+    if "b" in parts:
+        lines += part_b_lines(part_b(args.rounds))
+    iso = part_b_isolated(args.isolated) if args.isolated and "isolated" in parts else None
     if iso:
         lines += _pairs_table(f"Process-isolated (each mode alone in a fresh process, {args.isolated} alternating "
                               "none/full process pairs per thread count, median of 11 steps each):", "threads", iso,
                               lambda t: f"process-isolated time ratio full/none, {t} thread{'s' if t > 1 else ''}")
-    zt = part_c(args.zero_time) if args.zero_time else None
+    worlds = tuple(_csv(args.zero_time_worlds, int))
+    zt = part_c(args.zero_time, worlds, args.zero_time_steps) if args.zero_time and "c" in parts else None
     if zt:
         lines += _pairs_table(f"ZeRO-3 training step (part C: torchrun, 1 thread per rank, {args.zero_time} alternating "
-                              "none/full launch pairs per world size, median of 8 steps each):", "processes", zt,
+                              f"none/full launch pairs per world size, median of {args.zero_time_steps} steps each):", "processes", zt,
                               lambda n: f"ZeRO-3 step time ratio full/none, {n} process{'es' if n > 1 else ''}")
     table = "\n".join(lines)
     print(table)
@@ -387,14 +416,16 @@ def main():
         machine = f"{platform.node()} ({os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}), torch " \
                   f"{__import__('torch').__version__}, deepspeed {__import__('deepspeed').__version__}, gloo"
         text = (f"\n### ZeRO-3 memory per rank and activation checkpointing ({datetime.date.today().isoformat()})\n\n"
-                f"Machine: {machine}. Command: `python benchmarks/bench_zero_memory.py --record`.\n"
+                f"Machine: {machine}. Command: `python benchmarks/bench_zero_memory.py {' '.join(sys.argv[1:])}` "
+                f"(parts {args.parts}).\n"
                 "Part A: FluxMMDiT (hidden 256, 4 double + 8 single blocks), one AdamW step under a DeepSpeed ZeRO-3 "
                 "engine (fp32, persistence threshold 0), bytes of every storage the engine holds for params, "
                 "grads and optimizer state. Part B: one process, batch 2, 256 image + 64 condition tokens, "
                 "forward+backward; peak = running sum of torch.profiler CPU allocator events, grads preallocated; "
                 f"time = {args.rounds} steps per mode, none and full alternating, with 1 and 2 intra-op threads, then "
                 f"{args.isolated} process-isolated pairs per thread count. Part C: part B's model and per-rank batch "
-                f"under a ZeRO-3 engine with 1 and 2 processes (torchrun, 1 thread per rank), whole training step, "
+                f"under a ZeRO-3 engine with {args.zero_time_worlds} processes (torchrun, 1 thread per rank), whole "
+                "training step, "
                 f"{args.zero_time} none/full launch pairs each (load average "
                 f"{os.getloadavg()[0]:.1f} at the end).\n\n" + table + "\n")
         path = os.path.join(ROOT, "benchmarks", "RESULTS.md")

@@ -22,11 +22,18 @@
 #   4 iomm step      the full IOMM-B step (random-weight InternVL3-2B at its real size, feature
 #                    batches: RQA + frozen LLM fwd/bwd + DiT), micro-batch 8, checkpointing full,
 #                    compile off / on (generator blocks) / all (+ the frozen LLM's decoder layers)
-#   5 compile        generator step with torch.compile per block, micro-batch 8 / 16 x none / full
+#   5 compile        generator step with torch.compile per block, micro-batch 8 / 16 x none / full,
+#                    parameters fp32 (+ bf16 autocast) and bf16 (+ fp32 master: DeepSpeed's bf16 mode);
+#                    fbMFU = forward + backward alone (the issue's goal), MFU = the whole step
 #   6 data           issue 4's data benchmark (benchmarks/bench_data.py: bare PIL vs our raw loader vs
 #                    feature shards, per CPU core) on this host's server CPU, a second machine beside
 #                    the development VM (needs the carried webdataset / simplejpeg wheels)
-# Sizes: GPU_CHECK_STEP_MB / _STEP_CKPT / _STEP_COMPILE (stage 4), GPU_CHECK_COMPILE_MB / _COMPILE_CKPT (stage 5).
+#   7 zero_cpu       issue 5's CPU time goal on this host's quiet server cores (GPU hidden): activation
+#                    checkpointing full vs none in the DeepSpeed ZeRO-3 training step with 1 / 2 / 4
+#                    processes, one thread each (bench_zero_memory.py part C; GPU_CHECK_ZERO_PARTS=isolated,c
+#                    adds part B process-isolated; needs the carried deepspeed / megatron-core / pydantic wheels)
+# Sizes: GPU_CHECK_STEP_MB / _STEP_CKPT / _STEP_COMPILE (stage 4), GPU_CHECK_COMPILE_MB / _COMPILE_CKPT /
+# _COMPILE_PARAMS (stage 5), GPU_CHECK_ZERO_PAIRS / _ZERO_WORLDS / _ZERO_PARTS (stage 7).
 # GPU_CHECK_STAGES=preflight,pytest_gpu,...: run only the named stages (the others are listed as not selected).
 # Results: $OUT/RESULTS.md (stage table + every table), CSVs and logs beside it.
 set -u
@@ -136,15 +143,22 @@ run_stage iomm_step 200 $PY -m iomm_scale.profiling.profile --config $B_CFG "${B
 
 # ---- 5: torch.compile ------------------------------------------------------------------------
 COMPILE=on; CMBS=${GPU_CHECK_COMPILE_MB:-8,16}; CCK=${GPU_CHECK_COMPILE_CKPT:-none,full}
+CPA=${GPU_CHECK_COMPILE_PARAMS:-fp32,bf16}
 [[ $DRY == 1 ]] && { COMPILE=off; CMBS=2; }
 run_stage compile 200 $PY -m iomm_scale.profiling.profile --config $B_CFG "${B_OVER[@]}" \
-    --scope generator --micro-batch $CMBS --checkpointing $CCK --attention sdpa --compile $COMPILE --steps $STEPS --warmup 3 \
-    --no-plan --csv "$OUT/compile.csv"
+    --scope generator --micro-batch $CMBS --checkpointing $CCK --attention sdpa --compile $COMPILE --params $CPA \
+    --steps $STEPS --warmup 3 --no-plan --csv "$OUT/compile.csv"
 
 # ---- 6: the data pipeline per CPU core on this host (issue 4) ----------------------------------
 DROUNDS=5; [[ $DRY == 1 ]] && DROUNDS=1
 DARGS=(--rounds $DROUNDS); [[ $DRY == 1 ]] && DARGS+=(--images 8 --features 64 --repeat 1)
 run_stage data 120 $PY benchmarks/bench_data.py "${DARGS[@]}"
+
+# ---- 7: activation checkpointing's step-time cost on this host's CPU cores (issue 5) -------------
+ZPAIRS=${GPU_CHECK_ZERO_PAIRS:-2}; ZWORLDS=${GPU_CHECK_ZERO_WORLDS:-1,2,4}; ZPARTS=${GPU_CHECK_ZERO_PARTS:-c}
+ZSTEPS=6; [[ $DRY == 1 ]] && { ZPAIRS=1; ZWORLDS=1; ZSTEPS=1; }
+run_stage zero_cpu 300 env CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu DS_BUILD_OPS=0 $PY benchmarks/bench_zero_memory.py \
+    --parts $ZPARTS --isolated $ZPAIRS --zero-time $ZPAIRS --zero-time-worlds $ZWORLDS --zero-time-steps $ZSTEPS
 
 # ---- report ------------------------------------------------------------------------------------
 {
@@ -168,6 +182,9 @@ run_stage data 120 $PY benchmarks/bench_data.py "${DARGS[@]}"
   done
   if [[ -f "$OUT/data.log" ]]; then
     echo "## data (per CPU core)"; echo; grep -E "^(machine|resolution|per-round|\||[0-9]+x[0-9]+:|  )" "$OUT/data.log"; echo
+  fi
+  if [[ -f "$OUT/zero_cpu.log" ]]; then
+    echo "## zero_cpu (issue 5, CPU cores of this host)"; echo; grep -vE "^=== " "$OUT/zero_cpu.log" | tail -n 30; echo
   fi
   if [[ -f "$OUT/pytest_gpu.log" ]]; then
     echo "## pytest -m gpu"; echo; echo '```'; tail -n 25 "$OUT/pytest_gpu.log"; echo '```'

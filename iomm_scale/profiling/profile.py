@@ -12,6 +12,12 @@ Scopes:
     generator  the DiT alone: forward + backward + optimizer step on synthetic x_t and an
                RQA-shaped condition (what dominates; needs no MLLM or VAE weights)
 
+Parameters (`--params`): `fp32` holds fp32 parameters and gradients, with bf16 autocast on
+CUDA when train.precision is bf16 (iomm-train's single-process path); `bf16` (generator scope)
+holds bf16 parameters and gradients and an fp32 master copy in the optimizer, the layout of
+DeepSpeed's bf16 mode, which the launchers use for train.precision bf16 (Megatron's too):
+forward and backward run without autocast's per-step weight casts.
+
 Timing: `step_s` is the median wall time of a step; `fwd_bwd_s` the median time from its
 start to the end of backward (CUDA events on the stream; on CPU the clock), the part the
 model FLOPs count. `mfu` is the whole step's MFU, `mfu_fwd_bwd` (table: fbMFU%) that of
@@ -52,7 +58,8 @@ import torch
 from ..train.compile import COMPILE_MODES
 
 PRESETS = ("tiny", "b", "l", "xl", "qwen_image_lora")
-COLUMNS = ["scope", "micro_batch", "checkpointing", "attention", "compile", "step_s", "step_min_s", "cpu_s",
+PARAM_MODES = ("fp32", "bf16")
+COLUMNS = ["scope", "micro_batch", "checkpointing", "attention", "compile", "params", "step_s", "step_min_s", "cpu_s",
            "fwd_bwd_s", "optimizer_s", "samples_per_s",
            "image_tokens_per_s", "tflops_per_step", "tflops_per_s", "mfu", "mfu_fwd_bwd", "peak_mem_GiB",
            "act_saved_GiB", "plan_GiB", "status"]
@@ -262,6 +269,32 @@ def apply_checkpointing(generator: torch.nn.Module, mode: str, every_k: int = 2)
     apply_activation_checkpointing(generator, mode, every_k)
 
 
+class MasterWeightAdamW:
+    """The optimizer side of DeepSpeed's bf16 mode, for timing `--params bf16`: the model holds
+    bf16 parameters and gradients; AdamW updates an fp32 master copy (the gradients upcast),
+    which is then rounded back into the bf16 parameters. `param_groups` is the inner AdamW's, so
+    set_lr applies."""
+
+    def __init__(self, params, **adamw_kw):
+        from ..optim.builder import fused_adamw_ok
+
+        self.params = [p for p in params if p.requires_grad]
+        self.master = [p.detach().float() for p in self.params]  # a copy: the parameters are bf16
+        self.inner = torch.optim.AdamW(self.master, fused=fused_adamw_ok(self.master), **adamw_kw)
+        self.param_groups = self.inner.param_groups
+
+    def step(self) -> None:
+        for m, p in zip(self.master, self.params):
+            m.grad = None if p.grad is None else p.grad.float()
+        self.inner.step()
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.master)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for t in (*self.params, *self.master):
+            t.grad = None
+
+
 # ------------------------------------------------------------------------------------------
 # one case
 # ------------------------------------------------------------------------------------------
@@ -271,6 +304,7 @@ class Case:
     checkpointing: str
     attention: str
     compile: bool | str  # off / False; on / True: generator blocks; all: + the frozen MLLM's decoder layers
+    params: str = "fp32"  # fp32 (+ autocast when train.precision is bf16 on CUDA) or bf16 (+ fp32 master)
 
     @property
     def compile_mode(self) -> str:
@@ -287,14 +321,18 @@ def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: in
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     row = {"scope": scope, "micro_batch": case.micro_batch, "checkpointing": case.checkpointing,
-           "attention": case.attention, "compile": case.compile_mode}
+           "attention": case.attention, "compile": case.compile_mode, "params": case.params}
     try:
         check_backend(case.attention)
     except Exception as e:  # noqa: BLE001
         return {**row, "status": f"skipped: {e}".split(". ")[0]}
     if case.compile_mode not in COMPILE_MODES:
         return {**row, "status": f"skipped: compile must be off, on or all, got {case.compile!r}"}
-    bf16 = cfg.train.precision == "bf16" and device.type == "cuda"
+    if case.params not in PARAM_MODES:
+        return {**row, "status": f"skipped: params must be fp32 or bf16, got {case.params!r}"}
+    if case.params == "bf16" and scope != "generator":
+        return {**row, "status": "skipped: params bf16 is timed for --scope generator only"}
+    bf16 = cfg.train.precision == "bf16" and device.type == "cuda" and case.params == "fp32"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
     gc.collect()
     if device.type == "cuda":
@@ -309,6 +347,8 @@ def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: in
         with torch.random.fork_rng(devices=[]), torch.device(device):  # initialised where it runs
             torch.manual_seed(cfg.train.seed)
             generator = build_generator(cfg.model.generator.family, cfg.generator).train()
+        if case.params == "bf16":
+            generator.to(torch.bfloat16)
         model = torch.nn.Module()
         model.generator = generator
     else:
@@ -326,7 +366,11 @@ def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: in
             compile_frozen_mllm(model.conditioner)
     if scope == "generator":
         params = [p for p in model.generator.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=fused_adamw_ok(params))
+        if case.params == "bf16":
+            opt = MasterWeightAdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        else:
+            opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                    fused=fused_adamw_ok(params))
         ema = None
         cond_len = condition_lengths(cfg)["generator"]
         h, w = latent_hw(cfg)
@@ -453,10 +497,10 @@ def warm_up(cfg, scope: str, random_frozen: bool) -> None:
     gc.collect()
 
 
-def sweep(cfg, micro_batches, checkpointing, attention, compile_modes, **kw) -> list[dict]:
+def sweep(cfg, micro_batches, checkpointing, attention, compile_modes, params=("fp32",), **kw) -> list[dict]:
     rows = []
-    for mb, ck, at, co in itertools.product(micro_batches, checkpointing, attention, compile_modes):
-        rows.append(run_case(cfg, Case(mb, ck, at, co), **kw))
+    for mb, ck, at, co, pa in itertools.product(micro_batches, checkpointing, attention, compile_modes, params):
+        rows.append(run_case(cfg, Case(mb, ck, at, co, pa), **kw))
         print(format_row(rows[-1]), flush=True)
     return rows
 
@@ -471,6 +515,7 @@ def _fmt(v, spec):
 
 def format_row(r: dict) -> str:
     return (f"{r['scope']:<9s} {r['micro_batch']:>4d} {r['checkpointing']:<7s} {r['attention']:<6s} {r['compile']:<4s} "
+            f"{r.get('params', 'fp32'):<6s} "
             f"{_fmt(r.get('step_s'), '9.4f')} {_fmt(r.get('fwd_bwd_s'), '9.4f')} {_fmt(r.get('samples_per_s'), '10.2f')} "
             f"{_fmt(r.get('image_tokens_per_s'), '12.0f')} {_fmt(r.get('tflops_per_s'), '9.4g')} "
             f"{_fmt(None if r.get('mfu') is None else 100 * r['mfu'], '6.1f')} "
@@ -479,7 +524,7 @@ def format_row(r: dict) -> str:
             f"{_fmt(r.get('act_saved_GiB'), '9.3f')} {_fmt(r.get('plan_GiB'), '8.3f')}  {r.get('status', '')}")
 
 
-HEADER = (f"{'scope':<9s} {'mb':>4s} {'ckpt':<7s} {'attn':<6s} {'comp':<4s} {'step_s':>9s} {'fwd_bwd_s':>9s} "
+HEADER = (f"{'scope':<9s} {'mb':>4s} {'ckpt':<7s} {'attn':<6s} {'comp':<4s} {'params':<6s} {'step_s':>9s} {'fwd_bwd_s':>9s} "
           f"{'samples/s':>10s} {'img_tok/s':>12s} {'TFLOP/s':>9s} {'MFU%':>6s} {'fbMFU%':>6s} {'peak_GiB':>9s} "
           f"{'saved_GiB':>9s} {'plan_GiB':>8s}  status")
 
@@ -512,6 +557,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--attention", default="sdpa", help="comma list of sdpa,math,flash (flash skipped when absent)")
     parser.add_argument("--compile", default="off",
                         help="comma list of off,on,all (on: generator blocks; all: also the frozen MLLM's layers)")
+    parser.add_argument("--params", default="fp32",
+                        help="comma list of fp32,bf16 (bf16: bf16 parameters + fp32 master, generator scope)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default=None)
@@ -536,6 +583,9 @@ def main(argv=None) -> list[dict]:
     compile_modes = _csv_list(args.compile)
     if set(compile_modes) - set(COMPILE_MODES):
         parser.error(f"--compile takes off, on, all; got {args.compile!r}")
+    param_modes = _csv_list(args.params)
+    if set(param_modes) - set(PARAM_MODES):
+        parser.error(f"--params takes fp32, bf16; got {args.params!r}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":  # load every library a case touches before the first RSS baseline
         warm_up(cfg, args.scope, args.random_frozen)
@@ -545,7 +595,7 @@ def main(argv=None) -> list[dict]:
           f"threads {torch.get_num_threads()}")
     print(HEADER, flush=True)
     try:
-        rows = sweep(cfg, mbs, _csv_list(args.checkpointing), _csv_list(args.attention), compile_modes,
+        rows = sweep(cfg, mbs, _csv_list(args.checkpointing), _csv_list(args.attention), compile_modes, param_modes,
                      scope=args.scope, steps=args.steps, warmup=args.warmup, device=args.device,
                      random_frozen=args.random_frozen, peak_tflops=args.peak_tflops, plan=not args.no_plan)
     finally:

@@ -108,3 +108,42 @@ def test_profile_case_frees_what_it_built(tiny_cfg, scope):
         row = run_case(cfg, Case(2, ckpt, "sdpa", False), scope=scope, steps=1, warmup=1, device="cpu", plan=False)
         assert row["status"] == "ok", row
         assert _live_tensors() == before, f"{scope}/{ckpt} left tensors alive"
+
+
+def test_master_weight_adamw_is_adamw_on_an_fp32_copy():
+    """`--params bf16`'s optimizer: AdamW on fp32 masters of bf16 parameters (their bf16 grads
+    upcast), rounded back; after 3 steps the masters equal torch AdamW run in fp32 on the same
+    gradients, and the parameters are those masters rounded to bf16."""
+    from iomm_scale.profiling.profile import MasterWeightAdamW
+
+    torch.manual_seed(0)
+    ref = [torch.randn(5, 3).bfloat16().float().requires_grad_(), torch.randn(4).bfloat16().float().requires_grad_()]
+    params = [p.detach().bfloat16().requires_grad_() for p in ref]
+    opt = MasterWeightAdamW(params, lr=1e-2, betas=(0.9, 0.95))
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.95))
+    for _ in range(3):
+        grads = [torch.randn_like(p, dtype=torch.float32).bfloat16() for p in params]
+        for p, r, g in zip(params, ref, grads):
+            p.grad, r.grad = g.clone(), g.float()
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        assert all(p.grad is None for p in params)
+    for p, m, r in zip(params, opt.master, ref):
+        torch.testing.assert_close(m, r.detach(), rtol=0, atol=0)
+        assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), r.detach().bfloat16())
+    assert opt.param_groups is opt.inner.param_groups  # set_lr reaches the inner AdamW
+
+
+def test_profile_bf16_parameters_generator_scope(tiny_cfg):
+    """`--params bf16` times a generator held in bf16 (no autocast) and refuses the step scope."""
+    from iomm_scale.profiling.profile import Case, run_case
+
+    cfg = tiny_cfg("data.batch_size=2", "data.resolution=32")
+    fp32 = run_case(cfg, Case(2, "none", "sdpa", False, "fp32"), scope="generator", steps=1, device="cpu", plan=False)
+    bf16 = run_case(cfg, Case(2, "none", "sdpa", False, "bf16"), scope="generator", steps=1, device="cpu", plan=False)
+    assert fp32["status"] == bf16["status"] == "ok" and bf16["params"] == "bf16"
+    assert bf16["tflops_per_step"] == fp32["tflops_per_step"]  # same model FLOPs
+    assert bf16["act_saved_GiB"] < fp32["act_saved_GiB"]  # activations saved in bf16
+    step = run_case(cfg, Case(2, "none", "sdpa", False, "bf16"), scope="step", steps=1, device="cpu", plan=False)
+    assert step["status"].startswith("skipped: params bf16")
