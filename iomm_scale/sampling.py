@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from .iomm import build_iomm
-from .train.checkpoint import init_source, read_init_weights
+from .train.checkpoint import apply_init_weights, init_source
 from .train.plots import save_grid
 
 
@@ -31,14 +31,7 @@ def load_trained(cfg, checkpoint: str, use_ema: bool = True, device="cpu"):
     export (`<run_dir>/ema`) or a layout-free copy (`<run_dir>/full`)."""
     init_source(checkpoint, "--checkpoint")  # a wrong path fails before the model is built
     model = build_iomm(cfg, device)
-    weights, frozen, _ = read_init_weights(checkpoint, use_ema, "--checkpoint")
-    params = dict(model.named_parameters())
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-        for name, sd in frozen.items():
-            modules[name].load_state_dict(sd)
+    apply_init_weights(model, checkpoint, use_ema, "--checkpoint")  # strict: names, shapes, LoRA base
     return model.eval()
 
 

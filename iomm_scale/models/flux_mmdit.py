@@ -12,7 +12,7 @@ over (0, row, col) ids; condition tokens get id (0, 0, 0) as in FLUX.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

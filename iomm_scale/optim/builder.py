@@ -77,9 +77,26 @@ class EMA:
         for n, v in backup.items():
             params[n].copy_(v)
 
+    @torch.no_grad()
+    def reset(self, named_params: dict[str, torch.Tensor]) -> None:
+        """Start over from these weights (a resume from a checkpoint saved without an EMA)."""
+        for n, v in named_params.items():
+            self.shadow[n].copy_(v.detach())
+
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": self.shadow}
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
-        self.shadow = {n: v.float().clone() for n, v in state["shadow"].items()}
+        """The saved shadow, copied into this EMA's tensors: they stay on the parameters' device
+        (checkpoints are read to the CPU) and the decay stays this run's `optim.ema_decay` (as
+        the launchers' EMA does; a changed decay in the config applies from the resumed step)."""
+        shadow = state["shadow"]
+        if set(shadow) != set(self.shadow):
+            diff = sorted(set(shadow) ^ set(self.shadow))
+            raise KeyError(f"checkpoint's EMA tensors differ from the trainable parameters, e.g. {diff[:5]}")
+        for n, v in shadow.items():
+            if v.shape != self.shadow[n].shape:
+                raise ValueError(f"checkpoint's EMA of {n} has shape {tuple(v.shape)}, the parameter "
+                                 f"{tuple(self.shadow[n].shape)}")
+            self.shadow[n].copy_(v)

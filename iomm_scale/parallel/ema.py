@@ -162,7 +162,7 @@ class DistributedEMA:
                 raise ValueError(f"{source}: EMA of {n} has shape {tuple(t.shape)}, this rank holds "
                                  f"{tuple(self.shadow[n].shape)}")
             self.shadow[n].copy_(t)
-        self.decay = float(state.get("decay", self.decay))
+        # the decay stays this run's optim.ema_decay (as with --resume-full and iomm-train)
 
     def load(self, root: str, tag: str) -> bool:
         """Restore this rank's EMA from <root>/<tag>/. True if restored; False if the checkpoint

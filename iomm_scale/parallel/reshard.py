@@ -23,8 +23,8 @@ listed in `OPT_KEYS`.
 
 from __future__ import annotations
 
-import glob
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -58,6 +58,18 @@ def _zero_stage(engine) -> int:
     return engine.zero_optimization_stage()
 
 
+def _stage0_masters(engine) -> dict[int, torch.Tensor]:
+    """ZeRO-0 with bf16 / fp16: DeepSpeed's wrapper (FP16_UnfusedOptimizer) keeps an fp32 master
+    copy of each low-precision parameter, and the inner optimizer's state is keyed by those
+    masters. {id(module parameter): its master}; empty without a wrapper (fp32: the parameters
+    are the optimizer's own)."""
+    opt = engine.optimizer
+    low, high = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+    if not low or not high:
+        return {}
+    return {id(p): m for lg, hg in zip(low, high) for p, m in zip(lg, hg)}
+
+
 def _tp_gather(t: torch.Tensor, spec, group, tp: int) -> torch.Tensor:
     if spec is None or tp == 1:
         return t
@@ -80,13 +92,15 @@ def full_state(rt, with_moments: bool = True, with_ema: bool | None = None) -> d
     opt = _inner_optimizer(engine)
     if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
         engine.optimizer._lazy_init_hp_params_optimizer_state()
+    masters = _stage0_masters(engine) if stage == 0 else {}
     out = {"params": {}, **{k: {} for k in OPT_KEYS}}
     for name, p in rt.module.named_parameters():
         if not p.requires_grad:
             continue
         if stage == 0:
-            value = p.detach().float()
-            state = opt.state.get(p, {})
+            master = masters.get(id(p), p)  # bf16: the fp32 master, which the moments are keyed by
+            value = master.detach().float()
+            state = opt.state.get(master, {})
             moments = {k: state[k].detach().float() if k in state else torch.zeros_like(value) for k in OPT_KEYS}
         else:
             value = safe_get_full_fp32_param(p)
@@ -108,25 +122,37 @@ def full_state(rt, with_moments: bool = True, with_ema: bool | None = None) -> d
 
 
 def save_full(rt, save_dir: str) -> str | None:
-    """Collective over all ranks. Returns the file this rank wrote (or None)."""
+    """Collective over all ranks. Returns the file this rank wrote (or None). The stages write
+    into `<save_dir>.tmp/`, which then replaces `save_dir` whole: the directory only ever holds
+    one save (a pp=1 save over a pp=2 one left the old `full_pp1.pt` beside the new
+    `full_pp0.pt`, which read back as a mix of the two runs)."""
+    from ..train.checkpoint import atomic_save, replace_dir
+
     out = full_state(rt)
     lay = rt.layout
+    save_dir = os.path.normpath(save_dir)
+    staging = save_dir + ".tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    dist.barrier()
     path = None
     if lay.tp_rank == 0 and lay.dp_rank == 0:
-        from ..train.checkpoint import atomic_save
-
-        path = str(atomic_save(out, os.path.join(save_dir, f"full_pp{lay.pp_rank}.pt")))
+        name = f"full_pp{lay.pp_rank}.pt"
+        atomic_save(out, os.path.join(staging, name))
+        path = os.path.join(save_dir, name)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        replace_dir(staging, save_dir)
     dist.barrier()
     return path
 
 
 def _read_all(load_dir: str) -> dict:
-    files = sorted(glob.glob(os.path.join(load_dir, "full_pp*.pt")))
-    if not files:
-        raise FileNotFoundError(f"no full_pp*.pt layout-free checkpoint in {load_dir}")
+    from ..train.checkpoint import read_full_parts
+
     merged = {"params": {}, **{k: {} for k in OPT_KEYS}}
-    for f in files:
-        part = torch.load(f, map_location="cpu", weights_only=True)
+    for part in read_full_parts(load_dir):
         for key in ("params", *OPT_KEYS):
             merged[key].update(part[key])
         if "ema" in part:
@@ -165,12 +191,20 @@ def load_full_params(module: nn.Module, load_dir: str) -> int:
             n += 1
     if missing:
         raise KeyError(f"layout-free checkpoint {load_dir} lacks {len(missing)} trainable parameters, e.g. {missing[:3]}")
+    # a name no rank's stage trains (another model config: a block more, ...) would be dropped
+    mine = [name for name, p in module.named_parameters() if p.requires_grad]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    unknown = sorted(set(data["params"]) - {name for names in everyone for name in names})
+    if unknown:
+        raise KeyError(f"layout-free checkpoint {load_dir} has {len(unknown)} parameters this model does not train, "
+                       f"e.g. {unknown[:3]} (another model config?)")
     return n
 
 
 def load_full_optimizer(rt, load_dir: str) -> int:
     """Optimizer moments and step counters into the live engine; returns the run step."""
-    from deepspeed.utils import safe_set_full_optimizer_state
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     data = _read_all(load_dir)
     engine = rt.engine
@@ -193,14 +227,24 @@ def load_full_optimizer(rt, load_dir: str) -> int:
         engine.optimizer._hp_optimizer_states_linked = False
         engine.optimizer._lazy_init_hp_params_optimizer_state()
     specs = _tp_info(rt.module)
+    masters = _stage0_masters(engine) if stage == 0 else {}
     with torch.no_grad():
         for name, p in rt.module.named_parameters():
             if not p.requires_grad:
                 continue
+            if p.dtype != torch.float32:
+                # bf16 / fp16 parameters: the engine built its fp32 masters from the rounded
+                # module parameters (load_full_params); put the saved fp32 values back
+                value = _local(rt.module, name, data["params"][name], specs)
+                if stage == 0:
+                    masters[id(p)].copy_(value)
+                else:
+                    safe_set_full_fp32_param(p, value.to(p.device).float())
             for k in OPT_KEYS:
                 value = _local(rt.module, name, data[k][name], specs)
                 if stage == 0:
-                    opt.state[p][k].copy_(value.to(opt.state[p][k].dtype))
+                    state = opt.state[masters.get(id(p), p)]
+                    state[k].copy_(value.to(state[k].dtype))
                 else:
                     safe_set_full_optimizer_state(p, value.to(p.device), k)
     engine.global_steps = int(data["iomm_step"])

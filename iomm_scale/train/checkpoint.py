@@ -125,6 +125,48 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return torch.load(file, map_location="cpu", weights_only=False)
 
 
+# --------------------------------------------------------------------------- layout-free checkpoints
+def full_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """A layout-free checkpoint directory (`full_pp{s}.pt`); `<dir>.old` stands in for a missing
+    `<dir>` (a crash between the two renames of `replace_dir`)."""
+    p = Path(path)
+    old = p.with_name(p.name + ".old")
+    return old if not p.exists() and any(old.glob("full_pp*.pt")) else p
+
+
+def read_full_parts(where: str | os.PathLike) -> list[dict]:
+    """The files of a layout-free checkpoint (`parallel/reshard.save_full`: `full_pp{s}.pt`, one
+    per pipeline stage of the saving layout), checked to be one save: as many files as that
+    layout had stages, all of the same step. Files of two saves (say a pp=2 save overwritten by a
+    pp=1 save before saves replaced the directory whole) would mix two runs' weights."""
+    where = full_checkpoint_dir(where)
+    files = sorted(where.glob("full_pp*.pt"))
+    if not files:
+        raise FileNotFoundError(f"no full_pp*.pt layout-free checkpoint in {where}")
+    parts = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    steps = {int(part["iomm_step"]) for part in parts}
+    stages = {int(part["layout"]["pp"]) for part in parts}
+    if len(steps) > 1 or len(stages) > 1 or len(files) != stages.pop():
+        found = ", ".join(f"{f.name} (step {part['iomm_step']}, pp {part['layout']['pp']})" for f, part in zip(files, parts))
+        raise ValueError(f"{where}: the full_pp*.pt files are not one save: {found}; a layout-free checkpoint "
+                         "holds one file per pipeline stage of the layout that saved it, all of one step")
+    return parts
+
+
+def replace_dir(staging: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Put the complete directory `staging` in place of `final`: the old one is moved to
+    `<final>.old` first and removed after, so a crash leaves one whole copy (full_checkpoint_dir)."""
+    staging, final = Path(staging), Path(final)
+    previous = final.with_name(final.name + ".old")
+    if final.exists():
+        if previous.exists():
+            shutil.rmtree(previous)
+        os.replace(final, previous)
+    os.replace(staging, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- train.init_from
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A run directory, or its `checkpoints/`, stands for the newest complete single-process
@@ -145,6 +187,8 @@ def init_source(path: str | os.PathLike, label: str = "train.init_from") -> tupl
     (`--save-full`: `full_pp*.pt`); a run directory stands for its newest single-process
     checkpoint. A DeepSpeed checkpoint is refused with what to use instead."""
     p = resolve_checkpoint(path)
+    if not p.exists() and full_checkpoint_dir(p).exists():
+        return "full", full_checkpoint_dir(p)
     if not p.exists():
         raise ValueError(f"{label}={path}: no such file or directory")
     if p.is_file():
@@ -162,43 +206,66 @@ def init_source(path: str | os.PathLike, label: str = "train.init_from") -> tupl
                      "<run_dir>/ema or <run_dir>/full)")
 
 
-def read_init_weights(path: str | os.PathLike, use_ema: bool,
-                      label: str = "train.init_from") -> tuple[dict[str, torch.Tensor], dict[str, dict], str]:
-    """(trainable weights under single-process names, frozen modules' state dicts, a description)
-    from `train.init_from` (or iomm-sample's --checkpoint): the EMA weights when `use_ema` and
-    the checkpoint has them."""
+def read_init_weights(path: str | os.PathLike, use_ema: bool, label: str = "train.init_from"
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, dict], str, str | None]:
+    """(trainable weights under single-process names, frozen modules' state dicts, a description,
+    the LoRA base checksum the weights were trained on or None) from `train.init_from` (or
+    iomm-sample's --checkpoint): the EMA weights when `use_ema` and the checkpoint has them."""
     kind, where = init_source(path, label)
     if kind == "single":
         state = load_checkpoint(where)
         ema = state.get("ema") or {}
+        base = state.get("lora_base")
         if use_ema and ema.get("shadow"):
-            return ema["shadow"], state.get("frozen", {}), f"{path} (EMA weights)"
-        return state["model"], state.get("frozen", {}), f"{path}"
+            return ema["shadow"], state.get("frozen", {}), f"{path} (EMA weights)", base
+        return state["model"], state.get("frozen", {}), f"{path}", base
     params, ema = {}, {}
-    for f in sorted(where.glob("full_pp*.pt")):  # one file per pipeline stage, distinct names
-        part = torch.load(f, map_location="cpu", weights_only=True)
+    for part in read_full_parts(where):  # one file per pipeline stage, distinct names
         params.update(part["params"])
         ema.update(part.get("ema") or {})
     if use_ema and ema:
-        return ema, {}, f"{path} (EMA weights)"
-    return params, {}, f"{path}"
+        return ema, {}, f"{path} (EMA weights)", None
+    return params, {}, f"{path}", None
 
 
 @torch.no_grad()
-def apply_init_weights(model: torch.nn.Module, path: str | os.PathLike, use_ema: bool) -> str:
-    """Copy `train.init_from`'s weights into every trainable parameter of the single-device
-    `model` (and frozen modules the checkpoint carries); returns what was read. A trainable
-    parameter the checkpoint lacks is an error naming it."""
-    weights, frozen, what = read_init_weights(path, use_ema)
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(set(trainable) - set(weights))
+def copy_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `weights` (single-device names) into `model`'s parameters, strictly: every trainable
+    parameter must be there, every name must be one of the model's parameters, every shape must
+    match (`copy_` would broadcast a [1, d] tensor into [16, d] without a word). `source` starts
+    each error message (e.g. "train.init_from=runs/x")."""
+    params = dict(model.named_parameters())
+    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in weights)
     if missing:
-        raise KeyError(f"train.init_from={path}: checkpoint lacks {len(missing)} trainable parameters, e.g. {missing[:5]}")
-    for n, p in trainable.items():
-        if weights[n].shape != p.shape:
-            raise ValueError(f"train.init_from={path}: {n} has shape {tuple(weights[n].shape)} in the checkpoint, "
-                             f"{tuple(p.shape)} in this model (another model config?)")
-        p.copy_(weights[n])
+        raise KeyError(f"{source}: checkpoint lacks {len(missing)} trainable parameters, e.g. {missing[:5]}")
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise KeyError(f"{source}: checkpoint has {len(unknown)} parameters this model lacks, e.g. {unknown[:5]} "
+                       "(another model config?)")
+    for n, v in weights.items():
+        if v.shape != params[n].shape:
+            raise ValueError(f"{source}: {n} has shape {tuple(v.shape)} in the checkpoint, "
+                             f"{tuple(params[n].shape)} in this model (another model config?)")
+    for n, v in weights.items():
+        params[n].copy_(v)
+
+
+@torch.no_grad()
+def apply_init_weights(model: torch.nn.Module, path: str | os.PathLike, use_ema: bool,
+                       label: str = "train.init_from") -> str:
+    """Copy `train.init_from`'s (or iomm-sample's --checkpoint's) weights into the single-device
+    `model`: every trainable parameter, and any frozen one the checkpoint carries (`copy_weights`,
+    strict), plus frozen modules' state; returns what was read. LoRA adapters are refused on
+    another base generator than the one they were trained on."""
+    weights, frozen, what, base = read_init_weights(path, use_ema, label)
+    if base is not None:
+        from ..models.lora import base_fingerprint
+
+        mine = base_fingerprint(model.generator)
+        if base != mine:
+            raise ValueError(f"{label}={path}: its LoRA adapters were trained on another base generator "
+                             f"(frozen-weight checksum {base} != {mine}): check model.generator.path / train.seed")
+    copy_weights(model, weights, f"{label}={path}")
     modules = dict(model.named_modules())
     for name, sd in frozen.items():
         modules[name].load_state_dict(sd)

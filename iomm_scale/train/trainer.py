@@ -156,23 +156,20 @@ class Trainer:
             self._lora_base_fp = base_fingerprint(self.model.generator)
         return self._lora_base_fp
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
         if state.get("lora_base") is not None and state["lora_base"] != self._lora_base():
             raise ValueError("checkpoint's LoRA adapters were trained on another base generator (frozen-weight checksum "
                              f"{state['lora_base']} != {self._lora_base()}): check model.generator.path / train.seed")
-        params = dict(self.model.named_parameters())
-        missing = [n for n in self.model.trainable_state_dict() if n not in state["model"]]
-        if missing:
-            raise KeyError(f"checkpoint lacks trainable parameters: {missing[:5]}")
-        with torch.no_grad():
-            for n, v in state["model"].items():
-                params[n].copy_(v)
+        ckpt.copy_weights(self.model, state["model"], source)
         modules = dict(self.model.named_modules())
         for name, sd in state.get("frozen", {}).items():
             modules[name].load_state_dict(sd)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
+        elif self.ema:  # saved without an EMA (optim.ema_decay was null then): start it from these weights
+            self.ema.reset(self.model.trainable_state_dict())
+            print("checkpoint holds no EMA: the EMA starts from the resumed weights")
         self.loader.load_state_dict(state["data"])
         ckpt.set_rng_state(state["rng"])
         self.step = state["step"]
@@ -205,7 +202,7 @@ class Trainer:
             if self.cfg.train.init_from:
                 self._init_weights(self.cfg.train.init_from)
             return
-        self.load_state_dict(ckpt.load_checkpoint(path))
+        self.load_state_dict(ckpt.load_checkpoint(path), f"resuming from {path}")
         if path.parent.resolve() == self.ckpt_root.resolve():
             self._on_disk = (self.step, path)
         print(f"resumed from {path} at step {self.step}")

@@ -14,6 +14,7 @@ For each family (FLUX, Z-Image / S3-DiT, Qwen-Image):
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from typing import Callable
@@ -267,6 +268,44 @@ def test_unexpected_key_is_an_error(family, tmp_path):
     _edit_first_shard(path, tmp_path / "ckpt", _add_one)
     with pytest.raises(AdapterError, match=r"unexpected keys.*extra_block\.weight"):
         fam.adapter.load_diffusers(tmp_path / "ckpt")
+
+
+def test_key_in_a_stale_shard_is_an_error(family, tmp_path):
+    """A key the index places in one shard but also present in another (a stale file left by an
+    earlier save) must not load whichever shard sorts last."""
+    fam, _, path = family
+    index = json.loads((path / INDEX_NAME).read_text())["weight_map"]
+    first, last = sorted(set(index.values()))[0], sorted(set(index.values()))[-1]
+    assert first != last, "the fixture should be sharded"
+    key = next(k for k, f in sorted(index.items()) if f == first)
+
+    def plant(tensors: dict) -> str:  # a stale copy of `key` into the last shard
+        tensors[key] = torch.full_like(load_file(path / first)[key], 7.0)
+        return key
+
+    shutil.copytree(path, tmp_path / "ckpt")
+    shard = tmp_path / "ckpt" / last
+    tensors = load_file(shard)
+    plant(tensors)
+    save_file(tensors, shard)
+    with pytest.raises(AdapterError, match=re.escape(key) + " is in both"):
+        fam.adapter.load_diffusers(tmp_path / "ckpt")
+
+
+def test_missing_piece_of_a_fused_tensor_is_named_alone(family, tmp_path):
+    """Dropping one of q / k / v names that one, not all three pieces of the fused tensor."""
+    fam, _, path = family
+    index = json.loads((path / INDEX_NAME).read_text())["weight_map"]
+    key = next(k for k in sorted(index) if k.endswith("to_k.weight"))
+    sibling = key.replace("to_k.weight", "to_q.weight")
+    shutil.copytree(path, tmp_path / "ckpt")
+    shard = tmp_path / "ckpt" / index[key]
+    tensors = load_file(shard)
+    del tensors[key]
+    save_file(tensors, shard)
+    with pytest.raises(AdapterError, match="missing keys") as err:
+        fam.adapter.load_diffusers(tmp_path / "ckpt")
+    assert key in str(err.value) and sibling not in str(err.value.args[0].split("missing keys")[1])
 
 
 def test_export_of_unmapped_weight_is_an_error(family, tmp_path):

@@ -719,6 +719,60 @@ def scenario_ds_muon(name: str, **p) -> dict:
     return out
 
 
+def scenario_bf16_full(name: str) -> dict:
+    """bf16 parameters (DeepSpeed's bf16 mode, `train.precision: bf16` under the launchers) through
+    a layout-free checkpoint. At ZeRO-0 DeepSpeed's wrapper keeps fp32 masters and the Adam
+    moments are keyed by them: `full_state` must save those masters and moments (it saved the
+    bf16-rounded parameters and zero moments), and a resume must put the saved fp32 values back
+    into the masters at ZeRO-0 and ZeRO-1 (they were rebuilt from the rounded parameters). The
+    save goes into a directory holding a stale `full_pp1.pt` of an earlier pp=2 save, which the
+    save must replace."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from iomm_scale.parallel.reshard import OPT_KEYS, _inner_optimizer, _stage0_masters, full_state
+
+    gen = build_generator()
+    keys = ("x_t", "t", "cond", "cond_mask", "target")
+    make = lambda model, step: {k: v.bfloat16() if v.is_floating_point() else v  # noqa: E731
+                                for k, v in generator_batch(gen, step, 4).items()}
+    bf16 = {"bf16": {"enabled": True}}
+    rt, _ = run_layout(gen, make, ParallelConfig(zero_stage=0), 2, steps=2, batch_keys=keys, ds_extra=bf16)
+    masters, inner = _stage0_masters(rt.engine), _inner_optimizer(rt.engine)
+    saved = full_state(rt)
+    out = {"wrapper": type(rt.engine.optimizer).__name__, "masters": len(masters), "save_vs_master": 0.0,
+           "save_vs_state": 0.0, "moment_max": 0.0, "beyond_bf16": 0}
+    for n, p in rt.module.named_parameters():
+        m = masters[id(p)]
+        out["save_vs_master"] = max(out["save_vs_master"], float((saved["params"][n] - m).abs().max()))
+        out["beyond_bf16"] += int(not torch.equal(m, m.bfloat16().float()))
+        for k in OPT_KEYS:
+            out["save_vs_state"] = max(out["save_vs_state"], float((saved[k][n] - inner.state[m][k]).abs().max()))
+            out["moment_max"] = max(out["moment_max"], float(saved[k][n].abs().max()))
+    ckpt_dir = _shared_tmpdir()
+    if dist.get_rank() == 0:  # an earlier pp=2 save's second stage, left in the directory
+        torch.save({"params": {}, "iomm_step": 99, "layout": {"pp": 2}}, os.path.join(ckpt_dir, "full_pp1.pt"))
+    dist.barrier()
+    rt.save_full(ckpt_dir)
+    out["files_after_save"] = sorted(os.listdir(ckpt_dir))
+    teardown(rt)
+    for stage in (1, 0):  # resume under another ZeRO stage, then the saving one
+        rt, _ = run_layout(gen, make, ParallelConfig(zero_stage=stage), 2, steps=0, batch_keys=keys,
+                           resume_full=ckpt_dir, ds_extra=bf16)
+        masters, inner = _stage0_masters(rt.engine), _inner_optimizer(rt.engine)
+        worst = 0.0
+        for n, p in rt.module.named_parameters():
+            if stage == 0:
+                value, moments = masters[id(p)], {k: inner.state[masters[id(p)]][k] for k in OPT_KEYS}
+            else:
+                value, moments = safe_get_full_fp32_param(p), {k: safe_get_full_optimizer_state(p, k) for k in OPT_KEYS}
+            worst = max(worst, float((value.float() - saved["params"][n]).abs().max()),
+                        *(float((moments[k].float() - saved[k][n]).abs().max()) for k in OPT_KEYS))
+        out[f"resumed_zero{stage}_max_diff"] = worst
+        out[f"resumed_zero{stage}_step"] = rt.step
+        teardown(rt)
+    return out
+
+
 def _shared_tmpdir() -> str:
     obj = [tempfile.mkdtemp(prefix="iomm_ckpt_") if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(obj, src=0)
@@ -768,6 +822,7 @@ SCENARIOS = {
     # clip 0: DeepSpeed's and torch's clip coefficients differ in the last bit (the ~1e-7 of the fp32
     # runs), which bf16 autocast rounding would amplify; clipping is proved by the fp32 runs.
     "muon_dp2_bf16_autocast": lambda: scenario_muon("muon_dp2_bf16_autocast", bf16=True, clip=0.0, zero_stage=0),
+    "bf16_full_zero0": lambda: scenario_bf16_full("bf16_full_zero0"),
     "ds_muon_dp2_zero1": lambda: scenario_ds_muon("ds_muon_dp2_zero1", zero_stage=1),
     "ds_muon_dp2_zero2": lambda: scenario_ds_muon("ds_muon_dp2_zero2", zero_stage=2),
     "ds_muon_dp2_zero3": lambda: scenario_ds_muon("ds_muon_dp2_zero3", zero_stage=3),

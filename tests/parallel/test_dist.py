@@ -38,6 +38,7 @@ WORLD2 = ["dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "dp2_zero3_ckpt", 
           "pp2_ckpt", "s3dit_tp2", "qwen_tp2", "s3dit_pp2", "qwen_pp2", "iomm_dp2_zero3", "iomm_dp2_zero1_compile_mllm", "ema_dp2_zero3", "ema_dp2_zero1",
           "ema_tp2",
           "lora_dp2_zero2", "managed_refused",
+          "bf16_full_zero0",
           "muon_dp2_zero0", "muon_tp2_zero0", "muon_tp2_per_shard", "muon_dp2_bf16_autocast", "ds_muon_dp2_zero1",
           "ds_muon_dp2_zero3"]
 WORLD4 = ["tp2dp2_zero1", "tp2pp2", "iomm_tp2pp2", "ema_tp2pp2", "reshard_tp2dp2_to_dp4", "native_ckpt_tp2dp2_zero3",
@@ -146,6 +147,21 @@ def test_lora_qwen_dp2_zero2_matches_single_process(world2):
     assert r["all_trainable_optimized"] and r["no_frozen_optimized"]
     assert r["generator_base_frozen"] > 0 and r["generator_base_unchanged"] and r["frozen_unchanged"]
     assert r["ref_update_max"] > 1e-4  # the adapters did train (observed: final params bit-identical)
+
+
+def test_bf16_layout_free_checkpoint_keeps_fp32_masters_and_moments(world2):
+    """DeepSpeed bf16 at ZeRO-0 (the launchers' `train.precision: bf16` default layout): the
+    layout-free save holds the wrapper's fp32 masters and their Adam moments exactly (it held the
+    bf16-rounded parameters and zero moments), a resume under ZeRO-1 and ZeRO-0 restores both
+    exactly (masters were rebuilt from rounded parameters), and the save replaced a directory
+    holding a stale stage file of an earlier pp=2 save."""
+    r = check(world2, "bf16_full_zero0")
+    assert r["wrapper"] == "FP16_UnfusedOptimizer" and r["masters"] > 0
+    assert r["save_vs_master"] == 0.0 and r["save_vs_state"] == 0.0
+    assert r["moment_max"] > 0 and r["beyond_bf16"] > 0  # real moments; masters finer than bf16
+    assert r["files_after_save"] == ["full_pp0.pt"]
+    for stage in (1, 0):
+        assert r[f"resumed_zero{stage}_max_diff"] == 0.0 and r[f"resumed_zero{stage}_step"] == 2
 
 
 def test_managed_gradient_accumulation_reenabled_is_refused(world2):

@@ -30,7 +30,7 @@ def test_torchrun_then_deepspeed_launcher_resume(tmp_path):
     assert out.count("[iomm] checkpoint ") == 1  # the periodic save at step 2; the final one does not re-write it
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     out = run([deepspeed, "--num_gpus", "2", "--master_port", "29634", "launchers/pretrain.py", *ARGS,
-               "--run-dir", run_dir, "train.steps=3"])
+               "--run-dir", run_dir, "train.steps=3", "--save-full"])
     assert "resumed from" in out and "done at step 3" in out
     lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [x["step"] for x in lines] == [1, 2, 3]
@@ -40,6 +40,18 @@ def test_torchrun_then_deepspeed_launcher_resume(tmp_path):
     for png in ("samples.png", "loss_curve.png"):
         assert os.path.getsize(os.path.join(run_dir, png)) > 0
     assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
+
+    # --save-full: the layout-free copy (TP shards joined) holds the same EMA as the export
+    import torch
+
+    from iomm_scale.train.checkpoint import read_full_parts, read_init_weights
+
+    assert sorted(os.listdir(os.path.join(run_dir, "full"))) == ["full_pp0.pt"]
+    assert read_full_parts(os.path.join(run_dir, "full"))[0]["iomm_step"] == 3
+    full_ema = read_init_weights(os.path.join(run_dir, "full"), use_ema=True)[0]
+    exported = torch.load(os.path.join(run_dir, "ema", "state.pt"), weights_only=False)["ema"]["shadow"]
+    assert full_ema.keys() == exported.keys()
+    assert all(torch.equal(full_ema[n], exported[n]) for n in exported)
 
     # Stage 2 under another layout (DP=2, ZeRO-2) starts from that run's EMA export: with a
     # vanishing learning rate its own export after one step holds exactly those weights.

@@ -18,8 +18,8 @@ def test_layout_free_copy_split_over_stages_starts_a_model(tiny_cfg, tmp_path):
     names = sorted(source)
     half = len(names) // 2
     for stage, part in enumerate((names[:half], names[half:])):  # as two pipeline stages write them
-        torch.save({"params": {n: source[n] for n in part}, "ema": {n: ema[n] for n in part}},
-                   tmp_path / f"full_pp{stage}.pt")
+        torch.save({"params": {n: source[n] for n in part}, "ema": {n: ema[n] for n in part}, "iomm_step": 7,
+                    "layout": {"tp": 1, "pp": 2, "dp": 1, "zero_stage": 1}}, tmp_path / f"full_pp{stage}.pt")
     torch.manual_seed(2)
     model = build_iomm(tiny_cfg())
     assert ckpt.apply_init_weights(model, tmp_path, use_ema=True) == f"{tmp_path} (EMA weights)"
@@ -64,3 +64,52 @@ def test_single_process_checkpoint_live_or_ema_weights_and_its_frozen_parts(tiny
         ckpt.apply_init_weights(model, tmp_path, use_ema=use_ema)
         assert all(torch.equal(p, live[n] + shift) for n, p in _trainable(model).items())
         assert all(torch.equal(v, frozen["conditioner.mllm"][k]) for k, v in model.conditioner.mllm.state_dict().items())
+
+
+def test_extra_parameters_and_a_broadcastable_shape_are_refused(tiny_cfg, tmp_path):
+    """A checkpoint of a model with one more single block (its extra weights would be dropped),
+    or with a 1-query RQA (copy_ would broadcast it into all 16 queries), is refused naming the
+    parameter, by init_from and by iomm-sample's loader alike."""
+    from iomm_scale.sampling import load_trained
+
+    torch.save({"model": _trainable(build_iomm(tiny_cfg("model.generator.num_single_layers=3")))},
+               tmp_path / "state.pt")
+    for load in (lambda: ckpt.apply_init_weights(build_iomm(tiny_cfg()), tmp_path, use_ema=False),
+                 lambda: load_trained(tiny_cfg(), str(tmp_path))):
+        with pytest.raises(KeyError, match=r"parameters this model lacks.*single_blocks\.2"):
+            load()
+    torch.save({"model": _trainable(build_iomm(tiny_cfg("model.conditioner.rqa.num_queries=1")))},
+               tmp_path / "state.pt")
+    with pytest.raises(ValueError, match="queries.* has shape"):
+        load_trained(tiny_cfg(), str(tmp_path))
+
+
+def test_lora_adapters_on_another_base_are_refused(tmp_path):
+    """iomm-sample / init_from of LoRA adapters checks the base generator's checksum, as resume does."""
+    from iomm_scale.config import load_config
+
+    cfg = load_config("configs/tiny_qwen_lora.yaml", ["data.resolution=32"])
+    model = build_iomm(cfg)
+    torch.save({"model": _trainable(model), "lora_base": "0" * 16}, tmp_path / "state.pt")
+    with pytest.raises(ValueError, match="another base generator"):
+        ckpt.apply_init_weights(model, tmp_path, use_ema=False)
+
+
+def test_layout_free_files_of_two_saves_are_refused_and_old_copy_stands_in(tiny_cfg, tmp_path):
+    """full_pp0.pt of a pp=1 save beside full_pp1.pt of an earlier pp=2 save would mix two runs."""
+    params = _trainable(build_iomm(tiny_cfg()))
+    d = tmp_path / "full"
+    d.mkdir()
+    torch.save({"params": params, "iomm_step": 9, "layout": {"pp": 1}}, d / "full_pp0.pt")
+    torch.save({"params": {}, "iomm_step": 4, "layout": {"pp": 2}}, d / "full_pp1.pt")
+    with pytest.raises(ValueError, match=r"not one save: full_pp0\.pt \(step 9, pp 1\), full_pp1\.pt \(step 4, pp 2\)"):
+        ckpt.apply_init_weights(build_iomm(tiny_cfg()), d, use_ema=False)
+    (d / "full_pp1.pt").unlink()
+    torch.save({"params": params, "iomm_step": 9, "layout": {"pp": 2}}, d / "full_pp0.pt")  # stage 1 missing
+    with pytest.raises(ValueError, match="not one save"):
+        ckpt.read_full_parts(d)
+    torch.save({"params": params, "iomm_step": 9, "layout": {"pp": 1}}, d / "full_pp0.pt")
+    ckpt.replace_dir(d, tmp_path / "moved")  # replace_dir's crash window: only <dir>.old exists
+    (tmp_path / "moved").rename(tmp_path / "full.old")
+    assert ckpt.init_source(d) == ("full", tmp_path / "full.old")
+    assert len(ckpt.read_full_parts(d)) == 1

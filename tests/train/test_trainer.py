@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from iomm_scale.train.checkpoint import load_checkpoint
 from iomm_scale.train.trainer import Trainer
 
 
@@ -214,3 +215,35 @@ def test_wandb_offline_run_is_written(tiny_cfg, tmp_path, monkeypatch):
     t.fit()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs and any(f.suffix == ".wandb" for f in runs[0].iterdir())
+
+
+def test_resume_with_an_ema_the_checkpoint_lacks_starts_it_from_the_resumed_weights(tiny_cfg, tmp_path):
+    """A checkpoint saved with optim.ema_decay null, resumed with an EMA: the EMA starts from the
+    resumed weights (it used to keep the random initial ones, which sampling then used), stays on
+    the parameters' tensors, and a changed decay in the config applies on resume."""
+    first = Trainer(tiny_cfg("train.steps=2", "optim.ema_decay=null"), run_dir=tmp_path)
+    for _ in range(2):
+        first.train_step()
+    first.save()
+    resumed = Trainer(tiny_cfg("train.steps=4", "optim.ema_decay=0.9", "train.resume=auto"), run_dir=tmp_path)
+    live = resumed.model.trainable_state_dict()
+    assert resumed.step == 2
+    assert all(torch.equal(resumed.ema.shadow[n], live[n]) for n in live)
+    for _ in range(2):
+        resumed.train_step()
+    resumed.save()
+    again = Trainer(tiny_cfg("train.steps=4", "optim.ema_decay=0.5", "train.resume=auto"), run_dir=tmp_path)
+    tensors = {n: t for n, t in again.ema.shadow.items()}
+    ckpt_state = load_checkpoint(tmp_path / "checkpoints" / "step_00000004")
+    again.load_state_dict(ckpt_state)
+    assert again.ema.decay == 0.5  # the config's, not the checkpoint's 0.9
+    assert all(again.ema.shadow[n] is tensors[n] for n in tensors)  # loaded into its own tensors (device kept)
+    assert all(torch.equal(again.ema.shadow[n], ckpt_state["ema"]["shadow"][n]) for n in tensors)
+
+
+def test_resume_under_another_model_config_is_refused(tiny_cfg, tmp_path):
+    """copy_ would broadcast a 1-query RQA into 16 queries; a resume names the parameter instead."""
+    t = Trainer(tiny_cfg("train.steps=1", "model.conditioner.rqa.num_queries=1"), run_dir=tmp_path)
+    t.save()
+    with pytest.raises(ValueError, match="queries.*shape"):
+        Trainer(tiny_cfg("train.steps=2", "train.resume=auto"), run_dir=tmp_path)

@@ -71,9 +71,23 @@ def _shard_files(path: Path) -> list[Path]:
 
 
 def iter_diffusers_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
-    for file in _shard_files(Path(path)):
+    """Every tensor of a diffusers weights folder once. With a shard index, a key the weight_map
+    places in another shard (a stale shard left from an earlier save), or a key in two shards, is
+    an error, not a silent last-shard-wins; keys the index does not list are yielded (the caller
+    names them as unexpected)."""
+    path = Path(path)
+    index = path / INDEX_NAME
+    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
+    seen: dict[str, str] = {}
+    for file in _shard_files(path):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
+                if key in seen:
+                    raise AdapterError(f"{path}: {key} is in both {seen[key]} and {file.name}")
+                if weight_map is not None and weight_map.get(key, file.name) != file.name:
+                    raise AdapterError(f"{path}: {key} is in {file.name}, but {INDEX_NAME} maps it to "
+                                       f"{weight_map[key]} (a stale shard?)")
+                seen[key] = file.name
                 yield key, f.get_tensor(key)
 
 
@@ -105,7 +119,9 @@ def load_into(model: torch.nn.Module, maps: list[KeyMap], tensors: Iterable[tupl
             del pending[m.ours]
     missing = sorted(wanted - filled)
     if unexpected or missing:
-        raise AdapterError(f"{source}: unexpected keys {unexpected[:8]}; missing keys {[k for m in maps if m.ours in missing for k in m.theirs][:8]}")
+        # of a fused tensor (q | k | v) name only the pieces that did not come
+        absent = [k for m in maps if m.ours in missing for k in m.theirs if k not in pending.get(m.ours, {})]
+        raise AdapterError(f"{source}: unexpected keys {unexpected[:8]}; missing keys {absent[:8]}")
 
 
 def convert_to_theirs(state_dict: dict[str, torch.Tensor], maps: list[KeyMap]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -151,7 +167,7 @@ def save_diffusers_dir(path: str | os.PathLike, tensors: Iterable[tuple[str, tor
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    shards, current, size = [], {}, 0
+    current, size = {}, 0
     files = []
 
     def flush():
