@@ -339,6 +339,26 @@ def _prune(gen: nn.Module, adapter: PipelineAdapter, lo: int, hi: int, first: bo
             del gen._parameters[name]
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous. DeepSpeed sends the gradient of a
+    stage's input back to the previous stage as autograd left it, and gloo / NCCL send only
+    contiguous tensors; the gradient of an input the stage slices or concatenates (FLUX's and
+    Z-Image's text / image halves of the joint sequence) is a strided view once the micro-batch
+    is larger than 1."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _contiguous_grad(x):
+    return _ContiguousGrad.apply(x) if isinstance(x, torch.Tensor) and x.requires_grad else x
+
+
 class PipelineStageModule(nn.Module):
     """One pipeline stage of an IOMM model or bare generator.
 
@@ -378,12 +398,13 @@ class PipelineStageModule(nn.Module):
             state = tuple(self.adapter.embed(self._gen, latents, t, cond, cond_mask))
         else:
             n = len(args) - self._n_extras_in()
-            state, extras = tuple(args[:n]), list(args[n:])
+            state, extras = tuple(_contiguous_grad(a) for a in args[:n]), list(args[n:])
         state = tuple(self.adapter.run_blocks(self._gen, self.lo, self.hi, state))
         self.n_extras = len(extras)
         if self.last:
             return (self.adapter.head(self._gen, state), *extras)
-        return (*state, *extras)
+        # sent to the next stage as they are: slices of the joint sequence are strided views
+        return (*(s.contiguous() for s in state), *extras)
 
     def _n_extras_in(self) -> int:
         return getattr(self, "n_extras_in", 0)

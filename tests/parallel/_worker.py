@@ -797,6 +797,13 @@ SCENARIOS = {
     "pp2": lambda: scenario_generator("pp2", pp=2, zero_stage=1, num_microbatches=4, micro=1),
     "pp2_ckpt": lambda: scenario_generator("pp2_ckpt", pp=2, zero_stage=1, num_microbatches=4, micro=1,
                                            activation_checkpointing="full"),
+    # micro-batches of 2: a stage input's gradient can be a strided view (the gradient of a slice),
+    # which gloo / NCCL refuse to send; micro-batches of 1 hide that
+    "pp2_mb2": lambda: scenario_generator("pp2_mb2", pp=2, zero_stage=1, num_microbatches=2, micro=2),
+    "s3dit_pp2_mb2": lambda: scenario_generator("s3dit_pp2_mb2", family="s3dit", pp=2, zero_stage=1,
+                                                num_microbatches=2, micro=2),
+    "qwen_pp2_mb2": lambda: scenario_generator("qwen_pp2_mb2", family="qwen_mmdit", pp=2, zero_stage=1,
+                                               num_microbatches=2, micro=2),
     "s3dit_tp2": lambda: scenario_generator("s3dit_tp2", family="s3dit", tp=2, zero_stage=1),
     "qwen_tp2": lambda: scenario_generator("qwen_tp2", family="qwen_mmdit", tp=2, zero_stage=1),
     "s3dit_pp2": lambda: scenario_generator("s3dit_pp2", family="s3dit", pp=2, zero_stage=1, num_microbatches=4, micro=1),
