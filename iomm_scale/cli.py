@@ -35,10 +35,15 @@ def train_main(argv=None) -> None:
     cfg = _load(args)
     from .train.trainer import Trainer
 
+    from .train.checkpoint import CheckpointError
+
     try:
         trainer = Trainer(cfg, run_dir=args.run_dir)
     except ConfigError as e:  # what the config alone could not vouch for (shards, init_from, layout)
         print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except CheckpointError as e:  # a checkpoint that does not fit this config (resume, init_from)
+        print(f"checkpoint error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     last = trainer.fit()
     if trainer.stopped_by_signal:

@@ -117,6 +117,7 @@ class TrainConfig:
     ckpt_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     resume: str = "auto"  # "auto" (latest in the run dir), "never", or a checkpoint directory
+    resume_data_exact: bool = True  # false: a changed data setup restarts the stream at the saved epoch
     init_from: str | None = None  # stage 2: start from a checkpoint's weights (not its optimizer/step)
     init_from_ema: bool = True  # ... using its EMA weights when it has them
     num_samples: int = 8  # images in the final sample grid

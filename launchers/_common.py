@@ -22,11 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("DS_BUILD_OPS", "0")
 
 
-def _config_error(message: str) -> None:
+def _config_error(message: str, kind: str = "config") -> None:
     """Exit 2 with the message, printed by the first process only (every rank finds the same
     problem; the launcher itself then reports its child's failure)."""
     if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
-        print(f"config error: {message}", file=sys.stderr)
+        print(f"{kind} error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -44,6 +44,7 @@ def main(description: str, default_config: str | None = None, argv=None) -> None
     from iomm_scale.config import ConfigError
     from iomm_scale.parallel.config import LayoutError
     from iomm_scale.parallel.dist_trainer import DistributedTrainer, split_parallel_args
+    from iomm_scale.train.checkpoint import CheckpointError
 
     try:
         cfg, pcfg = split_parallel_args(args.config, args.overrides)
@@ -60,6 +61,8 @@ def main(description: str, default_config: str | None = None, argv=None) -> None
         _config_error(f"{cfg.source}: parallel: {e}")
     except ConfigError as e:  # e.g. --save-full / --resume-full with Muon, missing shards, train.init_from
         _config_error(str(e))
+    except CheckpointError as e:  # a checkpoint that does not fit (layout, model config, data setup)
+        _config_error(str(e), "checkpoint")
     trainer.fit()
     import torch.distributed as dist
 

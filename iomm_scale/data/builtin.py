@@ -133,7 +133,7 @@ class BuiltinLoader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:  # strict: as the stream's (always exact here)
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     def stats(self) -> dict:

@@ -396,7 +396,8 @@ class WebDatasetLoader:
             return
         if strict:
             raise ValueError("cannot resume the data stream exactly, the setup changed: " + "; ".join(changed) +
-                             ". Use load_state_dict(state, strict=False) to restart at the saved epoch instead.")
+                             ". Set train.resume_data_exact=false to restart the stream at the saved epoch instead (from "
+                             "Python: load_state_dict(state, strict=False)), or restore the saved setup.")
         # Not exact: every worker restarts at the oldest saved epoch of each stream; counters are kept.
         log.warning("data stream resumed inexactly (%s): restarting at the saved epoch", "; ".join(changed))
         epochs = {sid: min((w["streams"][sid]["epoch"] for w in state["workers"].values() if sid in w["streams"]),

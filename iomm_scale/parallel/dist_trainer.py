@@ -43,13 +43,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from .config import ParallelConfig, describe, model_info, validate_layout
 from .groups import init_distributed, init_parallel_state, launch_world_size
 
-log = logging.getLogger("iomm_scale.parallel")
 from .runtime import ParallelRuntime
+
+log = logging.getLogger("iomm_scale.parallel")
+LAYOUT_FILE = "iomm_layout.json"  # beside DeepSpeed's files in each checkpoint tag
 
 
 def _merge(batches: list[dict]) -> dict:
@@ -225,8 +226,10 @@ class DistributedTrainer:
         # launcher's environment): a bad layout or input fails at once, not at a rendezvous.
         world = dist.get_world_size() if dist.is_initialized() else launch_world_size()
         if world is None:
-            raise RuntimeError("the parallel launchers need a launcher: deepspeed / torchrun / srun "
-                               "(use iomm-train for one process)")
+            from ..config import ConfigError
+
+            raise ConfigError("the parallel launchers run under a launcher: torchrun / deepspeed / srun "
+                              "(e.g. torchrun --nproc_per_node 2 launchers/pretrain.py ...; iomm-train for one process)")
         with torch.device("meta"):
             from ..models.registry import build_generator
 
@@ -243,6 +246,8 @@ class DistributedTrainer:
             raise ConfigError(format_errors(cfg.source, muon_errors))
         # Stage 2 starts from train.init_from's weights unless this run resumes (then its own
         # checkpoint has them); checked here, loaded into the whole model before it is sharded.
+        if resume_full is None:
+            self._check_resume_layout(world)
         init_from = cfg.train.init_from if resume_full is None and not self._will_resume() else None
         check_inputs(cfg, init_from=bool(init_from))  # shards exist, init_from readable: before any model
         init_distributed()
@@ -253,7 +258,6 @@ class DistributedTrainer:
         self.is_logger = dist.get_rank() == 0
         if self.is_logger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             print(f"[iomm] {describe(pcfg, world)}", flush=True)
         torch.manual_seed(cfg.train.seed)
         model = build_iomm(cfg, "cpu")
@@ -278,17 +282,21 @@ class DistributedTrainer:
                                         compile_backend=cfg.train.compile_backend if cfg.train.compile else None,
                                         compile_mllm=cfg.train.compile_mllm)
         self._log_ema()
-        opt = self.rt.engine.optimizer
-        routing = getattr(getattr(opt, "optimizer", opt), "routing_table", None)
-        if routing and self.is_logger:  # our Muon: the summary here, every name (TP-local shapes) in the file
-            (self.run_dir / "optimizer_routing.txt").write_text(routing + "\n")
-            print("\n".join(line for line in routing.splitlines() if line.startswith("[")), flush=True)
         self.loader = build_loader(cfg, rank=self.layout.dp_rank, world_size=self.layout.dp)
         self.history: list[tuple[int, float]] = []  # (step, loss) logged by this launch, for loss_curve.png
         self._stop = False
         self._on_disk: str | None = None  # tag of this run's engine checkpoint equal to the live state
         if resume_full is None:
             self._maybe_resume()
+        if self.is_logger:  # once the run has started: a failed launch leaves the run's own config
+            from ..train.trainer import write_run_config
+
+            write_run_config(self.run_dir, cfg)
+            opt = self.rt.engine.optimizer
+            routing = getattr(getattr(opt, "optimizer", opt), "routing_table", None)
+            if routing:  # our Muon: the summary here, every name (TP-local shapes) in the file
+                (self.run_dir / "optimizer_routing.txt").write_text(routing + "\n")
+                print("\n".join(line for line in routing.splitlines() if line.startswith("[")), flush=True)
 
     def _log_ema(self) -> None:
         ema = self.rt.ema
@@ -330,12 +338,31 @@ class DistributedTrainer:
             from ..train.checkpoint import atomic_save
 
             atomic_save(self.loader.state_dict(), self.ckpt_root / tag / f"data_dp{self.layout.dp_rank}.pt")
+        if self.is_logger:  # the layout DeepSpeed's files are cut for: checked first on resume
+            (self.ckpt_root / tag).mkdir(parents=True, exist_ok=True)
+            (self.ckpt_root / tag / LAYOUT_FILE).write_text(json.dumps(self._layout_record()))
         dist.barrier()
         self.rt.save(str(self.ckpt_root), tag=tag)
         self._on_disk = tag
+        dist.barrier()
         if self.is_logger:
             print(f"[iomm] checkpoint {self.ckpt_root / tag}", flush=True)
+            self._prune(tag)
         return tag
+
+    def _layout_record(self) -> dict:
+        lay = self.layout
+        return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero_stage": self.pcfg.zero_stage}
+
+    def _prune(self, current: str) -> None:
+        """Keep the newest train.keep_checkpoints step directories (rank 0, after every rank saved)."""
+        import re
+        import shutil
+
+        steps = sorted(p for p in self.ckpt_root.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name))
+        for old in steps[:-self.cfg.train.keep_checkpoints]:
+            if old.name != current:
+                shutil.rmtree(old, ignore_errors=True)
 
     def write_outputs(self, exported: str | None) -> None:
         """Rank 0, at the end (the others wait in the launcher's barrier): loss_curve.png of this
@@ -368,21 +395,56 @@ class DistributedTrainer:
         mode = self.cfg.train.resume
         return mode != "never" and (mode != "auto" or (self.ckpt_root / "latest").is_file())
 
-    def _maybe_resume(self) -> None:
+    def _resume_target(self) -> tuple[Path, str] | None:
+        """(checkpoint root, tag) this launch resumes from, or None."""
         mode = self.cfg.train.resume
         if mode == "never":
-            return
+            return None
         root = self.ckpt_root if mode == "auto" else Path(mode).parent
         latest = root / "latest"  # written by DeepSpeed
         if not latest.is_file():
+            return None
+        return root, latest.read_text().strip() if mode == "auto" else Path(mode).name
+
+    def _check_resume_layout(self, world: int) -> None:
+        """DeepSpeed's files only load under the layout that wrote them: compare the saved layout
+        record with this launch's before anything is built."""
+        target = self._resume_target()
+        record = target and target[0] / target[1] / LAYOUT_FILE
+        if not record or not record.is_file():
             return
-        tag = latest.read_text().strip() if mode == "auto" else Path(mode).name
+        p = self.pcfg
+        saved, mine = json.loads(record.read_text()), {"tp": p.tp, "pp": p.pp, "dp": world // (p.tp * p.pp),
+                                                        "zero_stage": p.zero_stage}
+        def same(a, b):  # ZeRO-1 and -2 share one optimizer-state format (DeepSpeed's stage_1_and_2)
+            return all(a[k] == b[k] for k in ("tp", "pp", "dp")) and \
+                {a["zero_stage"], b["zero_stage"]} in ({0}, {1}, {2}, {3}, {1, 2})
+
+        if not same(saved, mine):
+            from ..train.checkpoint import CheckpointError
+
+            def show(d):
+                return f"tp {d['tp']} x pp {d['pp']} x dp {d['dp']}, ZeRO-{d['zero_stage']}"
+
+            raise CheckpointError(f"resuming from {target[0] / target[1]}: saved under {show(saved)}, this launch is "
+                                  f"{show(mine)}; a DeepSpeed checkpoint resumes under the layout that wrote it: "
+                                  "relaunch with that layout, or write a layout-free copy with --save-full (under "
+                                  "that layout) and start the new one with --resume-full <run_dir>/full")
+
+    def _maybe_resume(self) -> None:
+        target = self._resume_target()
+        if target is None:
+            return
+        root, tag = target
         self.rt.load(str(root), tag=tag)
         if root.resolve() == self.ckpt_root.resolve() and tag == f"step_{self.rt.step:08d}":
             self._on_disk = tag
         data = root / tag / f"data_dp{self.layout.dp_rank}.pt"
         if data.is_file():
-            self.loader.load_state_dict(torch.load(data, weights_only=False))
+            from ..train.checkpoint import load_data_position
+
+            load_data_position(self.loader, torch.load(data, weights_only=False), self.cfg.train.resume_data_exact,
+                               f"resuming from {root / tag}")
         if self.is_logger:
             ema = self.rt.info.get("ema_restored")
             note = "" if ema is None else ("; EMA restored" if ema else "; checkpoint has no EMA: it restarts from "

@@ -25,6 +25,12 @@ import torch
 LATEST = "latest"
 
 
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit this run (another model config, layout or data setting):
+    the command-line tools print it as one line and exit 2, like a config error."""
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -148,7 +154,7 @@ def read_full_parts(where: str | os.PathLike) -> list[dict]:
     stages = {int(part["layout"]["pp"]) for part in parts}
     if len(steps) > 1 or len(stages) > 1 or len(files) != stages.pop():
         found = ", ".join(f"{f.name} (step {part['iomm_step']}, pp {part['layout']['pp']})" for f, part in zip(files, parts))
-        raise ValueError(f"{where}: the full_pp*.pt files are not one save: {found}; a layout-free checkpoint "
+        raise CheckpointError(f"{where}: the full_pp*.pt files are not one save: {found}; a layout-free checkpoint "
                          "holds one file per pipeline stage of the layout that saved it, all of one step")
     return parts
 
@@ -228,6 +234,15 @@ def read_init_weights(path: str | os.PathLike, use_ema: bool, label: str = "trai
     return params, {}, f"{path}", None
 
 
+def load_data_position(loader, state: dict, exact: bool, source: str) -> None:
+    """The loader's saved position (`train.resume_data_exact`: false restarts a changed stream at
+    its saved epoch); a setup that cannot resume exactly is a CheckpointError naming what changed."""
+    try:
+        loader.load_state_dict(state, strict=exact)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
 @torch.no_grad()
 def copy_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
     """Copy `weights` (single-device names) into `model`'s parameters, strictly: every trainable
@@ -237,14 +252,15 @@ def copy_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
     params = dict(model.named_parameters())
     missing = sorted(n for n, p in params.items() if p.requires_grad and n not in weights)
     if missing:
-        raise KeyError(f"{source}: checkpoint lacks {len(missing)} trainable parameters, e.g. {missing[:5]}")
+        raise CheckpointError(f"{source}: checkpoint lacks {len(missing)} trainable parameters, e.g. {missing[:5]} "
+                              "(another model config?)")
     unknown = sorted(set(weights) - set(params))
     if unknown:
-        raise KeyError(f"{source}: checkpoint has {len(unknown)} parameters this model lacks, e.g. {unknown[:5]} "
-                       "(another model config?)")
+        raise CheckpointError(f"{source}: checkpoint has {len(unknown)} parameters this model lacks, e.g. "
+                              f"{unknown[:5]} (another model config?)")
     for n, v in weights.items():
         if v.shape != params[n].shape:
-            raise ValueError(f"{source}: {n} has shape {tuple(v.shape)} in the checkpoint, "
+            raise CheckpointError(f"{source}: {n} has shape {tuple(v.shape)} in the checkpoint, "
                              f"{tuple(params[n].shape)} in this model (another model config?)")
     for n, v in weights.items():
         params[n].copy_(v)
@@ -263,7 +279,7 @@ def apply_init_weights(model: torch.nn.Module, path: str | os.PathLike, use_ema:
 
         mine = base_fingerprint(model.generator)
         if base != mine:
-            raise ValueError(f"{label}={path}: its LoRA adapters were trained on another base generator "
+            raise CheckpointError(f"{label}={path}: its LoRA adapters were trained on another base generator "
                              f"(frozen-weight checksum {base} != {mine}): check model.generator.path / train.seed")
     copy_weights(model, weights, f"{label}={path}")
     modules = dict(model.named_modules())

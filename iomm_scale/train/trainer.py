@@ -81,6 +81,13 @@ def flatten(stats: dict, prefix: str) -> dict:
     return out
 
 
+def write_run_config(run_dir: Path, cfg: RunConfig) -> None:
+    """<run_dir>/config.yaml: the resolved config, with the run directory actually used."""
+    d = cfg.to_dict()
+    d["run_dir"] = str(run_dir)
+    (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | os.PathLike | None = None, model: IOMMModel | None = None):
         self.cfg = cfg
@@ -108,10 +115,6 @@ class Trainer:
                 compile_frozen_mllm(self.model.conditioner, cfg.train.compile_backend)
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg)
-        table = getattr(self.optimizer, "routing_table", None)
-        if table:  # Muon: which weights go where; the summary lines here, every name in the file
-            (self.run_dir / "optimizer_routing.txt").write_text(table + "\n")
-            print("\n".join(line for line in table.splitlines() if line.startswith("[")))
         self.ema = EMA(self.model.trainable_state_dict(), cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         self.loader = build_loader(cfg)
         self.throughput = ThroughputLog(cfg, self.device)  # FLOPs per sample, computed once
@@ -119,8 +122,14 @@ class Trainer:
         self.history: list[tuple[int, float]] = []
         self._stop_requested = False
         self._on_disk: tuple[int, Path] | None = None  # (step, dir) of this run's checkpoint equal to the live state
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self._maybe_resume()
+        # written once the run has started: a launch that fails (a resume refused, say) leaves the
+        # run directory describing the run its checkpoints belong to
+        write_run_config(self.run_dir, cfg)
+        table = getattr(self.optimizer, "routing_table", None)
+        if table:  # Muon: which weights go where; the summary lines here, every name in the file
+            (self.run_dir / "optimizer_routing.txt").write_text(table + "\n")
+            print("\n".join(line for line in table.splitlines() if line.startswith("[")))
 
     @property
     def stopped_by_signal(self) -> bool:
@@ -158,19 +167,25 @@ class Trainer:
 
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
         if state.get("lora_base") is not None and state["lora_base"] != self._lora_base():
-            raise ValueError("checkpoint's LoRA adapters were trained on another base generator (frozen-weight checksum "
-                             f"{state['lora_base']} != {self._lora_base()}): check model.generator.path / train.seed")
+            raise ckpt.CheckpointError(f"{source}: its LoRA adapters were trained on another base generator "
+                                       f"(frozen-weight checksum {state['lora_base']} != {self._lora_base()}): check "
+                                       "model.generator.path / train.seed")
         ckpt.copy_weights(self.model, state["model"], source)
         modules = dict(self.model.named_modules())
         for name, sd in state.get("frozen", {}).items():
             modules[name].load_state_dict(sd)
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # another optimizer (optim.name) or parameter grouping
+            saved = (state.get("config") or {}).get("optim", {}).get("name", "?")
+            raise ckpt.CheckpointError(f"{source}: its optimizer state does not fit this run's (checkpoint written "
+                                       f"with optim.name={saved}, this run has {self.cfg.optim.name}): {e}") from None
         if self.ema and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
         elif self.ema:  # saved without an EMA (optim.ema_decay was null then): start it from these weights
             self.ema.reset(self.model.trainable_state_dict())
             print("checkpoint holds no EMA: the EMA starts from the resumed weights")
-        self.loader.load_state_dict(state["data"])
+        ckpt.load_data_position(self.loader, state["data"], self.cfg.train.resume_data_exact, source)
         ckpt.set_rng_state(state["rng"])
         self.step = state["step"]
         self.history = list(state.get("history", []))

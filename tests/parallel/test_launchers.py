@@ -30,8 +30,10 @@ def test_torchrun_then_deepspeed_launcher_resume(tmp_path):
     assert out.count("[iomm] checkpoint ") == 1  # the periodic save at step 2; the final one does not re-write it
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     out = run([deepspeed, "--num_gpus", "2", "--master_port", "29634", "launchers/pretrain.py", *ARGS,
-               "--run-dir", run_dir, "train.steps=3", "--save-full"])
+               "--run-dir", run_dir, "train.steps=3", "--save-full", "train.keep_checkpoints=1"])
     assert "resumed from" in out and "done at step 3" in out
+    steps = sorted(d for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.startswith("step_"))
+    assert steps == ["step_00000003"]  # train.keep_checkpoints applies to the launchers too
     lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [x["step"] for x in lines] == [1, 2, 3]
     assert all(x["loss"] == x["loss"] and x["loss"] < 10 for x in lines)
@@ -67,6 +69,13 @@ def test_torchrun_then_deepspeed_launcher_resume(tmp_path):
     assert source.keys() == started.keys()
     for name, value in source.items():
         torch.testing.assert_close(started[name], value, rtol=0, atol=1e-12, msg=name)
+    # resuming that tp=2 run under another layout is refused before anything is built, naming the way
+    p = subprocess.run([sys.executable, "launchers/pretrain.py", *ARGS[:-2], "--run-dir", run_dir, "train.steps=4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "RANK": "0", "WORLD_SIZE": "1"})
+    assert p.returncode == 2 and "checkpoint error: resuming from" in p.stderr, p.stderr
+    assert "saved under tp 2 x pp 1 x dp 1, ZeRO-1, this launch is tp 1 x pp 1 x dp 1, ZeRO-0" in p.stderr
+    assert "--resume-full <run_dir>/full" in p.stderr and "Traceback" not in p.stderr
     # a DeepSpeed checkpoint is refused before anything is built, naming what to use instead
     p = subprocess.run([sys.executable, "launchers/finetune.py", *ARGS[:-2], "--run-dir", str(tmp_path / "x"),
                         f"train.init_from={run_dir}/checkpoints/step_00000003"], cwd=ROOT, capture_output=True,

@@ -247,3 +247,8 @@ def test_resume_under_another_model_config_is_refused(tiny_cfg, tmp_path):
     t.save()
     with pytest.raises(ValueError, match="queries.*shape"):
         Trainer(tiny_cfg("train.steps=2", "train.resume=auto"), run_dir=tmp_path)
+    # the failed launch left the run's own config (it used to write its own before resuming)
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["model"]["conditioner"]["rqa"]["num_queries"] == 1 and saved["run_dir"] == str(tmp_path)
