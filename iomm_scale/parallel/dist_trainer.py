@@ -467,12 +467,18 @@ class DistributedTrainer:
 
     def fit(self) -> dict:
         from ..optim.builder import lr_factor
+        from ..profiling.mfu import ThroughputLog
 
         cfg = self.cfg
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         metrics = open(self.run_dir / "metrics.jsonl", "a") if self.is_logger else None
         last: dict = {}
         t0 = time.perf_counter()
+        world = dist.get_world_size()
+        # samples per optimizer step over all replicas; FLOPs per sample computed once
+        global_batch = cfg.data.batch_size * self.micro_batches * self.layout.dp
+        throughput = ThroughputLog(cfg, self.device, world) if self.is_logger else None
+        logged_step = self.rt.step
         try:
             while self.rt.step < cfg.train.steps:
                 if self._agree_stop():
@@ -482,7 +488,11 @@ class DistributedTrainer:
                 out = self.rt.train_step(self.next_batch())
                 if self.is_logger and (self.rt.step % cfg.train.log_every == 0 or self.rt.step == cfg.train.steps):
                     dt = time.perf_counter() - t0
-                    last = {**out, "lr": lr, "time": time.time(), "seconds": dt}
+                    samples_per_s = (self.rt.step - logged_step) * global_batch / dt  # all ranks together
+                    logged_step = self.rt.step
+                    # per device: the run's rate split over its `world` devices (TP / PP ranks share samples)
+                    last = {**out, "lr": lr, "time": time.time(), "seconds": dt, "samples_per_s": samples_per_s,
+                            **throughput(samples_per_s / world)}
                     metrics.write(json.dumps(last) + "\n")
                     metrics.flush()
                     self.history.append((out["step"], out["loss"]))

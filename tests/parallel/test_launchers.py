@@ -37,6 +37,8 @@ def test_torchrun_then_deepspeed_launcher_resume(tmp_path):
     lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [x["step"] for x in lines] == [1, 2, 3]
     assert all(x["loss"] == x["loss"] and x["loss"] < 10 for x in lines)
+    # throughput as iomm-train logs it: the run's samples/s, per-device tokens and model TFLOP/s (no MFU on CPU)
+    assert all(x["samples_per_s"] > 0 and x["tflops_per_device"] > 0 and x["image_tokens_per_s"] > 0 for x in lines)
     # rank 0 writes the single-process trainer's outputs, sampling from the EMA export
     assert "sample grid:" in out
     for png in ("samples.png", "loss_curve.png"):
