@@ -136,7 +136,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # used by launchers/ (multi-process)
-    source: str = "<defaults>"  # the file it came from (for messages)
+    source: str = field(default="<defaults>", init=False)  # the file it came from (for messages), not a setting
 
     @property
     def generator(self):
@@ -387,8 +387,10 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> list[tuple[str, s
         errors.append(("train.compile_mllm", "compiles the frozen LLM's layers only together with train.compile: true"))
     if t.log_every < 1:
         errors.append(("train.log_every", f"must be >= 1, got {t.log_every}"))
-    if t.ckpt_every < 0 or t.keep_checkpoints < 1:
-        errors.append(("train.ckpt_every", "ckpt_every must be >= 0 and keep_checkpoints >= 1"))
+    if t.ckpt_every < 0:
+        errors.append(("train.ckpt_every", f"must be >= 0 (0: only at the end), got {t.ckpt_every}"))
+    if t.keep_checkpoints < 1:
+        errors.append(("train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}"))
     if t.wandb.mode not in ("offline", "online", "disabled"):
         errors.append(("train.wandb.mode", f"must be offline, online or disabled, got {t.wandb.mode!r}"))
     return errors

@@ -95,9 +95,36 @@ def main(argv: list[str] | None = None) -> int:
               f"{json.dumps({r: n for r, n in stats.get('reasons', {}).items() if n})}")
         if summary["shards"]:
             report[f"{kind}_shards"] = [brace_pattern(summary["shards"])]
-    print("config for training on these features (per rank when several wrote):")
-    print(json.dumps({"data": {"webdataset": {"features": True, **report}}}, indent=2))
+    reports = _gather(report, args.world_size)
+    if reports is None:  # several processes without a process group to gather over: each prints its own
+        print(f"[rank {args.rank}] config for training on this rank's features (list every rank's patterns):")
+    elif args.rank != 0:
+        return 0
+    else:
+        report = {k: [p for r in reports for p in r.get(k, [])] for k in ("image_shards", "paired_shards")}
+        report = {k: v for k, v in report.items() if v}
+        print("config for training on these features" + (f" (all {args.world_size} ranks' shards)" if
+                                                          args.world_size > 1 else "") + ":")
+    # the resolution and model they were made for travel with them: features are tied to both
+    print(json.dumps({"data": {"source": "webdataset", "resolution": resolution,
+                               "webdataset": {"features": True, **report}}}, indent=2))
     return 0
+
+
+def _gather(report: dict, world_size: int) -> list[dict] | None:
+    """Every rank's shard patterns on rank 0 (a gloo group over torchrun's rendezvous), so the
+    printed config lists all of them; [report] for one process; None without a rendezvous."""
+    if world_size == 1:
+        return [report]
+    if "MASTER_ADDR" not in os.environ:
+        return None
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    out: list = [None] * world_size
+    dist.all_gather_object(out, report)
+    dist.destroy_process_group()
+    return out
 
 
 if __name__ == "__main__":

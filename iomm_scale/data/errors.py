@@ -130,8 +130,13 @@ def check_budget(stats: dict, budget: float, min_samples: int, where: str) -> No
         return
     reasons = ", ".join(f"{r} {n}" for r, n in sorted(stats["reasons"].items(), key=lambda kv: -kv[1]) if n)
     worst = ", ".join(f"{u} ({n} bad)" for u, n in stats["worst_shards"])
+    if stats["reasons"].get("feature_mismatch"):  # feature shards of another model / resolution
+        fix = ("feature_mismatch: these feature shards were written for another resolution or model (VAE latent "
+               "shape, vision tokens): train with the data.resolution and model they were made with, or re-run "
+               "tools/precompute_features.py with this config")
+    else:
+        fix = "Fix or remove those shards (tools/make_shards.py re-checks images), or raise data.webdataset.error_budget"
     raise DataErrorBudgetExceeded(
         f"data error budget exceeded {where}: {stats['bad']} bad samples and {stats['shard_errors']} bad shards "
         f"out of {stats['seen']} samples read ({stats['bad_fraction']:.1%} > error_budget {budget:.1%}). "
-        f"Reasons: {reasons}. Worst shards: {worst}. Fix or remove those shards (tools/make_shards.py "
-        f"re-checks images), or raise data.webdataset.error_budget.")
+        f"Reasons: {reasons}. Worst shards: {worst}. {fix}.")

@@ -714,14 +714,44 @@ def main(argv=None) -> list[MemoryPlan]:  # tools/plan_memory.py
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
-    if args.gpus % (args.tp * args.pp):
-        raise SystemExit(f"--gpus {args.gpus} is not divisible by tp*pp = {args.tp * args.pp}")
+    if min(args.gpus, args.tp, args.pp) < 1 or args.gpus % (args.tp * args.pp):
+        raise SystemExit(f"plan_memory: --gpus {args.gpus} must be a positive multiple of tp*pp = {args.tp * args.pp}")
     dp = args.gpus // (args.tp * args.pp)
-    mbs = [int(x) for x in args.micro_batch.split(",")] if args.micro_batch else [cfg.data.batch_size]
     compile_modes = (args.compile.split(",") if args.compile else
                      ["all" if cfg.train.compile and cfg.train.compile_mllm else ("on" if cfg.train.compile else "off")])
+    bad = []  # every malformed sweep value, named, before any plan is computed
+
+    def ints(flag, text, lo, hi=None):
+        try:
+            vals = [int(x) for x in text.split(",")]
+        except ValueError:
+            bad.append(f"{flag} takes a comma list of integers, got {text!r}")
+            return []
+        wrong = [v for v in vals if v < lo or (hi is not None and v > hi)]
+        if wrong:
+            bad.append(f"{flag} {wrong[0]}: must be {lo}..{hi}" if hi is not None else f"{flag} {wrong[0]}: must be >= {lo}")
+        return vals
+
+    zeros = ints("--zero", args.zero, 0, 3)
+    mbs = ints("--micro-batch", args.micro_batch, 1) if args.micro_batch else [cfg.data.batch_size]
+    ckpts = args.checkpointing.split(",")
+    for ck in ckpts:
+        if ck not in ("none", "full") and not (ck.startswith("every_") and ck[6:].isdigit() and int(ck[6:]) >= 1):
+            bad.append(f"--checkpointing {ck!r}: none, full or every_<k> with k >= 1")
+    mllm_modes = list(dict.fromkeys(_bool_or_str(x) for x in args.checkpoint_mllm.split(",")))
+    if [m for m in mllm_modes if m not in (False, True, "whole")]:
+        bad.append(f"--checkpoint-mllm {args.checkpoint_mllm!r}: false, true / layers, or whole")
     if set(compile_modes) - set(COMPILE_MODES):
-        raise SystemExit(f"--compile takes {', '.join(COMPILE_MODES)}; got {args.compile!r}")
+        bad.append(f"--compile takes {', '.join(COMPILE_MODES)}; got {args.compile!r}")
+    if args.global_batch is not None and args.global_batch < 1:
+        bad.append(f"--global-batch {args.global_batch}: must be >= 1")
+    if bad:
+        raise SystemExit("plan_memory: " + "; ".join(bad))
+    if args.global_batch:
+        skipped = [mb for mb in mbs if args.global_batch % (mb * dp)]
+        if skipped:
+            print(f"note: micro-batch {', '.join(map(str, skipped))} skipped: global batch {args.global_batch} is not "
+                  f"a multiple of micro-batch x dp ({dp})")
     cache: dict = {}
     kw = dict(resolution=args.resolution, precision=args.precision, lora_rank=args.lora_rank, frozen=args.frozen,
               device=args.device, capacity_gib=args.gpu_mem, _cache=cache)
@@ -730,11 +760,10 @@ def main(argv=None) -> list[MemoryPlan]:  # tools/plan_memory.py
     print(f"{cfg.source}: {cfg.model.generator.family}, {res} px, {args.gpus} x {args.gpu_mem:.0f} GiB "
           f"(tp {args.tp}, pp {args.pp}, dp {dp})" + (f", global batch {args.global_batch}" if args.global_batch else "")
           + (f", LoRA r={args.lora_rank}" if args.lora_rank else ""))
-    for z in (int(x) for x in args.zero.split(",")):
-        for ck in args.checkpointing.split(","):
+    for z in zeros:
+        for ck in ckpts:
             mode, k = (("every_k", int(ck.split("_")[1])) if ck.startswith("every_") else (ck, 1))
-            for cm, co in itertools.product(dict.fromkeys(_bool_or_str(x) for x in args.checkpoint_mllm.split(",")),
-                                            compile_modes):  # true == layers
+            for cm, co in itertools.product(mllm_modes, compile_modes):  # true == layers
                 base = Layout(tp=args.tp, pp=args.pp, dp=dp, zero_stage=z, checkpointing=mode, every_k=k,
                               checkpoint_mllm=cm, offload_optimizer=args.offload_optimizer, compile=co)
                 for mb in mbs:
@@ -743,10 +772,11 @@ def main(argv=None) -> list[MemoryPlan]:  # tools/plan_memory.py
                         if args.global_batch % (mb * dp):
                             continue
                         accum = args.global_batch // (mb * dp)
+                    case = replace(base, micro_batch=mb, grad_accum=accum)
                     try:
-                        p = plan_memory(cfg, replace(base, micro_batch=mb, grad_accum=accum), **kw)
+                        p = plan_memory(cfg, case, **kw)
                     except ValueError as e:
-                        print(f"  {base.describe()}: {e}")
+                        print(f"  {case.describe()}: {e}")
                         continue
                     plans.append(p)
                     if args.detail:

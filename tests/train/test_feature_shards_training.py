@@ -90,3 +90,27 @@ def test_paired_feature_shards_keep_every_caption(tmp_path):
         captions = {m.name.split(".")[0]: tar.extractfile(m).read().decode()
                     for m in tar.getmembers() if m.name.endswith(".txt")}
     assert captions == {f"pair{i:03d}": f"caption number {i}" for i in range(8)}
+
+
+def test_precompute_under_torchrun_prints_one_config_with_every_rank(tmp_path):
+    """Two processes each encode their share of the shards; rank 0 prints one training config
+    listing both ranks' feature shards, with the resolution they were made for."""
+    import json
+    import subprocess
+
+    for i in range(2):
+        _write_raw_shard(tmp_path / f"raw-{i:06d}.tar", n=2)
+    tiny = os.path.join(ROOT, "configs", "tiny.yaml")
+    sets = ["data.source=webdataset", "data.batch_size=2", "data.webdataset.num_workers=0",
+            f'data.webdataset.image_shards=["{tmp_path}/raw-{{000000..000001}}.tar"]']
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29641",
+                        os.path.join(ROOT, "tools", "precompute_features.py"), "--config", tiny,
+                        "--out", str(tmp_path / "feat"), *[f"--set={s}" for s in sets]],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("config for training") == 1, p.stdout
+    block = json.loads(p.stdout[p.stdout.index("{", p.stdout.index("config for training")):])
+    assert block["data"]["resolution"] == 32 and block["data"]["source"] == "webdataset"
+    shards = block["data"]["webdataset"]["image_shards"]
+    assert sorted(shards) == [str(tmp_path / "feat-image-r000-000000.tar"), str(tmp_path / "feat-image-r001-000000.tar")]
