@@ -45,7 +45,13 @@ def train_main(argv=None) -> None:
     except CheckpointError as e:  # a checkpoint that does not fit this config (resume, init_from)
         print(f"checkpoint error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    last = trainer.fit()
+    from .data.errors import DataErrorBudgetExceeded
+
+    try:
+        last = trainer.fit()
+    except DataErrorBudgetExceeded as e:  # the configured stop: the message names the worst shards
+        print(f"data error: {e}", file=sys.stderr)
+        raise SystemExit(3) from None
     if trainer.stopped_by_signal:
         return  # fit() said where the checkpoint is
     if not last:  # resumed at (or past) train.steps: nothing was trained in this launch
@@ -53,8 +59,9 @@ def train_main(argv=None) -> None:
               f"train.resume=never to start over); outputs in {trainer.run_dir}")
         return
     first = trainer.history[0][1] if trainer.history else float("nan")
+    window = last.get("loss_steps", cfg.train.log_every)
     print(f"done: step {trainer.step}, loss {first:.4f} (first step) -> {last['loss']:.4f} "
-          f"(last {cfg.train.log_every} steps); outputs in {trainer.run_dir}")
+          f"(mean of the last {window} step{'s' if window > 1 else ''}); outputs in {trainer.run_dir}")
 
 
 def sample_main(argv=None) -> None:
@@ -74,10 +81,17 @@ def sample_main(argv=None) -> None:
         parser.error("give --images or --prompt")
     cfg = _load(args)
     _check_inputs(args.checkpoint, args.images)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)  # before sampling, not after it
     from .sampling import sample_from_checkpoint
+    from .train.checkpoint import CheckpointError
 
-    sample_from_checkpoint(cfg, args.checkpoint, args.images, args.prompt, args.out, args.steps, args.cfg_scale,
-                           args.seed, use_ema=not args.no_ema)
+    try:
+        sample_from_checkpoint(cfg, args.checkpoint, args.images, args.prompt, args.out, args.steps, args.cfg_scale,
+                               args.seed, use_ema=not args.no_ema)
+    except CheckpointError as e:  # weights of another model config / LoRA base
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"wrote {os.path.abspath(args.out)}")
 
 
@@ -94,6 +108,15 @@ def _check_inputs(checkpoint: str, images: list[str] = ()) -> None:
     if missing:
         print(f"error: --images: no such file: {', '.join(missing)}", file=sys.stderr)
         raise SystemExit(2)
+    from PIL import Image
+
+    for p in images:  # readable as an image (header check, cheap)
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a non-image
+            print(f"error: --images: {p} is not a readable image ({type(e).__name__}: {e})", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def params_main(argv=None) -> None:
@@ -123,8 +146,14 @@ def export_lora_main(argv=None) -> None:
     _check_inputs(args.checkpoint)
     from .models.lora import export_lora
     from .sampling import load_trained
+    from .train.checkpoint import CheckpointError
 
-    print(f"wrote {export_lora(load_trained(cfg, args.checkpoint, use_ema=not args.no_ema), args.out)}")
+    try:
+        model = load_trained(cfg, args.checkpoint, use_ema=not args.no_ema)
+    except CheckpointError as e:  # adapters of another base generator, another model config
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote {export_lora(model, args.out)}")
 
 
 if __name__ == "__main__":  # python -m iomm_scale.cli {train,sample,params,export_lora} ...

@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{'directory' if args.folder else 'file'}", file=sys.stderr)
         return 2
     entries = scan_folder(args.folder) if args.folder else scan_manifest(args.manifest)
+    if args.manifest:  # read whole first: a malformed line is named before any shard is written
+        try:
+            entries = list(entries)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     summary = make_shards(entries, args.out + "-%06d.tar", max_count=args.max_count, max_size_mb=args.max_size_mb,
                           min_size=args.min_size, require_caption=args.require_caption, verify=args.verify,
                           shuffle=args.shuffle, seed=args.seed, max_side=args.max_side, quality=args.quality,

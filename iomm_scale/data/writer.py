@@ -118,9 +118,12 @@ def scan_manifest(manifest: str) -> Iterator[dict]:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            if "image" not in row:
-                raise ValueError(f"{manifest}:{lineno}: no 'image' field")
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{manifest}:{lineno}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or "image" not in row:
+                raise ValueError(f"{manifest}:{lineno}: a line must be an object with an 'image' field")
             path = row.pop("image")
             path = path if os.path.isabs(path) else os.path.join(base, path)
             key = _key_for(str(row.pop("key", None) or os.path.relpath(path, base)))

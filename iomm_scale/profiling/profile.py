@@ -57,7 +57,7 @@ import torch
 
 from ..train.compile import COMPILE_MODES
 
-PRESETS = ("tiny", "b", "l", "xl", "qwen_image_lora")
+PRESETS = ("tiny", "tiny_qwen_lora", "b", "b_finetune", "l", "xl", "qwen_image_lora")  # configs/<name>.yaml
 PARAM_MODES = ("fp32", "bf16")
 COLUMNS = ["scope", "micro_batch", "checkpointing", "attention", "compile", "params", "step_s", "step_min_s", "cpu_s",
            "fwd_bwd_s", "optimizer_s", "samples_per_s",
@@ -579,13 +579,22 @@ def main(argv=None) -> list[dict]:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    mbs = _csv_list(args.micro_batch, int) if args.micro_batch else [cfg.data.batch_size]
     compile_modes = _csv_list(args.compile)
     if set(compile_modes) - set(COMPILE_MODES):
         parser.error(f"--compile takes off, on, all; got {args.compile!r}")
     param_modes = _csv_list(args.params)
     if set(param_modes) - set(PARAM_MODES):
         parser.error(f"--params takes fp32, bf16; got {args.params!r}")
+    bad = [c for c in _csv_list(args.checkpointing) if c not in ("none", "full", "every_k")]
+    if bad:
+        parser.error(f"--checkpointing takes none, full, every_k; got {bad[0]!r}")
+    try:
+        mbs_checked = _csv_list(args.micro_batch, int) if args.micro_batch else []
+    except ValueError:
+        parser.error(f"--micro-batch takes a comma list of integers; got {args.micro_batch!r}")
+    if any(m < 1 for m in mbs_checked):
+        parser.error(f"--micro-batch: every value must be >= 1; got {args.micro_batch!r}")
+    mbs = mbs_checked or [cfg.data.batch_size]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":  # load every library a case touches before the first RSS baseline
         warm_up(cfg, args.scope, args.random_frozen)

@@ -276,7 +276,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{out['loss']:.4f}")
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     dt = time.perf_counter() - t0
-                    last = {"step": self.step, "loss": sum(window) / len(window), "loss_last": out["loss"],
+                    last = {"step": self.step, "loss": sum(window) / len(window), "loss_steps": len(window),
+                            "loss_last": out["loss"],
                             "lr": out["lr"], "grad_norm": out["grad_norm"], "samples_per_s": window_samples / dt,
                             **self.throughput(window_samples / dt),
                             "time": time.time(), **flatten(self.loader.stats(), "data/")}
