@@ -1,6 +1,7 @@
 """Bad configs fail with one clear message naming the file and the key, before any model is built."""
 
 import os
+import re
 
 import pytest
 
@@ -40,6 +41,9 @@ TINY = os.path.join(ROOT, "configs", "tiny.yaml")
         (["train.precision=fp16"], "train.precision", "fp32 or bf16"),
         (["model.generator.attention_backend=flash"], "model.generator.attention_backend", "'flash' is unavailable"),
         (["model.generator.attention_backend=xformers"], "model.generator.attention_backend", "must be one of"),
+        (["train.keep_checkpoints=0"], "train.keep_checkpoints", "must be >= 1"),
+        (["train.ckpt_every=-1"], "train.ckpt_every", "must be >= 0"),
+        (["source=foo"], "source", "unknown key"),  # the config's file name, not a setting
     ],
 )
 def test_bad_values_name_file_and_key(overrides, key, words):
@@ -136,3 +140,40 @@ def test_every_shipped_config_round_trips_through_its_saved_form(name):
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", name))
     again = from_dict(cfg.to_dict(), source=f"saved {name}")
     assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--zero", "4"], "--zero 4: must be 0..3"),
+    (["--checkpointing", "fulll"], "--checkpointing 'fulll'"),
+    (["--checkpointing", "every_0"], "every_<k> with k >= 1"),
+    (["--micro-batch", "0"], "--micro-batch 0: must be >= 1"),
+    (["--checkpoint-mllm", "maybe"], "--checkpoint-mllm 'maybe'"),
+])
+def test_plan_memory_names_a_bad_sweep_value(argv, words):
+    from iomm_scale.profiling.memory import main
+
+    with pytest.raises(SystemExit, match=re.escape(words)):
+        main(["--config", TINY, *argv])
+
+
+def test_iomm_sample_refuses_a_non_image_before_building(tmp_path, capsys, monkeypatch):
+    import iomm_scale.sampling as sampling
+    from iomm_scale.train.trainer import Trainer
+
+    t = Trainer(load_config(TINY, ["train.steps=1", "train.progress_bar=false"]), run_dir=tmp_path / "run")
+    t.save()
+    (tmp_path / "notimg.jpg").write_text("not an image")
+    monkeypatch.setattr(sampling, "build_iomm", lambda *a, **k: pytest.fail("model built despite a bad image"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.sample_main(["--config", TINY, "--checkpoint", str(tmp_path / "run"), "--images", str(tmp_path / "notimg.jpg")])
+    assert exit_.value.code == 2 and "is not a readable image" in capsys.readouterr().err
+
+
+def test_parallel_launcher_without_a_launcher_says_how_to_start_it():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")}
+    p = subprocess.run([sys.executable, "launchers/pretrain.py", "--config", TINY], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert p.returncode == 2 and "torchrun" in p.stderr and "Traceback" not in p.stderr, p.stderr

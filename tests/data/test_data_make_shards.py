@@ -89,6 +89,15 @@ def test_manifest_and_cli(folder, tmp_path, capsys):
     assert tool.main(["--folder", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert f"--folder {tmp_path / 'nope'}: no such directory" in capsys.readouterr().err
     assert tool.main(["--manifest", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")]) == 2
+    # a malformed manifest line is named (file:line) before any shard is written
+    for bad, words in (('{"caption": "no image"}', "a line must be an object with an 'image' field"),
+                       ("not json", "not JSON")):
+        broken = tmp_path / "broken.jsonl"
+        broken.write_text(manifest.read_text().splitlines()[0] + "\n" + bad + "\n")
+        capsys.readouterr()
+        assert tool.main(["--manifest", str(broken), "--out", str(tmp_path / "b" / "x")]) == 2
+        assert f"broken.jsonl:2: {words}" in capsys.readouterr().err
+        assert not (tmp_path / "b").exists()
     (tmp_path / "empty").mkdir()
     assert tool.main(["--folder", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 1
     assert "nothing written" in capsys.readouterr().err and not os.path.exists(tmp_path / "x-000000.tar")
