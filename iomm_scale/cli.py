@@ -156,8 +156,48 @@ def export_lora_main(argv=None) -> None:
     print(f"wrote {export_lora(model, args.out)}")
 
 
-if __name__ == "__main__":  # python -m iomm_scale.cli {train,sample,params,export_lora} ...
-    commands = {"train": train_main, "sample": sample_main, "params": params_main, "export_lora": export_lora_main}
+def export_diffusers_main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m iomm_scale.cli export_diffusers",
+                                     description="Write a trained generator as a diffusers transformer folder "
+                                                 "(<out>/transformer: config.json + safetensors, loadable with "
+                                                 "from_pretrained) + the RQA / projection (iomm_conditioner.safetensors).")
+    _config_args(parser)
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint (…/checkpoints/step_N), a run dir (its newest), a launcher run's "
+                             "<run_dir>/ema or <run_dir>/full")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--no-ema", action="store_true", help="the live weights even if the checkpoint has EMA")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="storage dtype of the transformer weights (default: float32, exact)")
+    args = parser.parse_args(argv)
+    cfg = _load(args)
+    if cfg.model.lora is not None:
+        print(f"config error: {cfg.source}: model.lora: a LoRA run's generator is its frozen base plus adapters; "
+              "export the adapters with export_lora", file=sys.stderr)
+        raise SystemExit(2)
+    _check_inputs(args.checkpoint)
+    import torch
+
+    from .models.adapters import adapter_for
+    from .models.lora import CONDITIONER_WEIGHTS_NAME, save_conditioner
+    from .sampling import load_trained
+    from .train.checkpoint import CheckpointError
+
+    try:
+        model = load_trained(cfg, args.checkpoint, use_ema=not args.no_ema)
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    out = os.path.abspath(args.out)
+    adapter_for(cfg.model.generator.family).save_diffusers(model.generator, os.path.join(out, "transformer"),
+                                                           dtype=getattr(torch, args.dtype))
+    save_conditioner(model, os.path.join(out, CONDITIONER_WEIGHTS_NAME))
+    print(f"wrote {out}/transformer and {out}/{CONDITIONER_WEIGHTS_NAME}")
+
+
+if __name__ == "__main__":  # python -m iomm_scale.cli {train,sample,params,export_lora,export_diffusers} ...
+    commands = {"train": train_main, "sample": sample_main, "params": params_main, "export_lora": export_lora_main,
+                "export_diffusers": export_diffusers_main}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         raise SystemExit(f"usage: python -m iomm_scale.cli {{{','.join(commands)}}} --config FILE ...")
     commands[sys.argv[1]](sys.argv[2:])

@@ -252,17 +252,24 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype
     """Write `model`'s (an IOMMModel) LoRA as diffusers' `pytorch_lora_weights.safetensors`
     (`save_diffusers_lora`) and the RQA + projection as `iomm_conditioner.safetensors`.
     Returns the directory."""
-    from safetensors.torch import save_file
-
     family = model.cfg.model.generator.family
     out = save_diffusers_lora(model.generator, family, out_dir, dtype)
+    save_conditioner(model, out / CONDITIONER_WEIGHTS_NAME)
+    return out
+
+
+def save_conditioner(model: nn.Module, path: str | os.PathLike) -> None:
+    """The trained conditioner parts (RQA, projection norm and projection) of an IOMMModel as
+    safetensors, with what a loader needs to rebuild them in the metadata."""
+    from safetensors.torch import save_file
+
     cond = model.conditioner
     extra = {f"{prefix}.{k}": v.detach().cpu().contiguous() for prefix, mod in
              (("rqa", cond.rqa), ("proj_norm", cond.proj_norm), ("proj", cond.proj)) for k, v in mod.state_dict().items()}
-    info = {"family": family, "mllm_kind": cond.kind, "condition_positions": cond.cfg.condition_positions,
-            "num_queries": str(cond.cfg.rqa.num_queries), "aux_prompt": cond.cfg.aux_prompt}
-    save_file(extra, str(out / CONDITIONER_WEIGHTS_NAME), metadata={"format": "pt", "iomm": json.dumps(info)})
-    return out
+    info = {"family": model.cfg.model.generator.family, "mllm_kind": cond.kind,
+            "condition_positions": cond.cfg.condition_positions, "num_queries": str(cond.cfg.rqa.num_queries),
+            "aux_prompt": cond.cfg.aux_prompt}
+    save_file(extra, str(path), metadata={"format": "pt", "iomm": json.dumps(info)})
 
 
 def export_trained(model: nn.Module, out_dir, ema=None) -> Path:

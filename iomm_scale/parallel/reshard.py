@@ -177,6 +177,8 @@ def _local(module, name, full, specs):
 def load_full_params(module: nn.Module, load_dir: str) -> int:
     """Write the checkpoint's parameters (sharded for this rank) into `module` before the
     engine is built. Returns how many were loaded; missing trainable ones are an error."""
+    from ..train.checkpoint import CheckpointError
+
     data = _read_all(load_dir)
     specs = _tp_info(module)
     n, missing = 0, []
@@ -190,15 +192,16 @@ def load_full_params(module: nn.Module, load_dir: str) -> int:
             p.copy_(_local(module, name, data["params"][name], specs).to(p.dtype))
             n += 1
     if missing:
-        raise KeyError(f"layout-free checkpoint {load_dir} lacks {len(missing)} trainable parameters, e.g. {missing[:3]}")
+        raise CheckpointError(f"layout-free checkpoint {load_dir} lacks {len(missing)} trainable parameters, e.g. "
+                              f"{missing[:3]} (another model config?)")
     # a name no rank's stage trains (another model config: a block more, ...) would be dropped
     mine = [name for name, p in module.named_parameters() if p.requires_grad]
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     unknown = sorted(set(data["params"]) - {name for names in everyone for name in names})
     if unknown:
-        raise KeyError(f"layout-free checkpoint {load_dir} has {len(unknown)} parameters this model does not train, "
-                       f"e.g. {unknown[:3]} (another model config?)")
+        raise CheckpointError(f"layout-free checkpoint {load_dir} has {len(unknown)} parameters this model does not "
+                              f"train, e.g. {unknown[:3]} (another model config?)")
     return n
 
 

@@ -25,11 +25,10 @@ import torch
 LATEST = "latest"
 
 
-
-
 class CheckpointError(ValueError):
     """A checkpoint that does not fit this run (another model config, layout or data setting):
     the command-line tools print it as one line and exit 2, like a config error."""
+
 
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
@@ -148,14 +147,15 @@ def read_full_parts(where: str | os.PathLike) -> list[dict]:
     where = full_checkpoint_dir(where)
     files = sorted(where.glob("full_pp*.pt"))
     if not files:
-        raise FileNotFoundError(f"no full_pp*.pt layout-free checkpoint in {where}")
+        raise CheckpointError(f"{where}: no full_pp*.pt layout-free checkpoint here (written by a launcher's "
+                              "--save-full into <run_dir>/full)")
     parts = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
     steps = {int(part["iomm_step"]) for part in parts}
     stages = {int(part["layout"]["pp"]) for part in parts}
     if len(steps) > 1 or len(stages) > 1 or len(files) != stages.pop():
         found = ", ".join(f"{f.name} (step {part['iomm_step']}, pp {part['layout']['pp']})" for f, part in zip(files, parts))
-        raise CheckpointError(f"{where}: the full_pp*.pt files are not one save: {found}; a layout-free checkpoint "
-                         "holds one file per pipeline stage of the layout that saved it, all of one step")
+        raise CheckpointError(f"{where}: the full_pp*.pt files are not one save: {found}; a layout-free "
+                              "checkpoint holds one file per pipeline stage of the layout that saved it, all of one step")
     return parts
 
 

@@ -113,3 +113,34 @@ def test_layout_free_files_of_two_saves_are_refused_and_old_copy_stands_in(tiny_
     (tmp_path / "moved").rename(tmp_path / "full.old")
     assert ckpt.init_source(d) == ("full", tmp_path / "full.old")
     assert len(ckpt.read_full_parts(d)) == 1
+
+
+def test_export_diffusers_writes_a_transformer_diffusers_loads(tiny_cfg, tmp_path, capsys):
+    """`python -m iomm_scale.cli export_diffusers`: a trained run's EMA generator as a diffusers
+    folder: FluxTransformer2DModel.from_pretrained holds exactly our weights (adapter key map),
+    and the conditioner file holds the trained RQA."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    from iomm_scale.cli import export_diffusers_main
+    from iomm_scale.models.adapters import ADAPTERS, adapter_for
+    from iomm_scale.models.adapters.common import convert_to_theirs
+    from iomm_scale.sampling import load_trained
+    from iomm_scale.train.trainer import Trainer
+
+    t = Trainer(tiny_cfg("train.steps=1", "optim.ema_decay=0.5"), run_dir=tmp_path / "run")
+    t.train_step()
+    t.save()
+    export_diffusers_main(["--config", "configs/tiny.yaml", "--checkpoint", str(tmp_path / "run"),
+                           "--out", str(tmp_path / "out")])
+    assert "transformer" in capsys.readouterr().out
+    ours = load_trained(tiny_cfg(), str(tmp_path / "run"), use_ema=True)  # what was exported
+    theirs = dict(convert_to_theirs(ours.generator.state_dict(), adapter_for("flux").key_maps(ours.generator.cfg)))
+    loaded = getattr(diffusers, ADAPTERS["flux"][1]).from_pretrained(tmp_path / "out" / "transformer").state_dict()
+    assert loaded.keys() == theirs.keys()
+    assert all(torch.equal(loaded[k], theirs[k]) for k in theirs)
+    assert torch.equal(t.ema.shadow["generator.x_embedder.weight"], ours.generator.x_embedder.weight)
+    cond = load_file(tmp_path / "out" / "iomm_conditioner.safetensors")
+    rqa = ours.conditioner.rqa.state_dict()
+    assert {k for k in cond if k.startswith("rqa.")} == {f"rqa.{k}" for k in rqa}
+    assert all(torch.equal(cond[f"rqa.{k}"], v) for k, v in rqa.items())
