@@ -40,8 +40,16 @@ def test_ema_swap_restore_and_state_dict_roundtrip():
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), live[n] + 1.0)
     other = EMA({n: torch.zeros_like(p) for n, p in model.named_parameters()}, 0.1)
+    own = dict(other.shadow)
     other.load_state_dict(ema.state_dict())
-    assert other.decay == 0.5 and all(torch.equal(other.shadow[n], ema.shadow[n]) for n in ema.shadow)
+    # the saved shadow, copied into its own tensors (they stay on the parameters' device); the
+    # decay stays the resuming run's optim.ema_decay
+    assert other.decay == 0.1 and all(torch.equal(other.shadow[n], ema.shadow[n]) for n in ema.shadow)
+    assert all(other.shadow[n] is own[n] for n in own)
+    with pytest.raises(KeyError, match="differ from the trainable parameters"):
+        other.load_state_dict({"decay": 0.5, "shadow": {"weight": ema.shadow["weight"]}})
+    with pytest.raises(ValueError, match="weight has shape"):
+        other.load_state_dict({"decay": 0.5, "shadow": {"weight": torch.zeros(1, 3), "bias": ema.shadow["bias"]}})
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
