@@ -207,8 +207,25 @@ def _open_tar(stream, views: tuple[str, ...] = ()) -> tuple[Iterator, Callable[[
     reader = _TailReader(stream)
     tar = tarfile.open(fileobj=reader, mode="r|*")
     return (_members(tar),
-            lambda: getattr(tar.fileobj, "comptype", "tar") != "tar" or reader.ends_with_marker(tar.offset),
+            lambda: (_compressed_complete(tar) if getattr(tar.fileobj, "comptype", "tar") != "tar"
+                     else reader.ends_with_marker(tar.offset)),
             lambda info: tar.extractfile(info).read())
+
+
+def _compressed_complete(tar: tarfile.TarFile) -> bool:
+    """A compressed shard (.tar.gz / .bz2 / .xz) read to its end: the decompressor must reach
+    its end-of-stream mark (a cut file ends without it, and tarfile would take the cut for the
+    end of the archive, silently dropping the samples after it)."""
+    stream = tar.fileobj
+    # tarfile stopped at a whole (zero) block after the last member, the archive's end marker, not
+    # at a short read (a tar cut before it was compressed)
+    marker = stream.tell() >= tar.offset + tarfile.BLOCKSIZE
+    try:
+        while stream.read(1 << 16):
+            pass
+    except (EOFError, OSError, tarfile.TarError):
+        return False
+    return marker and bool(getattr(getattr(stream, "cmp", None), "eof", True))
 
 
 def _members(tar: tarfile.TarFile, mapped: Optional[memoryview] = None) -> Iterator:

@@ -80,6 +80,11 @@ class _Worker:
         self.draws = int(state.get("draws", 0))
         self.batches = int(state.get("batches", 0))
         self.done = bool(state.get("done", False))
+        # streams whose last epoch ended (finite epochs): the mixture draws from the others until
+        # every stream is through, so no sample of the longer stream is left unread
+        self.exhausted = {int(sid) for sid in state.get("exhausted", [])}
+        if len(self.streams) == 2 and self.lam in (0.0, 1.0):  # a stream the mixture never draws is not read
+            self.exhausted.add(IMAGE if self.lam == 0.0 else PAIRED)
         self.buckets_px = bucket_sizes(resolution, [parse_bucket(b) for b in cfg.buckets], cfg.bucket_multiple) \
             if cfg.buckets else None
         self._block_index, self._block = -1, None
@@ -149,7 +154,7 @@ class _Worker:
     # -- batches ------------------------------------------------------------------------
     def state(self) -> dict:
         return {"streams": {str(sid): s.state() for sid, s in self.streams.items()}, "draws": self.draws,
-                "batches": self.batches, "done": self.done,
+                "batches": self.batches, "done": self.done, "exhausted": sorted(self.exhausted),
                 "pending": [e[3] for bucket in self.buckets.values() for e in bucket],
                 "stats": self.counter.snapshot()}
 
@@ -182,12 +187,18 @@ class _Worker:
         while not self.done:
             image_only = self._draw_image_only()
             sid = IMAGE if (image_only and IMAGE in self.streams) or PAIRED not in self.streams else PAIRED
+            if sid in self.exhausted:  # that stream is through: the other one serves the draw
+                sid = PAIRED if sid == IMAGE else IMAGE
+                image_only = image_only or sid == IMAGE  # image-only shards carry no caption
             stream = self.streams[sid]
             try:
                 sample = next(stream)
             except StopIteration:
-                self.done = True
-                break
+                self.exhausted.add(sid)
+                if self.exhausted >= set(self.streams):
+                    self.done = True
+                    break
+                continue
             ref = stream.ref(stream.offset - 1) + [image_only]
             try:
                 bkey, item, caption = self._decode(sample, image_only)
@@ -403,7 +414,8 @@ class WebDatasetLoader:
         epochs = {sid: min((w["streams"][sid]["epoch"] for w in state["workers"].values() if sid in w["streams"]),
                            default=0) for sid in ("0", "1")}
         merged = merge_stats([w["stats"] for w in state["workers"].values() if w.get("stats")])
-        self._states = {w: {"streams": {sid: {"epoch": e} for sid, e in epochs.items()},
+        finished = all(w.get("done") for w in state["workers"].values())  # the saved run had read everything
+        self._states = {w: {"streams": {sid: {"epoch": e} for sid, e in epochs.items()}, "done": finished,
                             "stats": {"ok": merged["ok"], "reasons": merged["reasons"]} if w == 0 else None}
                         for w in range(self.slots_per_rank)}
         self._next_worker, self._batches = 0, int(state.get("batches", 0))

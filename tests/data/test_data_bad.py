@@ -2,6 +2,7 @@
 
 import json
 import logging
+import tarfile
 from collections import Counter
 
 import pytest
@@ -178,6 +179,31 @@ def test_a_cut_shard_reads_the_same_from_a_file_and_a_pipe(tmp_path, cut_member)
             for sample in read_shard(url):
                 keys.append(sample["__key__"])
         assert keys == [f"k{j}" for j in range(survivors)]
+
+
+@pytest.mark.parametrize("where", ["gzip file cut", "tar cut, then gzipped"])
+def test_a_cut_compressed_shard_is_an_error_not_a_short_shard(tmp_path, where):
+    """A .tar.gz cut inside a member header read as a complete, shorter shard (the samples after
+    the cut vanished uncounted): compressed shards must end with the decompressor's end mark and
+    the archive's end marker, as plain ones must end with the marker."""
+    import gzip
+
+    from iomm_scale.data.shards import read_shard
+
+    plain = tmp_path / "s.tar"
+    write_shard(str(plain), [{"__key__": f"k{j}", "jpg": good_jpeg(j), "txt": "c"} for j in range(6)])
+    raw = plain.read_bytes()
+    with tarfile.open(plain) as t:
+        cut = t.getmembers()[7].offset + 100  # inside k3.txt's header
+    blob = gzip.compress(raw[:cut]) if where.startswith("tar") else gzip.compress(raw)[: len(gzip.compress(raw[:cut]))]
+    (tmp_path / "s.tar.gz").write_bytes(blob)
+    keys = []
+    with pytest.raises(Exception, match="truncated|unexpected end"):
+        for sample in read_shard(str(tmp_path / "s.tar.gz")):
+            keys.append(sample["__key__"])
+    assert keys == ["k0", "k1", "k2"]
+    (tmp_path / "whole.tar.gz").write_bytes(gzip.compress(raw))  # and a whole one reads whole
+    assert [x["__key__"] for x in read_shard(str(tmp_path / "whole.tar.gz"))] == [f"k{j}" for j in range(6)]
 
 
 def test_a_stream_of_unreadable_shards_stops_instead_of_spinning(tmp_path):

@@ -146,6 +146,26 @@ def test_mixture_fraction_within_binomial_bound(tmp_path):
     assert all(c == f"photo number {int(k[3:])}" for b in batches for k, c in zip(b[0], b[1]) if c is not None)
 
 
+@pytest.mark.parametrize("lam, expect", [(0.5, {"img", "par"}), (0.0, {"par"}), (1.0, {"img"})])
+def test_finite_mixture_reads_each_drawn_stream_to_its_end(tmp_path, lam, expect):
+    """epochs=1 with 10 image-only and 80 paired samples: the run used to stop when the shorter
+    stream ended (72 paired samples never read, uncounted). Every stream the mixture draws from
+    is read once (the other serves the draws once one is through); a stream it never draws
+    (lambda 0: image-only, lambda 1: paired) is not read."""
+    img, ik = write_clean_shards(tmp_path, 2, 5, prefix="img", captions=False, sizes=((32, 32),))
+    par, pk = write_clean_shards(tmp_path, 2, 40, prefix="par", sizes=((32, 32),))
+    cfg = WebDatasetConfig(image_shards=[img], paired_shards=[par], image_only_fraction=lam, num_workers=0,
+                           epochs=1, shuffle_buffer=8)
+    batches, loader = run(cfg)
+    seen = Counter(keys_of(batches))
+    assert seen == Counter({k: 1 for k in (ik if "img" in expect else []) + (pk if "par" in expect else [])})
+    assert all((c is None) == k.startswith("img") or lam > 0 for b in batches for k, c in zip(b[0], b[1]))
+    # read to the end: a relaxed resume (another worker count) of the finished stream yields nothing
+    relaxed = build_webdataset_loader(WebDatasetConfig(**{**cfg.__dict__, "num_workers": 2}), R, 5, 0, 1, 0)
+    relaxed.load_state_dict(loader.state_dict(), strict=False)
+    assert keys_of(run(cfg, loader=relaxed)[0]) == []
+
+
 def test_paired_only_withholds_captions_with_probability_lambda(tmp_path):
     par, _ = write_clean_shards(tmp_path, 2, 10, prefix="par")
     lam, n = 0.5, 600
