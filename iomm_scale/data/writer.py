@@ -45,13 +45,24 @@ class ShardSummary:
 PARTIAL = ".partial"
 
 
+class _AtomicShardWriter(wds.ShardWriter):
+    """Leaving its `with` block on an exception closes the current shard without renaming it:
+    it stays `<name>.partial` (ShardWriter's close would run `post` and give a half-filled
+    shard its final name)."""
+
+    def __exit__(self, exc_type, *rest):
+        if exc_type is not None:
+            self.post = None
+        self.close()
+
+
 def shard_writer(out_pattern: str, max_count: int, max_size_mb: float) -> wds.ShardWriter:
     """webdataset's ShardWriter, atomic per shard: each shard is written as `<name>.partial`
     and renamed when complete, so a reader (or a run started meanwhile) never sees a
-    half-written shard, and a crash leaves only a `.partial` file. `final_name(sink.fname)`
-    is the name the current shard will have."""
-    return wds.ShardWriter(out_pattern + PARTIAL, maxcount=max_count, maxsize=max_size_mb * 1e6, verbose=0,
-                           encoder=False, mtime=0, post=lambda fname: os.replace(fname, final_name(fname)))
+    half-written shard, and a crash leaves only a `.partial` file (use it as a context
+    manager). `final_name(sink.fname)` is the name the current shard will have."""
+    return _AtomicShardWriter(out_pattern + PARTIAL, maxcount=max_count, maxsize=max_size_mb * 1e6, verbose=0,
+                              encoder=False, mtime=0, post=lambda fname: os.replace(fname, final_name(fname)))
 
 
 def final_name(fname: str) -> str:
@@ -166,12 +177,15 @@ def _prepare(job: tuple) -> tuple[str, object]:
     max_side = opts["max_side"]
     if ext is None or (max_side and max(w, h) > max_side):
         # Re-encode: unknown container, or shrink so shards stay small (orientation baked in).
-        im = ImageOps.exif_transpose(im)
-        if max_side and max(im.size) > max_side:
-            s = max_side / max(im.size)
-            im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.Resampling.LANCZOS)
-        buf = io.BytesIO()
-        to_rgb(im).save(buf, "JPEG", quality=opts["quality"])
+        try:  # decodes the image: without --verify this is where a damaged file shows
+            im = ImageOps.exif_transpose(im)
+            if max_side and max(im.size) > max_side:
+                s = max_side / max(im.size)
+                im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            to_rgb(im).save(buf, "JPEG", quality=opts["quality"])
+        except Exception as exn:  # noqa: BLE001 - PIL raises many kinds for a damaged file
+            return ("truncated_image" if "truncated" in str(exn) or looks_truncated(data) else "decode_error"), str(exn)
         data, ext = buf.getvalue(), "jpg"
     record = {"__key__": entry["key"], ext: data}
     if caption is not None:
@@ -199,7 +213,7 @@ def make_shards(entries: Iterable[dict], out_pattern: str, *, max_count: int = 1
     # fork where there is one: workers only run PIL, and spawning would re-import torch in each
     pool = get_context("fork" if "fork" in get_all_start_methods() else "spawn").Pool(workers) if workers > 1 else None
     results = pool.imap(_prepare, jobs, chunksize=16) if pool else map(_prepare, jobs)
-    sink = None
+    sink, finished = None, False
     try:
         for status, payload in results:
             if status != "ok":
@@ -212,9 +226,10 @@ def make_shards(entries: Iterable[dict], out_pattern: str, *, max_count: int = 1
                 summary.shards.append(final_name(sink.fname))
             summary.written += 1
             summary.bytes += sum(len(v) for k, v in payload.items() if not k.startswith("__"))
+        finished = True
     finally:
         if sink is not None:
-            sink.close()
+            sink.__exit__(None if finished else RuntimeError, None, None)  # a crash keeps the shard .partial
         if pool is not None:
             pool.close()
             pool.join()

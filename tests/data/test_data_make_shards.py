@@ -123,3 +123,29 @@ write_feature_shards(samples(), {str(tmp_path / "feat-%06d.tar")!r}, max_count=2
     assert sorted(os.listdir(tmp_path)) == ["feat-000000.tar", "feat-000001.tar.partial"]
     with tarfile.open(tmp_path / "feat-000000.tar") as tar:
         assert len(tar.getnames()) == 2 * 3  # two complete samples (latents, vision, json)
+
+
+def test_reencoding_without_verify_rejects_a_damaged_image(folder, tmp_path):
+    """--no-verify --max-side: the shrink is the first full decode, and a truncated JPEG failed
+    there with an OSError that stopped the whole run; it is a counted rejection like with verify."""
+    summary = make_shards(scan_folder(str(folder)), str(tmp_path / "o-%06d.tar"), verify=False, max_side=16,
+                          shuffle=False)
+    assert summary.rejected.get("truncated_image") == 1 and summary.written > 0
+
+
+def test_a_crash_while_writing_leaves_the_open_shard_partial(tmp_path):
+    """A failure mid-shard (here the feature encoder) must not give the half-filled shard its
+    final name: readers and patterns only ever see complete shards."""
+    import torch
+
+    from iomm_scale.data import write_feature_shards
+
+    def samples():
+        for i in range(7):
+            yield {"key": f"k{i}", "latents": torch.zeros(4, 4, 4), "vision_features": torch.zeros(6, 8),
+                   "resolution": 32}
+        raise RuntimeError("encoder crashed")
+
+    with pytest.raises(RuntimeError, match="encoder crashed"):
+        write_feature_shards(samples(), str(tmp_path / "feat-%06d.tar"), max_count=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feat-000000.tar", "feat-000001.tar.partial"]
