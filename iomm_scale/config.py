@@ -139,6 +139,12 @@ class RunConfig:
     source: str = field(default="<defaults>", init=False)  # the file it came from (for messages), not a setting
 
     @property
+    def micro_batches(self) -> int:
+        """Micro-batches per optimizer step: train.grad_accum or parallel.num_microbatches (the
+        same thing under two names; validation refuses two different values)."""
+        return max(self.train.grad_accum, self.parallel.num_microbatches)
+
+    @property
     def generator(self):
         return self.model.generator.config
 
@@ -366,10 +372,16 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> list[tuple[str, s
     if o.muon.implementation not in ("iomm", "deepspeed"):
         errors.append(("optim.muon.implementation", f"must be 'iomm' or 'deepspeed', got {o.muon.implementation!r}"))
 
-    if gen is not None:  # the layout against the model's heads / blocks (and the launch's world size)
-        sub("parallel", cfg.parallel.validate(world_size, model_info(gen)))
-
     t = cfg.train
+    p = cfg.parallel
+    if p.num_microbatches > 1 and t.grad_accum > 1 and p.num_microbatches != t.grad_accum:
+        errors.append(("parallel.num_microbatches", f"{p.num_microbatches} and train.grad_accum {t.grad_accum} both set "
+                       "the micro-batches per optimizer step (the pipeline's 1F1B micro-batches are the same "
+                       "thing): set one of them"))
+    if gen is not None:  # the layout against the model's heads / blocks (and the launch's world size)
+        effective = dataclasses.replace(p, num_microbatches=cfg.micro_batches)  # grad_accum feeds the pipeline too
+        sub("parallel", effective.validate(world_size, model_info(gen)))
+
     if t.steps < 1:
         errors.append(("train.steps", f"must be >= 1, got {t.steps}"))
     if t.grad_accum < 1:

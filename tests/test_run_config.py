@@ -44,6 +44,7 @@ TINY = os.path.join(ROOT, "configs", "tiny.yaml")
         (["train.keep_checkpoints=0"], "train.keep_checkpoints", "must be >= 1"),
         (["train.ckpt_every=-1"], "train.ckpt_every", "must be >= 0"),
         (["source=foo"], "source", "unknown key"),  # the config's file name, not a setting
+        (["train.grad_accum=4", "parallel.num_microbatches=2"], "parallel.num_microbatches", "both set"),
     ],
 )
 def test_bad_values_name_file_and_key(overrides, key, words):
@@ -177,3 +178,23 @@ def test_parallel_launcher_without_a_launcher_says_how_to_start_it():
     p = subprocess.run([sys.executable, "launchers/pretrain.py", "--config", TINY], cwd=ROOT, capture_output=True,
                        text=True, timeout=120, env=env)
     assert p.returncode == 2 and "torchrun" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_launcher_refuses_an_explicit_resume_path_it_cannot_use(tmp_path):
+    """train.resume=<path> that is not a launcher checkpoint used to start from scratch silently."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "launchers/pretrain.py", "--config", TINY, f"train.resume={tmp_path}/step_1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "RANK": "0", "WORLD_SIZE": "1"})
+    assert p.returncode == 2 and "checkpoint error: train.resume=" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_grad_accum_is_the_pipelines_micro_batch_count():
+    """train.grad_accum=4 with pp=2 is 4 1F1B micro-batches (it was refused as num_microbatches=1 < pp)."""
+    from iomm_scale.parallel.dist_trainer import split_parallel_args
+
+    cfg, pcfg = split_parallel_args(TINY, ["parallel.pp=2", "parallel.zero_stage=1", "train.grad_accum=4"])
+    pcfg.validate_or_raise()
+    assert cfg.micro_batches == pcfg.num_microbatches == 4

@@ -34,6 +34,7 @@ layouts / settings neither can run, naming the key.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -219,6 +220,11 @@ class DistributedTrainer:
         from ..iomm import build_iomm
         from ..train.trainer import build_loader, check_inputs, resolve_device
 
+        # micro-batches per step: train.grad_accum or parallel.num_microbatches (one count; the
+        # pipeline's 1F1B micro-batches when pp > 1), fixed before the layout is checked or shown
+        self.micro_batches = cfg.micro_batches
+        if pcfg.num_microbatches != self.micro_batches:
+            pcfg = ParallelConfig(**{**pcfg.__dict__, "num_microbatches": self.micro_batches})
         self.cfg, self.pcfg = cfg, pcfg
         self.run_dir = Path(run_dir or cfg.run_dir or Path("runs") / cfg.name)
         self.save_full_at_end = save_full
@@ -267,10 +273,6 @@ class DistributedTrainer:
             what = apply_init_weights(model, init_from, cfg.train.init_from_ema)
             if self.is_logger:
                 print(f"[iomm] initialised weights from {what}", flush=True)
-        self.micro_batches = pcfg.num_microbatches if pcfg.num_microbatches > 1 else cfg.train.grad_accum
-        if self.micro_batches != pcfg.num_microbatches:
-            pcfg = ParallelConfig(**{**pcfg.__dict__, "num_microbatches": self.micro_batches})
-            self.pcfg = pcfg
         keys = ("pixels",) if cfg.data.source == "builtin" else None
         ds_extra = precision_extra(cfg, pcfg)
         if cfg.optim.name == "muon" and cfg.optim.muon.implementation == "deepspeed":
@@ -392,19 +394,26 @@ class DistributedTrainer:
                   flush=True)
 
     def _will_resume(self) -> bool:
-        mode = self.cfg.train.resume
-        return mode != "never" and (mode != "auto" or (self.ckpt_root / "latest").is_file())
+        return self._resume_target() is not None
 
     def _resume_target(self) -> tuple[Path, str] | None:
         """(checkpoint root, tag) this launch resumes from, or None."""
         mode = self.cfg.train.resume
         if mode == "never":
             return None
-        root = self.ckpt_root if mode == "auto" else Path(mode).parent
-        latest = root / "latest"  # written by DeepSpeed
+        if mode != "auto":  # an explicit checkpoint: a DeepSpeed tag directory <root>/step_N
+            path = Path(mode)
+            if not path.is_dir() or not any(path.glob("*model_states.pt")):
+                from ..train.checkpoint import CheckpointError
+
+                raise CheckpointError(f"train.resume={mode}: not a launcher checkpoint (a <run_dir>/checkpoints/"
+                                      "step_N directory with DeepSpeed's *model_states.pt); auto resumes the run's "
+                                      "newest, never starts over")
+            return path.parent, path.name
+        latest = self.ckpt_root / "latest"  # written by DeepSpeed
         if not latest.is_file():
             return None
-        return root, latest.read_text().strip() if mode == "auto" else Path(mode).name
+        return self.ckpt_root, latest.read_text().strip()
 
     def _check_resume_layout(self, world: int) -> None:
         """DeepSpeed's files only load under the layout that wrote them: compare the saved layout
@@ -456,9 +465,11 @@ class DistributedTrainer:
         self._stop = True
 
     def _agree_stop(self) -> bool:
+        """Every rank stops when any got SIGTERM / SIGINT (the signal may reach one child only)."""
         flag = torch.tensor([1.0 if self._stop else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag[0])
+        self._stop = bool(flag[0])
+        return self._stop
 
     def next_batch(self) -> dict:
         from ..train.trainer import to_device
@@ -479,6 +490,7 @@ class DistributedTrainer:
         global_batch = cfg.data.batch_size * self.micro_batches * self.layout.dp
         throughput = ThroughputLog(cfg, self.device, world) if self.is_logger else None
         logged_step = self.rt.step
+        window: list[float] = []  # losses since the last metrics line (iomm-train logs their mean)
         try:
             while self.rt.step < cfg.train.steps:
                 if self._agree_stop():
@@ -486,17 +498,20 @@ class DistributedTrainer:
                 lr = cfg.optim.lr * lr_factor(self.rt.step, cfg)
                 self.rt.set_lr(lr)
                 out = self.rt.train_step(self.next_batch())
+                window.append(out["loss"])
                 if self.is_logger and (self.rt.step % cfg.train.log_every == 0 or self.rt.step == cfg.train.steps):
                     dt = time.perf_counter() - t0
                     samples_per_s = (self.rt.step - logged_step) * global_batch / dt  # all ranks together
                     logged_step = self.rt.step
                     # per device: the run's rate split over its `world` devices (TP / PP ranks share samples)
-                    last = {**out, "lr": lr, "time": time.time(), "seconds": dt, "samples_per_s": samples_per_s,
-                            **throughput(samples_per_s / world)}
+                    last = {**out, "loss": sum(window) / len(window), "loss_steps": len(window),
+                            "loss_last": out["loss"], "lr": lr, "time": time.time(), "seconds": dt,
+                            "samples_per_s": samples_per_s, **throughput(samples_per_s / world)}
+                    window = []
                     metrics.write(json.dumps(last) + "\n")
                     metrics.flush()
-                    self.history.append((out["step"], out["loss"]))
-                    print(f"[iomm] step {out['step']} loss {out['loss']:.5f} grad_norm {out['grad_norm']:.4f}", flush=True)
+                    self.history.append((out["step"], last["loss"]))
+                    print(f"[iomm] step {out['step']} loss {last['loss']:.5f} grad_norm {out['grad_norm']:.4f}", flush=True)
                     t0 = time.perf_counter()
                 if cfg.train.ckpt_every and self.rt.step % cfg.train.ckpt_every == 0:
                     self.save()
@@ -532,4 +547,5 @@ def split_parallel_args(config_path: str | None, overrides: list[str]):
     errors = muon_launch_errors(cfg, cfg.parallel) + lora_launch_errors(cfg, cfg.parallel)
     if errors:
         raise ConfigError(format_errors(cfg.source, errors))
-    return cfg, cfg.parallel
+    # one micro-batch count for the launchers: train.grad_accum feeds parallel.num_microbatches
+    return cfg, dataclasses.replace(cfg.parallel, num_microbatches=cfg.micro_batches)

@@ -33,7 +33,13 @@ from .groups import Layout, current_layout
 
 
 def micro_seed(seed: int, step: int, dp_rank: int, micro: int) -> int:
-    return (seed * 1_000_003 + step * 10_007 + dp_rank * 101 + micro) % (2**63 - 1)
+    """The RNG seed of one micro-batch (noise, timesteps, masks): distinct for every (seed, step,
+    data-parallel rank, micro-batch) (a linear mix repeated itself from 100 ranks x 9
+    micro-batches on: rank 99's micro-batch 8 drew rank 0's micro-batch 0 of the next step),
+    the same on the TP / PP ranks of one replica."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, step, dp_rank, micro]).generate_state(1, np.uint64)[0] % (2**63 - 1))
 
 
 # --------------------------------------------------------------------------- losses
@@ -341,6 +347,17 @@ def _record_zero0_grad_norm(engine) -> None:
         engine._global_grad_norm = float(norm)
 
     engine.clip_fp32_gradients = clip_and_record
+    if not engine.gradient_clipping() and not hasattr(engine.optimizer, "fp16_groups"):
+        # no clipping: DeepSpeed computes no norm at all; measure it right before the optimizer
+        # step (gradients all-reduced by then; an infinite bound scales nothing)
+        optimizer, inner_step = engine.optimizer, engine.optimizer.step
+
+        def record_and_step(*args, **kwargs):
+            engine._global_grad_norm = float(clip_grad_norm_(parameters=engine.module.parameters(),
+                                                             max_norm=float("inf"), mpu=engine.mpu))
+            return inner_step(*args, **kwargs)
+
+        optimizer.step = record_and_step
 
 
 def our_muon(engine):

@@ -225,7 +225,7 @@ class Trainer:
     # ---- one step ----------------------------------------------------------------------
     def train_step(self) -> dict:
         cfg = self.cfg
-        accum = cfg.train.grad_accum
+        accum = cfg.micro_batches  # train.grad_accum (or the same count as parallel.num_microbatches)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
         total = 0.0
         samples = 0
@@ -274,7 +274,9 @@ class Trainer:
                 if bar:
                     bar.update(1)
                     bar.set_postfix(loss=f"{out['loss']:.4f}")
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                # a line per log_every steps, at the end, and before a stop on a signal (the resumed
+                # run's windows then start where this one's stopped, no step left out)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps or self._stop_requested:
                     dt = time.perf_counter() - t0
                     last = {"step": self.step, "loss": sum(window) / len(window), "loss_steps": len(window),
                             "loss_last": out["loss"],

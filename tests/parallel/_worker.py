@@ -283,16 +283,18 @@ def scenario_generator(name: str, family="flux", **p) -> dict:
     micro = p.pop("micro", 2)
     ema_decay = p.pop("ema_decay", None)
     compile_backend = p.pop("compile_backend", None)
+    clip = p.pop("clip", CLIP)
     pcfg = ParallelConfig(**p)
     gen = build_generator(family)
     make = lambda model, step: generator_batch(gen, step, dp * m * micro)  # noqa: E731
     ref_ema: list = []
     ref_norms: list = []
-    ref_losses, hist = reference(gen, make, dp, m, STEPS, ema_decay=ema_decay, ema_out=ref_ema, norms_out=ref_norms)
+    ref_losses, hist = reference(gen, make, dp, m, STEPS, clip=clip, ema_decay=ema_decay, ema_out=ref_ema,
+                                 norms_out=ref_norms)
     keys = ("x_t", "t", "cond", "cond_mask", "target")
     init = {n: q.detach().clone() for n, q in gen.named_parameters()}
     with _compile_enabled(compile_backend is not None):
-        rt, losses = run_layout(gen, make, pcfg, micro, batch_keys=keys, ema_decay=ema_decay,
+        rt, losses = run_layout(gen, make, pcfg, micro, batch_keys=keys, clip=clip, ema_decay=ema_decay,
                                 compile_backend=compile_backend)
         out = compare(rt, losses, ref_losses, hist[-1], init)
     out["grad_norms"], out["ref_grad_norms"] = rt.test_grad_norms, ref_norms
@@ -783,6 +785,8 @@ SCENARIOS = {
     # world 2
     "dp2_zero0": lambda: scenario_generator("dp2_zero0", zero_stage=0),
     "dp2_zero1": lambda: scenario_generator("dp2_zero1", zero_stage=1, num_microbatches=2),
+    # no clipping: DeepSpeed's ZeRO-0 computed no gradient norm at all (grad_norm was logged NaN)
+    "dp2_zero0_noclip": lambda: scenario_generator("dp2_zero0_noclip", zero_stage=0, clip=0.0),
     "dp2_zero2": lambda: scenario_generator("dp2_zero2", zero_stage=2),
     "dp2_zero3": lambda: scenario_generator("dp2_zero3", zero_stage=3),
     # torch.compile'd blocks (aot_eager: the traced graphs, no C++ code generation on CPU)

@@ -38,7 +38,7 @@ WORLD2 = ["dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "dp2_zero3_ckpt", 
           "pp2_ckpt", "s3dit_tp2", "qwen_tp2", "s3dit_pp2", "qwen_pp2", "iomm_dp2_zero3", "iomm_dp2_zero1_compile_mllm", "ema_dp2_zero3", "ema_dp2_zero1",
           "ema_tp2",
           "lora_dp2_zero2", "managed_refused",
-          "bf16_full_zero0", "pp2_mb2", "s3dit_pp2_mb2", "qwen_pp2_mb2",
+          "bf16_full_zero0", "dp2_zero0_noclip", "pp2_mb2", "s3dit_pp2_mb2", "qwen_pp2_mb2",
           "muon_dp2_zero0", "muon_tp2_zero0", "muon_tp2_per_shard", "muon_dp2_bf16_autocast", "ds_muon_dp2_zero1",
           "ds_muon_dp2_zero3"]
 WORLD4 = ["tp2dp2_zero1", "tp2pp2", "iomm_tp2pp2", "ema_tp2pp2", "reshard_tp2dp2_to_dp4", "native_ckpt_tp2dp2_zero3",
@@ -93,7 +93,7 @@ def assert_parity(r: dict, steps: int = 3) -> None:
 
 @pytest.mark.parametrize("name", ["dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "dp2_zero3_offload", "tp2", "pp2",
                                   "s3dit_tp2", "qwen_tp2", "s3dit_pp2", "qwen_pp2", "pp2_mb2", "s3dit_pp2_mb2",
-                                  "qwen_pp2_mb2"])
+                                  "qwen_pp2_mb2", "dp2_zero0_noclip"])
 def test_two_process_layouts_match_single_process(world2, name):
     r = check(world2, name)
     assert_parity(r)

@@ -126,6 +126,9 @@ def test_sigterm_saves_at_the_next_step_and_says_so(tmp_path, capsys, monkeypatc
     assert "done:" not in out
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002"
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is given back
+    # the steps since the last metrics line (log_every 10) are logged before stopping, not lost
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["loss_steps"]) for x in lines] == [(2, 2)]
 
 
 def test_fit_writes_metrics_checkpoint_and_pngs(tiny_cfg, tmp_path):
