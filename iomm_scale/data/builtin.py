@@ -97,16 +97,26 @@ class BuiltinLoader:
         self.epoch, self.position = 0, 0
 
     def _order(self, epoch: int) -> list[int]:
-        """One epoch's global order. With a mixture, each slot is image-only with probability
-        lambda (photos, or a shape used without its caption) or a captioned shape."""
+        """One epoch's global order. With a mixture each slot is image-only with probability
+        lambda, drawn from the image-only pool (the photos, and the shapes without their
+        captions), else a captioned shape: the fraction of image-only samples is lambda, as
+        for webdataset sources (the captionless photos used to enter on top of it)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         if self.image_only_fraction >= 1.0:
             return torch.randperm(self.num_photos, generator=g).tolist()
         n = len(self.samples)
-        order = torch.randperm(n, generator=g).tolist()
+        pool = torch.randperm(n, generator=g).tolist()  # the image-only pool, in this epoch's order
+        shapes = (self.num_photos + torch.randperm(n - self.num_photos, generator=g)).tolist()
         image_only = (torch.rand(n, generator=g) < self.image_only_fraction).tolist()
-        # encode "use without caption" as a negative index
-        return [i if (i < self.num_photos or not image_only[k]) else -1 - i for k, i in enumerate(order)]
+        order, a, b = [], 0, 0
+        for k in range(n):  # encode "use without caption" as a negative index
+            if image_only[k]:
+                order.append(-1 - pool[a] if pool[a] >= self.num_photos else pool[a])
+                a += 1
+            else:
+                order.append(shapes[b % len(shapes)])
+                b += 1
+        return order
 
     def __iter__(self):
         return self
@@ -134,6 +144,9 @@ class BuiltinLoader:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:  # strict: as the stream's (always exact here)
+        if "epoch" not in state:
+            raise ValueError("the saved data position is not the built-in source's (data.source changed?): "
+                             "resume with the source that wrote it, or start over (train.resume=never)")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     def stats(self) -> dict:

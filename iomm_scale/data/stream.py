@@ -390,7 +390,7 @@ class WebDatasetLoader:
                 "batch_size": self.batch_size, "resolution": self.resolution, "shards": shards,
                 "options": [c.image_only_fraction, c.features, c.shuffle_buffer, c.epochs, c.resample, c.drop_last,
                             list(c.buckets), c.bucket_multiple, c.min_size_fraction, c.min_image_size,
-                            c.max_image_pixels]}
+                            c.max_image_pixels, c.resize_filter]}
 
     def state_dict(self) -> dict:
         """JSON-serialisable position of the stream after the last batch yielded."""
@@ -398,6 +398,9 @@ class WebDatasetLoader:
                 "batches": self._batches, "workers": {str(w): s for w, s in self._states.items()}}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        if "workers" not in state:  # e.g. the built-in demo source's {"epoch", "position"}
+            raise ValueError("the saved data position is not a webdataset stream's (data.source changed?): "
+                             "resume with the source that wrote it, or start over (train.resume=never)")
         self.close()
         mine, saved = self._fingerprint(), state.get("fingerprint", {})
         changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v]

@@ -232,3 +232,16 @@ def test_resume_at_every_batch_boundary(tmp_path, drop_last):
         second.load_state_dict(_json_roundtrip(first.state_dict()))
         assert head + [b["keys"] for b in second] == reference, k
         assert second.stats() == full.stats()
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_builtin_source_honours_the_mixture_fraction(lam):
+    """The built-in demo set's captionless photos used to enter on top of lambda (0.36
+    image-only at lambda 0); now lambda is the image-only fraction there too."""
+    from iomm_scale.data.builtin import BuiltinLoader
+
+    loader, n = BuiltinLoader(R, 8, lam, crops_per_photo=1), 0
+    captions = [c for _ in range(150) for c in next(loader)["captions"]]
+    n = len(captions)
+    image_only = sum(c is None for c in captions)
+    assert abs(image_only - lam * n) <= 4 * math.sqrt(n * max(lam * (1 - lam), 1e-9)) + (0 if lam == 0 else 1)
