@@ -91,12 +91,17 @@ class EMA:
         """The saved shadow, copied into this EMA's tensors: they stay on the parameters' device
         (checkpoints are read to the CPU) and the decay stays this run's `optim.ema_decay` (as
         the launchers' EMA does; a changed decay in the config applies from the resumed step)."""
-        shadow = state["shadow"]
-        if set(shadow) != set(self.shadow):
-            diff = sorted(set(shadow) ^ set(self.shadow))
-            raise KeyError(f"checkpoint's EMA tensors differ from the trainable parameters, e.g. {diff[:5]}")
-        for n, v in shadow.items():
-            if v.shape != self.shadow[n].shape:
-                raise ValueError(f"checkpoint's EMA of {n} has shape {tuple(v.shape)}, the parameter "
-                                 f"{tuple(self.shadow[n].shape)}")
-            self.shadow[n].copy_(v)
+        copy_shadow(self.shadow, state["shadow"], "checkpoint", "the trainable parameters")
+
+
+@torch.no_grad()
+def copy_shadow(shadow: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], source: str, holder: str) -> None:
+    """Copy a saved EMA into `shadow`'s own tensors (their device kept): the same names and
+    shapes, or an error naming the difference (`holder`: what `shadow` covers, for the message)."""
+    if set(saved) != set(shadow):
+        diff = sorted(set(saved) ^ set(shadow))
+        raise KeyError(f"{source}: EMA tensors differ from {holder}, e.g. {diff[:5]}")
+    for n, v in saved.items():
+        if v.shape != shadow[n].shape:
+            raise ValueError(f"{source}: EMA of {n} has shape {tuple(v.shape)}, {holder} {tuple(shadow[n].shape)}")
+        shadow[n].copy_(v)

@@ -153,15 +153,9 @@ class DistributedEMA:
             raise ValueError(f"{source}: EMA saved under layout {saved}, resuming under {mine}: the per-rank EMA "
                              "is layout-bound; resume under the saving layout, or go through --save-full / "
                              "--resume-full (layout-free, EMA included)")
-        shadow = state["shadow"]
-        if set(shadow) != set(self.shadow):
-            diff = sorted(set(shadow) ^ set(self.shadow))
-            raise KeyError(f"{source}: EMA tensors differ from this rank's trainable parameters, e.g. {diff[:3]}")
-        for n, t in shadow.items():
-            if t.shape != self.shadow[n].shape:
-                raise ValueError(f"{source}: EMA of {n} has shape {tuple(t.shape)}, this rank holds "
-                                 f"{tuple(self.shadow[n].shape)}")
-            self.shadow[n].copy_(t)
+        from ..optim.builder import copy_shadow
+
+        copy_shadow(self.shadow, state["shadow"], source, "this rank's trainable parameters")
         # the decay stays this run's optim.ema_decay (as with --resume-full and iomm-train)
 
     def load(self, root: str, tag: str) -> bool:
