@@ -351,7 +351,8 @@ def iter_owned(plan: SlotPlan, epoch: int, loc: Location,
                 if plan.owns(gidx - 1):
                     yield (pos, index, gidx), sample
         except Exception as exn:  # unreadable / truncated shard: counted, never fatal here
-            if on_shard_error is not None:
+            # split by sample, every slot reads every shard: one slot per shard counts its error
+            if on_shard_error is not None and (not plan.sample_split or pos % plan.num_slots == plan.slot):
                 on_shard_error(url, exn)
         pos, skip = pos + 1, 0
 
@@ -379,6 +380,7 @@ class ChunkedShuffle:
         self._next_loc: Location = self.loc
         self._restoring = state.get("chunk_filled", False)
         self._empty_epochs = 0
+        self._empty_urls: set[str] = set()  # shards of the current streak of epochs without a sample
         self._reader: Optional[Iterator] = None  # the open shard reader, positioned at _reader_at
         self._reader_at: tuple = ()
 
@@ -440,11 +442,17 @@ class ChunkedShuffle:
         raise StopIteration
 
     def _end_epoch(self, had_samples: bool) -> None:
-        self._empty_epochs = 0 if had_samples else self._empty_epochs + 1
+        if had_samples:
+            self._empty_epochs, self._empty_urls = 0, set()
+        else:
+            self._empty_epochs += 1
+            self._empty_urls.update(self.plan.epoch_urls(self.epoch))
         self.epoch, self.chunk, self.loc, self.offset = self.epoch + 1, 0, START, 0
         if self.epochs is not None and self.epoch >= self.epochs:
             self.done = True
-        elif self.epochs is None and self._empty_epochs >= 3:  # looping over nothing would hang the trainer
+        # Looping over nothing would hang the trainer; but a slot dealt only the few bad shards of
+        # a good set for a while is not that: stop once the streak has tried every shard.
+        elif self.epochs is None and self._empty_epochs >= 3 and self._empty_urls >= set(self.plan.urls):
             from .errors import NoDataError
 
             raise NoDataError(f"slot {self.plan.slot} of {self.plan.num_slots} read no sample in 3 consecutive epochs of "

@@ -230,3 +230,35 @@ def test_a_resume_does_not_recount_the_errors_of_the_chunk_it_rereads(tmp_path):
     second.load_state_dict(first.state_dict())
     assert sum(len(b["keys"]) for b in second) == 10 - 2
     assert second.stats()["shard_errors"] == 1 and second.stats()["ok"] == 10
+
+
+def test_a_bad_shard_counts_once_when_slots_outnumber_shards(tmp_path):
+    """Split by sample (2 shards, 2 ranks x 2 workers) every slot reads every shard, and each
+    counted the cut shard: 4 errors for 1 (the budget's bad fraction inflated alike)."""
+    pattern, keys = write_clean_shards(tmp_path, n_shards=2, per_shard=10)
+    truncate_tar_in_member(str(tmp_path / "img-000001.tar"), member_index=9)
+    cfg = WebDatasetConfig(image_shards=[pattern], num_workers=2, epochs=1, shuffle_buffer=4)
+    total = 0
+    for rank in range(2):
+        loader = build_webdataset_loader(cfg, 32, 2, rank, 2, 0)
+        for _ in loader:
+            pass
+        total += loader.stats()["shard_errors"]
+    assert total == 1
+
+
+def test_a_slot_dealt_only_a_bad_shard_for_3_epochs_goes_on(tmp_path):
+    """3 good shards and an empty one over 4 slots: the slot dealt the empty shard 3 epochs in a
+    row used to stop the run (NoDataError) although the set is fine; it stops only once its
+    empty streak has tried every shard (the all-bad test above)."""
+    import numpy as np
+
+    write_clean_shards(tmp_path, n_shards=3, per_shard=6)
+    write_shard(str(tmp_path / "img-000003.tar"), [])
+    seed = next(s for s in range(1000)  # a seed whose permutations deal shard 3 to one slot 3 times
+                if len({[np.random.default_rng([s, 0, e]).permutation(4)[k::4].tolist() for k in range(4)].index([3])
+                        for e in range(3)}) == 1)
+    slot = [np.random.default_rng([seed, 0, 0]).permutation(4)[k::4].tolist() for k in range(4)].index([3])
+    cfg = WebDatasetConfig(image_shards=[str(tmp_path / "img-{000000..000003}.tar")], num_workers=0, shuffle_buffer=4)
+    loader = build_webdataset_loader(cfg, 32, 4, slot, 4, seed)
+    assert sum(1 for _, _ in zip(range(20), loader)) == 20
