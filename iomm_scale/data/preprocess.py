@@ -222,6 +222,9 @@ def decode_image_chw(data: bytes, resolution: int, *, buckets: Optional[Sequence
     nearest bucket). Raises BadSample with the reason when the image is unusable."""
     if len(data) == 0:
         raise BadSample("empty_payload")
+    if Image.MAX_IMAGE_PIXELS is not None and max_image_pixels > Image.MAX_IMAGE_PIXELS:
+        # PIL refuses images over twice its own limit before our check runs: let ours govern
+        Image.MAX_IMAGE_PIXELS = max_image_pixels
     try:
         im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exn:

@@ -188,3 +188,17 @@ def test_size_limits():
         decode_image(data, 64, min_image_size=41)
     with pytest.raises(BadSample, match="too_large"):
         decode_image(data, 32, max_image_pixels=48 * 40 - 1)
+
+
+def test_max_image_pixels_above_pils_own_limit_is_honoured(monkeypatch):
+    """data.webdataset.max_image_pixels above PIL's own limit had no effect: PIL refused the image
+    itself (counted too_large) before our check ran. (PIL's limit lowered here to keep it small.)"""
+    from iomm_scale.data.preprocess import decode_image_chw
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses over 2x this: 2000 pixels
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 100), (10, 20, 30)).save(buf, "PNG")  # 10,000 pixels
+    assert tuple(decode_image_chw(buf.getvalue(), 64, max_image_pixels=20_000).shape) == (3, 64, 64)
+    with pytest.raises(BadSample) as bad:
+        decode_image_chw(buf.getvalue(), 64, max_image_pixels=5_000)  # our own limit still refuses it
+    assert bad.value.reason == "too_large"
