@@ -23,8 +23,24 @@ def _load(args):
     try:
         return load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail("config", e)
+
+
+def _fail(kind: str, error: Exception, code: int = 2) -> None:
+    """One line on stderr and an exit status, instead of a traceback, for a refused input."""
+    print(f"{kind} error: {error}", file=sys.stderr)
+    raise SystemExit(code) from None
+
+
+def _trained_model(cfg, checkpoint: str, use_ema: bool):
+    """The config's model with a checkpoint's weights (sampling.load_trained), refusals as one line."""
+    from .sampling import load_trained
+    from .train.checkpoint import CheckpointError
+
+    try:
+        return load_trained(cfg, checkpoint, use_ema=use_ema)
+    except CheckpointError as e:  # weights of another model config, adapters of another base
+        _fail("checkpoint", e)
 
 
 def train_main(argv=None) -> None:
@@ -40,18 +56,15 @@ def train_main(argv=None) -> None:
     try:
         trainer = Trainer(cfg, run_dir=args.run_dir)
     except ConfigError as e:  # what the config alone could not vouch for (shards, init_from, layout)
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail("config", e)
     except CheckpointError as e:  # a checkpoint that does not fit this config (resume, init_from)
-        print(f"checkpoint error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail("checkpoint", e)
     from .data.errors import DataErrorBudgetExceeded
 
     try:
         last = trainer.fit()
     except DataErrorBudgetExceeded as e:  # the configured stop: the message names the worst shards
-        print(f"data error: {e}", file=sys.stderr)
-        raise SystemExit(3) from None
+        _fail("data", e, 3)
     if trainer.stopped_by_signal:
         return  # fit() said where the checkpoint is
     if not last:  # resumed at (or past) train.steps: nothing was trained in this launch
@@ -90,8 +103,7 @@ def sample_main(argv=None) -> None:
         sample_from_checkpoint(cfg, args.checkpoint, args.images, args.prompt, args.out, args.steps, args.cfg_scale,
                                args.seed, use_ema=not args.no_ema)
     except CheckpointError as e:  # weights of another model config / LoRA base
-        print(f"checkpoint error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail("checkpoint", e)
     print(f"wrote {os.path.abspath(args.out)}")
 
 
@@ -145,15 +157,8 @@ def export_lora_main(argv=None) -> None:
         raise SystemExit(2)
     _check_inputs(args.checkpoint)
     from .models.lora import export_lora
-    from .sampling import load_trained
-    from .train.checkpoint import CheckpointError
 
-    try:
-        model = load_trained(cfg, args.checkpoint, use_ema=not args.no_ema)
-    except CheckpointError as e:  # adapters of another base generator, another model config
-        print(f"checkpoint error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"wrote {export_lora(model, args.out)}")
+    print(f"wrote {export_lora(_trained_model(cfg, args.checkpoint, not args.no_ema), args.out)}")
 
 
 def export_diffusers_main(argv=None) -> None:
@@ -180,14 +185,8 @@ def export_diffusers_main(argv=None) -> None:
 
     from .models.adapters import adapter_for
     from .models.lora import CONDITIONER_WEIGHTS_NAME, save_conditioner
-    from .sampling import load_trained
-    from .train.checkpoint import CheckpointError
 
-    try:
-        model = load_trained(cfg, args.checkpoint, use_ema=not args.no_ema)
-    except CheckpointError as e:
-        print(f"checkpoint error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    model = _trained_model(cfg, args.checkpoint, not args.no_ema)
     out = os.path.abspath(args.out)
     adapter_for(cfg.model.generator.family).save_diffusers(model.generator, os.path.join(out, "transformer"),
                                                            dtype=getattr(torch, args.dtype))

@@ -342,29 +342,22 @@ class DistributedTrainer:
             atomic_save(self.loader.state_dict(), self.ckpt_root / tag / f"data_dp{self.layout.dp_rank}.pt")
         if self.is_logger:  # the layout DeepSpeed's files are cut for: checked first on resume
             (self.ckpt_root / tag).mkdir(parents=True, exist_ok=True)
-            (self.ckpt_root / tag / LAYOUT_FILE).write_text(json.dumps(self._layout_record()))
+            (self.ckpt_root / tag / LAYOUT_FILE).write_text(json.dumps(self._layout_record(dist.get_world_size())))
         dist.barrier()
         self.rt.save(str(self.ckpt_root), tag=tag)
         self._on_disk = tag
         dist.barrier()
         if self.is_logger:
             print(f"[iomm] checkpoint {self.ckpt_root / tag}", flush=True)
-            self._prune(tag)
+            from ..train.checkpoint import prune_steps
+
+            prune_steps(self.ckpt_root, self.cfg.train.keep_checkpoints, tag)
         return tag
 
-    def _layout_record(self) -> dict:
-        lay = self.layout
-        return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero_stage": self.pcfg.zero_stage}
-
-    def _prune(self, current: str) -> None:
-        """Keep the newest train.keep_checkpoints step directories (rank 0, after every rank saved)."""
-        import re
-        import shutil
-
-        steps = sorted(p for p in self.ckpt_root.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name))
-        for old in steps[:-self.cfg.train.keep_checkpoints]:
-            if old.name != current:
-                shutil.rmtree(old, ignore_errors=True)
+    def _layout_record(self, world: int) -> dict:
+        """The layout a DeepSpeed checkpoint is cut for (written beside it, compared on resume)."""
+        p = self.pcfg
+        return {"tp": p.tp, "pp": p.pp, "dp": world // (p.tp * p.pp), "zero_stage": p.zero_stage}
 
     def write_outputs(self, exported: str | None) -> None:
         """Rank 0, at the end (the others wait in the launcher's barrier): loss_curve.png of this
@@ -422,9 +415,8 @@ class DistributedTrainer:
         record = target and target[0] / target[1] / LAYOUT_FILE
         if not record or not record.is_file():
             return
-        p = self.pcfg
-        saved, mine = json.loads(record.read_text()), {"tp": p.tp, "pp": p.pp, "dp": world // (p.tp * p.pp),
-                                                        "zero_stage": p.zero_stage}
+        saved, mine = json.loads(record.read_text()), self._layout_record(world)
+
         def same(a, b):  # ZeRO-1 and -2 share one optimizer-state format (DeepSpeed's stage_1_and_2)
             return all(a[k] == b[k] for k in ("tp", "pp", "dp")) and \
                 {a["zero_stage"], b["zero_stage"]} in ({0}, {1}, {2}, {3}, {1, 2})

@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -37,8 +38,6 @@ def micro_seed(seed: int, step: int, dp_rank: int, micro: int) -> int:
     data-parallel rank, micro-batch) (a linear mix repeated itself from 100 ranks x 9
     micro-batches on: rank 99's micro-batch 8 drew rank 0's micro-batch 0 of the next step),
     the same on the TP / PP ranks of one replica."""
-    import numpy as np
-
     return int(np.random.SeedSequence([seed, step, dp_rank, micro]).generate_state(1, np.uint64)[0] % (2**63 - 1))
 
 

@@ -93,10 +93,15 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, state: dict, keep: 
     os.replace(latest_tmp, root / LATEST)
     _fsync_dir(root)
     shutil.rmtree(previous, ignore_errors=True)
-    for old in sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir())[:-keep]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_steps(root, keep, final.name)
     return final
+
+
+def prune_steps(root: str | os.PathLike, keep: int, current: str) -> None:
+    """Remove all but the newest `keep` step_N directories of `root` (never `current`)."""
+    for old in sorted(p for p in Path(root).iterdir() if _STEP_DIR.match(p.name) and p.is_dir())[:-keep]:
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 _STEP_DIR = re.compile(r"step_(\d+)$")
@@ -243,6 +248,13 @@ def load_data_position(loader, state: dict, exact: bool, source: str) -> None:
         raise CheckpointError(f"{source}: {e}") from None
 
 
+def check_lora_base(saved: str, mine: str, source: str) -> None:
+    """LoRA adapters apply to the base generator they were trained on (its frozen-weight checksum)."""
+    if saved != mine:
+        raise CheckpointError(f"{source}: its LoRA adapters were trained on another base generator (frozen-weight "
+                              f"checksum {saved} != {mine}): check model.generator.path / train.seed")
+
+
 @torch.no_grad()
 def copy_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
     """Copy `weights` (single-device names) into `model`'s parameters, strictly: every trainable
@@ -277,10 +289,7 @@ def apply_init_weights(model: torch.nn.Module, path: str | os.PathLike, use_ema:
     if base is not None:
         from ..models.lora import base_fingerprint
 
-        mine = base_fingerprint(model.generator)
-        if base != mine:
-            raise CheckpointError(f"{label}={path}: its LoRA adapters were trained on another base generator "
-                             f"(frozen-weight checksum {base} != {mine}): check model.generator.path / train.seed")
+        check_lora_base(base, base_fingerprint(model.generator), f"{label}={path}")
     copy_weights(model, weights, f"{label}={path}")
     modules = dict(model.named_modules())
     for name, sd in frozen.items():

@@ -166,10 +166,8 @@ class Trainer:
         return self._lora_base_fp
 
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
-        if state.get("lora_base") is not None and state["lora_base"] != self._lora_base():
-            raise ckpt.CheckpointError(f"{source}: its LoRA adapters were trained on another base generator "
-                                       f"(frozen-weight checksum {state['lora_base']} != {self._lora_base()}): check "
-                                       "model.generator.path / train.seed")
+        if state.get("lora_base") is not None:
+            ckpt.check_lora_base(state["lora_base"], self._lora_base(), source)
         ckpt.copy_weights(self.model, state["model"], source)
         modules = dict(self.model.named_modules())
         for name, sd in state.get("frozen", {}).items():

@@ -235,7 +235,7 @@ def test_a_resume_does_not_recount_the_errors_of_the_chunk_it_rereads(tmp_path):
 def test_a_bad_shard_counts_once_when_slots_outnumber_shards(tmp_path):
     """Split by sample (2 shards, 2 ranks x 2 workers) every slot reads every shard, and each
     counted the cut shard: 4 errors for 1 (the budget's bad fraction inflated alike)."""
-    pattern, keys = write_clean_shards(tmp_path, n_shards=2, per_shard=10)
+    pattern, _ = write_clean_shards(tmp_path, n_shards=2, per_shard=10)
     truncate_tar_in_member(str(tmp_path / "img-000001.tar"), member_index=9)
     cfg = WebDatasetConfig(image_shards=[pattern], num_workers=2, epochs=1, shuffle_buffer=4)
     total = 0
