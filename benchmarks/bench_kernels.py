@@ -43,9 +43,13 @@ def category(name: str) -> str:
 def profile_block(block, args, grads, iters: int, device: torch.device):
     from torch.profiler import ProfilerActivity, profile
 
+    leaves = [*block.parameters(), *(a for a in args if isinstance(a, torch.Tensor) and a.requires_grad)]
+
     def fwd_bwd():
         o = block(*args)
         torch.autograd.backward(o if isinstance(o, tuple) else (o,), grads)
+        for t in leaves:  # as the trainer's zero_grad(set_to_none=True): no accumulation kernels
+            t.grad = None
 
     for _ in range(3):  # warm-up (and compilation)
         fwd_bwd()

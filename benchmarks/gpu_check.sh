@@ -13,6 +13,11 @@
 #                    fwd + bwd, SDPA and (when importable) flash-attn: ms, TFLOP/s, MFU
 #   2a kernels       the same blocks under torch.profiler, eager and compiled: kernel time by
 #                    category (matmul / attention / norm / other) and the top kernels (bench_kernels.py)
+#   2c genkernels   the whole IOMM-B generator's fwd + bwd (micro-batch 32, compiled blocks, fp32 + autocast)
+#                    by kernel: idle share, categories, top kernels and aten ops, per formulation variant
+#                    (benchmarks/bench_generator_kernels.py; GPU_CHECK_GENK_MB, GPU_CHECK_GENK_VARIANTS)
+#   2d normrope     the fused q/k RMSNorm + RoPE Triton kernel: its CUDA correctness check and its speed
+#                    against eager / inductor code (benchmarks/bench_norm_rope.py)
 #   2b muon          issue 6: IOMM-XL generator (8 of 34 S3-DiT blocks at real shapes, micro-batch 16,
 #                    1024 + 256 tokens, fp32 weights + bf16 autocast): fwd + bwd vs MuonWithAdamW.step()
 #                    (bf16 Newton-Schulz) and fused AdamW, ratios vs the <= 3% goal, Newton-Schulz per
@@ -32,6 +37,7 @@
 #                    checkpointing full vs none in the DeepSpeed ZeRO-3 training step with 1 / 2 / 4
 #                    processes, one thread each (bench_zero_memory.py part C; GPU_CHECK_ZERO_PARTS=isolated,c
 #                    adds part B process-isolated; needs the carried deepspeed / megatron-core / pydantic wheels)
+# GPU_CHECK_PYTEST_PATHS narrows stage 1 to some test files (default: tests/).
 # Sizes: GPU_CHECK_STEP_MB / _STEP_CKPT / _STEP_COMPILE (stage 4), GPU_CHECK_COMPILE_MB / _COMPILE_CKPT /
 # _COMPILE_PARAMS (stage 5), GPU_CHECK_ZERO_PAIRS / _ZERO_WORLDS / _ZERO_PARTS (stage 7).
 # GPU_CHECK_STAGES=preflight,pytest_gpu,...: run only the named stages (the others are listed as not selected).
@@ -107,7 +113,7 @@ EOF
 # ---- 1: the CUDA tests --------------------------------------------------------------------
 if $PY -c "import pytest" >/dev/null 2>&1; then
   run_stage pytest_gpu 200 $PY -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
-      -o addopts="" tests/ -rs
+      -o addopts="" ${GPU_CHECK_PYTEST_PATHS:-tests/} -rs
 else
   printf 'pytest_gpu\tskipped\t0\tpytest is not installed (carry pytest, pluggy, iniconfig in .whl/)\n' >> "$SUMMARY"
 fi
@@ -118,6 +124,15 @@ run_stage blocks 120 $PY benchmarks/bench_throughput.py "${BLOCKS[@]}" --out "$O
 # ---- 2a: where a block's time goes, by kernel category, eager vs compiled --------------------
 KERN=(); [[ $DRY == 1 ]] && KERN=(--dry-run)
 run_stage kernels 120 $PY benchmarks/bench_kernels.py ${KERN[@]+"${KERN[@]}"} --out "$OUT"
+
+# ---- 2d: the fused q/k RMSNorm + RoPE kernel: correctness (both pair modes) and speed vs inductor ----
+if [[ $DRY != 1 ]]; then
+  run_stage normrope 120 bash -c "$PY tests/models/_fused_norm_rope_check.py cuda && $PY benchmarks/bench_norm_rope.py --out '$OUT'"
+fi
+
+# ---- 2c: the whole generator's forward + backward by kernel, and formulation variants ---------
+GK=(--micro-batch ${GPU_CHECK_GENK_MB:-32} --variants ${GPU_CHECK_GENK_VARIANTS:-base,unfused}); [[ $DRY == 1 ]] && GK=(--dry-run --variants base)
+run_stage genkernels 300 $PY benchmarks/bench_generator_kernels.py "${GK[@]}" --out "$OUT"
 
 # ---- 2b: Muon step vs forward + backward at IOMM-XL shapes (issue 6) ---------------------------
 MUON=(); [[ $DRY == 1 ]] && MUON=(--device cpu --dry-run)
@@ -172,6 +187,8 @@ run_stage zero_cpu 300 env CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu DS_BUILD_OPS
   echo
   [[ -f "$OUT/blocks.md" ]] && { echo "## Blocks"; echo; cat "$OUT/blocks.md"; echo; }
   [[ -f "$OUT/kernels.md" ]] && { echo "## Kernels"; echo; cat "$OUT/kernels.md"; echo; }
+  [[ -f "$OUT/normrope.md" ]] && { echo "## q/k norm + RoPE"; echo; cat "$OUT/normrope.md"; echo; }
+  [[ -f "$OUT/genkernels.md" ]] && { echo "## Generator kernels"; echo; cat "$OUT/genkernels.md"; echo; }
   [[ -f "$OUT/muon.md" ]] && { echo "## Muon (IOMM-XL)"; echo; cat "$OUT/muon.md"; echo; }
   for s in generator iomm_step compile; do
     if [[ -f "$OUT/$s.log" ]]; then

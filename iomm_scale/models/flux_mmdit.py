@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import apply_rope, attention, none_if_unpadded, rope_angles
+from .attention import attention, none_if_unpadded, rope_angles
 from .layers import (FeedForward, MLPEmbedder, RMSNorm, layer_norm_no_affine, linear, modulate, split_fused,
                      timestep_embedding)
 
@@ -81,20 +81,25 @@ class DoubleStreamBlock(nn.Module):
             setattr(self, f"{stream}_out", linear(dim, dim, tp_style="row"))
             setattr(self, f"{stream}_mlp", FeedForward(dim, mlp))
 
-    def _qkv(self, stream: str, x: torch.Tensor):
+    def _qkv(self, stream: str, x: torch.Tensor, rope):
+        """q and k normed and rotated (one fused kernel each on CUDA), v; rope: this stream's rows."""
         q, k, v = split_fused(getattr(self, f"{stream}_qkv")(x), (1, 1, 1))
-        q = getattr(self, f"{stream}_norm_q")(_heads(q, self.head_dim))
-        k = getattr(self, f"{stream}_norm_k")(_heads(k, self.head_dim))
+        q = getattr(self, f"{stream}_norm_q")(_heads(q, self.head_dim), rope)
+        k = getattr(self, f"{stream}_norm_k")(_heads(k, self.head_dim), rope)
         return q, k, _heads(v, self.head_dim)
 
     def forward(self, img, txt, temb, rope, mask):
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(F.silu(temb)).chunk(6, -1)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(F.silu(temb)).chunk(6, -1)
 
-        img_q, img_k, img_v = self._qkv("img", modulate(layer_norm_no_affine(img), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self._qkv("txt", modulate(layer_norm_no_affine(txt), txt_shift1, txt_scale1))
-        q = apply_rope(torch.cat([txt_q, img_q], 1), *rope)
-        k = apply_rope(torch.cat([txt_k, img_k], 1), *rope)
+        # the joint sequence is [txt | img]: each stream is rotated with its own rows of the tables
+        n_txt = txt.shape[1]
+        txt_rope = tuple(t[..., :n_txt, :] for t in rope)
+        img_rope = tuple(t[..., n_txt:, :] for t in rope)
+        img_q, img_k, img_v = self._qkv("img", modulate(layer_norm_no_affine(img), img_shift1, img_scale1), img_rope)
+        txt_q, txt_k, txt_v = self._qkv("txt", modulate(layer_norm_no_affine(txt), txt_shift1, txt_scale1), txt_rope)
+        q = torch.cat([txt_q, img_q], 1)
+        k = torch.cat([txt_k, img_k], 1)
         v = torch.cat([txt_v, img_v], 1)
         attn = attention(q, k, v, mask, self.backend).flatten(-2)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
@@ -126,8 +131,8 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x, temb, rope, mask):
         shift, scale, gate = self.mod(F.silu(temb)).chunk(3, -1)
         q, k, v, mlp = split_fused(self.linear1(modulate(layer_norm_no_affine(x), shift, scale)), self.sizes)
-        q = apply_rope(self.norm_q(_heads(q, self.head_dim)), *rope)
-        k = apply_rope(self.norm_k(_heads(k, self.head_dim)), *rope)
+        q = self.norm_q(_heads(q, self.head_dim), rope)
+        k = self.norm_k(_heads(k, self.head_dim), rope)
         attn = attention(q, k, _heads(v, self.head_dim), mask, self.backend).flatten(-2)
         return x + gate.unsqueeze(1) * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], -1))
 

@@ -87,7 +87,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Normalise x; with `rope` = (cos, sin) tables (attention.rope_angles), q/k head vectors
+        x [B, S, H, D] are then rotated as attention.apply_rope does: on CUDA in one fused Triton
+        kernel (models/fused_norm_rope.py). Called through this module so that ZeRO-3's
+        parameter gathering, which hooks module calls, sees the weight being used."""
+        if rope is not None:
+            from . import fused_norm_rope
+            from .attention import apply_rope
+
+            if fused_norm_rope.available(x, self.weight):
+                return fused_norm_rope.rms_norm_rope(x, self.weight, rope[0], rope[1], self.eps)
+            return apply_rope(self(x), *rope)
         dtype = x.dtype
         x32 = upcast(x)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -19,3 +19,21 @@ def test_bench_kernels_dry_run(tmp_path):
         assert abs(sum(shares) - 1) < 1e-6
         assert float(r["matmul_share"]) > 0.2 and float(r["attention_share"]) > 0
     assert "| `aten::mm` | matmul |" in (tmp_path / "kernels.md").read_text()
+
+
+def test_bench_generator_kernels_dry_run(tmp_path):
+    """benchmarks/bench_generator_kernels.py (stage `genkernels`): two variants, each in its own
+    process, merged into one table; an unknown variant is refused by name."""
+    script = os.path.join(ROOT, "benchmarks", "bench_generator_kernels.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, script, "--dry-run", "--variants", "base,unfused", "--out", str(tmp_path)],
+                   check=True, cwd=ROOT, capture_output=True, env=env)
+    rows = list(csv.DictReader(open(tmp_path / "genkernels.csv")))
+    assert [r["variant"] for r in rows] == ["base", "unfused"]
+    for r in rows:
+        assert float(r["fwd_bwd_s"]) > 0 and int(r["kernels_per_step"]) > 0 and float(r["matmul_ms"]) > 0
+    text = (tmp_path / "genkernels.md").read_text()
+    assert "### base: fwd+bwd" in text and "### unfused: fwd+bwd" in text
+    bad = subprocess.run([sys.executable, script, "--dry-run", "--variants", "base,nosuch"], cwd=ROOT,
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "nosuch" in bad.stderr

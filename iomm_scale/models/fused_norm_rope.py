@@ -1,0 +1,183 @@
+"""q/k RMSNorm + rotary embedding in one Triton kernel (forward and backward), for CUDA.
+
+What it computes is `apply_rope(RMSNorm(x), cos, sin)` of models/layers.py and attention.py:
+per head vector of x [B, S, H, D], in float32, y = x * rsqrt(mean(x^2) + eps) * weight, then
+the interleaved pairs (y0, y1), (y2, y3), ... rotated by the position's angles; the result in
+x's dtype. The one difference: the unfused code rounds y to x's dtype between the norm and
+the rotation, the kernel keeps it in float32 (so it is the more exact of the two).
+
+Why: in the compiled IOMM-B generator the inductor-generated norm + RoPE kernels (forward,
+and the backward with its weight-gradient reduction) took ~41 ms of a 520 ms forward +
+backward at micro-batch 32 on an H200, about 4x the time their bytes need
+(benchmarks/RESULTS.md). This kernel reads x once and writes the output once; its backward
+recomputes the norm from x (nothing else is saved) and reads x and the output gradient once.
+
+It is a `torch.library` custom op (`iomm::rms_norm_rope`, with a fake implementation and an
+autograd formula), so torch.compile'd blocks call it as one opaque kernel. Used on CUDA when
+Triton imports (`available`); `IOMM_FUSED_KERNELS=0` turns it off. It also runs on CPU
+tensors under Triton's interpreter (TRITON_INTERPRET=1), which is how the CPU tests check it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the unfused PyTorch code is used
+    triton = None
+
+MAX_HEAD_DIM = 256
+FWD_ROWS, BWD_ROWS = 16, 16  # head vectors per program
+
+
+
+def available(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether the fused kernel can take this call (else the caller runs the unfused code)."""
+    d = x.shape[-1]
+    return (triton is not None and x.is_cuda and weight is not None and x.dim() == 4
+            and d <= MAX_HEAD_DIM and d >= 2 and d & (d - 1) == 0
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and os.environ.get("IOMM_FUSED_KERNELS", "1") != "0")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _swap_pairs(v, ROWS: tl.constexpr, D: tl.constexpr):
+        """(v1, v0, v3, v2, ...) of each row of v [ROWS, D], in registers (split / join of the pairs;
+        fetching the partners by a second load instead measured 2.6x slower forward on an H200)."""
+        even, odd = tl.split(tl.reshape(v, (ROWS, D // 2, 2)))
+        return tl.reshape(tl.join(odd, even), (ROWS, D))
+
+    @triton.jit
+    def _rms_norm_rope_fwd(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, H, S,
+                           x_sb, x_ss, x_sh, c_sb, c_ss, eps,
+                           D: tl.constexpr, BLOCK_R: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = (rows < n_rows)[:, None]
+        h = rows % H
+        s = (rows // H) % S
+        b = (rows // H // S).to(tl.int64)
+        cols = tl.arange(0, D)[None, :]
+        x_off = (b * x_sb + s * x_ss + h * x_sh)[:, None]
+        x = tl.load(x_ptr + x_off + cols, mask=rmask, other=0.0).to(tl.float32)  # whole head vectors
+        rstd = (1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps))[:, None]
+        w = tl.load(w_ptr + cols).to(tl.float32)
+        y = x * rstd * w
+        y_partner = _swap_pairs(y, BLOCK_R, D)
+        c_off = (b * c_sb + s * c_ss)[:, None] + cols  # the tables repeat each angle for both members of a pair
+        cos = tl.load(cos_ptr + c_off, mask=rmask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + c_off, mask=rmask, other=0.0).to(tl.float32)
+        sign = tl.where(cols % 2 == 0, -1.0, 1.0)  # out[2j] = y[2j] cos - y[2j+1] sin; out[2j+1] = y[2j+1] cos + y[2j] sin
+        out = y * cos + sign * y_partner * sin
+        o_off = rows.to(tl.int64)[:, None] * D + cols
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=rmask)
+
+    @triton.jit
+    def _rms_norm_rope_bwd(x_ptr, w_ptr, cos_ptr, sin_ptr, go_ptr, gx_ptr, gw_ptr, n_rows, H, S,
+                           x_sb, x_ss, x_sh, c_sb, c_ss, eps,
+                           D: tl.constexpr, BLOCK_R: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = (rows < n_rows)[:, None]
+        h = rows % H
+        s = (rows // H) % S
+        b = (rows // H // S).to(tl.int64)
+        cols = tl.arange(0, D)[None, :]
+        x_off = (b * x_sb + s * x_ss + h * x_sh)[:, None]
+        x = tl.load(x_ptr + x_off + cols, mask=rmask, other=0.0).to(tl.float32)
+        rstd = (1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps))[:, None]
+        w = tl.load(w_ptr + cols).to(tl.float32)
+        c_off = (b * c_sb + s * c_ss)[:, None] + cols
+        cos = tl.load(cos_ptr + c_off, mask=rmask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + c_off, mask=rmask, other=0.0).to(tl.float32)
+        o_off = rows.to(tl.int64)[:, None] * D + cols
+        g = tl.load(go_ptr + o_off, mask=rmask, other=0.0).to(tl.float32)
+        # the rotation's transpose: gy[2j] = g[2j] cos + g[2j+1] sin; gy[2j+1] = g[2j+1] cos - g[2j] sin
+        g_partner = _swap_pairs(g, BLOCK_R, D)
+        gy = g * cos - tl.where(cols % 2 == 0, -1.0, 1.0) * g_partner * sin
+        # then the norm's backward
+        xh = x * rstd
+        tl.store(gw_ptr + pid * D + cols, tl.sum(gy * xh, 0)[None, :])  # this program's share of dL/dw
+        gh = gy * w
+        dot = (tl.sum(gh * xh, 1) / D)[:, None]
+        tl.store(gx_ptr + o_off, (rstd * (gh - xh * dot)).to(gx_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+                 mask=rmask)
+
+
+def _geometry(x: torch.Tensor, cos: torch.Tensor):
+    b, s, h, d = x.shape
+    if cos.shape[-2:] != (s, d) or cos.dim() not in (2, 3):
+        raise ValueError(f"rms_norm_rope: rope tables must be [S, D] or [B, S, D] with S={s}, D={d}; "
+                         f"got {tuple(cos.shape)}")
+    c_sb = cos.stride(0) if cos.dim() == 3 and cos.shape[0] > 1 else 0
+    return (b * s * h, h, s, x.stride(0), x.stride(1), x.stride(2), c_sb, cos.stride(-2))
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    # head vectors are read as rows; any batch / sequence / head strides are fine
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _tables(cos: torch.Tensor, sin: torch.Tensor):
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin
+
+
+@torch.library.custom_op("iomm::rms_norm_rope", mutates_args=())
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  eps: float) -> torch.Tensor:
+    """apply_rope(RMSNorm(x) with `weight`, cos, sin) for x [B, S, H, D]; returns a contiguous
+    tensor of x's dtype. cos / sin: [S, D] or [B, S, D] tables (rope_angles)."""
+    cos, sin = _tables(cos, sin)
+    x = _unit_last_stride(x)
+    geo = _geometry(x, cos)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(geo[0], FWD_ROWS),)
+    _rms_norm_rope_fwd[grid](x, weight, cos, sin, out, *geo, eps, D=x.shape[-1], BLOCK_R=FWD_ROWS, num_warps=4)
+    return out
+
+
+@rms_norm_rope.register_fake
+def _(x, weight, cos, sin, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("iomm::rms_norm_rope_backward", mutates_args=())
+def rms_norm_rope_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor,
+                           sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = _tables(cos, sin)
+    x = _unit_last_stride(x)
+    geo = _geometry(x, cos)
+    grad = grad.contiguous()
+    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    programs = triton.cdiv(geo[0], BWD_ROWS)
+    gw_parts = torch.empty(programs, x.shape[-1], dtype=torch.float32, device=x.device)
+    _rms_norm_rope_bwd[(programs,)](x, weight, cos, sin, grad, gx, gw_parts, *geo, eps,
+                                    D=x.shape[-1], BLOCK_R=BWD_ROWS, num_warps=4)
+    return gx, gw_parts.sum(0).to(weight.dtype)
+
+
+@rms_norm_rope_backward.register_fake
+def _(grad, x, weight, cos, sin, eps):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, cos, sin, eps = inputs
+    ctx.save_for_backward(x, weight, cos, sin)
+    ctx.eps = eps
+
+
+def _backward(ctx, grad):
+    x, weight, cos, sin = ctx.saved_tensors
+    gx, gw = rms_norm_rope_backward(grad, x, weight, cos, sin, ctx.eps)
+    return gx, gw, None, None, None
+
+
+rms_norm_rope.register_autograd(_backward, setup_context=_setup_context)
