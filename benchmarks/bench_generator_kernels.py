@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import os
 import sys
 import time
@@ -43,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_kernels import category  # noqa: E402
+from benchmarks.bench_kernels import category, write_csv  # noqa: E402
 
 VARIANTS = ("base", "unfused", "bhsd", "maxpw", "cudagraphs")
 
@@ -269,11 +268,7 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "genkernels.json"), "w") as f:
             json.dump({"rows": rows, "sections": sections}, f)
         return 0
-    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-    with open(os.path.join(args.out, "genkernels.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(os.path.join(args.out, "genkernels.csv"), rows)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
     with open(os.path.join(args.out, "genkernels.md"), "w") as f:
         f.write(f"IOMM-B generator forward + backward ({args.config if not args.dry_run else 'configs/tiny.yaml'}), "

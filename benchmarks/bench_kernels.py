@@ -40,6 +40,15 @@ def category(name: str) -> str:
     return "other"
 
 
+def write_csv(path: str, rows: list[dict]) -> None:
+    """Rows to CSV; columns in first-seen order over all rows (a failed case has fewer)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
 def profile_block(block, args, grads, iters: int, device: torch.device):
     from torch.profiler import ProfilerActivity, profile
 
@@ -139,11 +148,7 @@ def main(argv=None) -> int:
             lines += [f"| `{n[:90]}` | {category(n)} | {us / 1e3:.3f} | {us / total_us:.1%} |" for n, us in top]
             sections.append("\n".join(lines))
     os.makedirs(args.out, exist_ok=True)
-    keys = list(rows[0])
-    with open(os.path.join(args.out, "kernels.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(os.path.join(args.out, "kernels.csv"), rows)
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (dry run)"
     with open(os.path.join(args.out, "kernels.md"), "w") as f:
         f.write(f"IOMM-B blocks, micro-batch {b}, {n_img}+{n_cond} tokens, {str(dtype).replace('torch.', '')}, "

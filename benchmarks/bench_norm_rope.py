@@ -10,6 +10,11 @@ Times forward and forward + backward (triton.testing.do_bench, median) of:
   fused      models/fused_norm_rope.py
 and the effective bandwidth over the bytes each must move (forward: read x, write out;
 backward: read x and the output gradient, write dL/dx). Prints a table; --out writes normrope.md.
+
+--sweep also times the kernels alone (the custom ops, no autograd) for head vectors per program
+x warps per program, forward and backward, to choose FWD_ROWS / FWD_WARPS / BWD_ROWS / BWD_WARPS
+in models/fused_norm_rope.py (the shipped 16 x 4 for both; on an H200 the backward ran at about
+half the forward's bandwidth in the whole model, ninth session).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep", action="store_true", help="also time the kernels alone per (rows, warps) per program")
     args = ap.parse_args(argv)
     assert torch.cuda.is_available(), "needs CUDA"
     from triton.testing import do_bench
@@ -81,6 +87,8 @@ def main(argv=None) -> int:
              f"{torch.cuda.get_device_name()}, torch {torch.__version__}; per call (q or k of one block)", "",
              "| implementation | fwd ms | fwd+bwd ms | fwd GB/s | bwd GB/s |", "|---|---|---|---|---|"]
     lines += [f"| {n} | {f:.3f} | {fb:.3f} | {bf:.0f} | {bb:.0f} |" for n, f, fb, bf, bb in rows]
+    if args.sweep:
+        lines += sweep(x, norm, cos, sin, g, fwd_bytes, bwd_bytes, do_bench)
     text = "\n".join(lines)
     print(text)
     if args.out:
@@ -88,6 +96,32 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "normrope.md"), "w") as f:
             f.write(text + "\n")
     return 0
+
+
+def sweep(x, norm, cos, sin, g, fwd_bytes, bwd_bytes, do_bench) -> list[str]:
+    """The custom ops alone for each (head vectors, warps) per program."""
+    from iomm_scale.models import fused_norm_rope as f
+
+    shipped = (f.FWD_ROWS, f.FWD_WARPS, f.BWD_ROWS, f.BWD_WARPS)
+    w = norm.weight.detach()
+    lines = ["", "kernels alone (no autograd), per call:", "",
+             "| rows x warps | fwd ms | fwd TB/s | bwd ms | bwd TB/s |", "|---|---|---|---|---|"]
+    try:
+        for rows in (4, 8, 16, 32):
+            for warps in (1, 2, 4, 8):
+                f.FWD_ROWS = f.BWD_ROWS = rows
+                f.FWD_WARPS = f.BWD_WARPS = warps
+                try:
+                    t_f = do_bench(lambda: f.rms_norm_rope(x, w, cos, sin, norm.eps), warmup=5, rep=50)
+                    t_b = do_bench(lambda: f.rms_norm_rope_backward(g, x, w, cos, sin, norm.eps), warmup=5, rep=50)
+                except Exception as e:  # noqa: BLE001 - a configuration the compiler refuses (registers)
+                    lines.append(f"| {rows} x {warps} | failed: {type(e).__name__} | | | |")
+                    continue
+                lines.append(f"| {rows} x {warps} | {t_f:.3f} | {fwd_bytes / t_f / 1e9:.2f} | {t_b:.3f} | "
+                             f"{bwd_bytes / t_b / 1e9:.2f} |")
+    finally:
+        f.FWD_ROWS, f.FWD_WARPS, f.BWD_ROWS, f.BWD_WARPS = shipped
+    return lines
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ except ImportError:  # CPU-only installs: the unfused PyTorch code is used
 
 MAX_HEAD_DIM = 256
 FWD_ROWS, BWD_ROWS = 16, 16  # head vectors per program
-
+FWD_WARPS, BWD_WARPS = 4, 4  # (benchmarks/bench_norm_rope.py --sweep times other choices)
 
 
 def available(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
@@ -54,10 +54,11 @@ if triton is not None:
         return tl.reshape(tl.join(odd, even), (ROWS, D))
 
     @triton.jit
-    def _rms_norm_rope_fwd(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, H, S,
-                           x_sb, x_ss, x_sh, c_sb, c_ss, eps,
-                           D: tl.constexpr, BLOCK_R: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    def _head_vectors(pid, x_ptr, cos_ptr, sin_ptr, n_rows, H, S, x_sb, x_ss, x_sh, c_sb, c_ss, eps,
+                      D: tl.constexpr, BLOCK_R: tl.constexpr):
+        """This program's BLOCK_R head vectors (rows of B x S x H): x in float32, 1 / rms(x), the
+        rows' cos / sin, the row mask and the rows' offsets in a contiguous [B, S, H, D] tensor."""
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = (rows < n_rows)[:, None]
         h = rows % H
         s = (rows // H) % S
@@ -66,15 +67,22 @@ if triton is not None:
         x_off = (b * x_sb + s * x_ss + h * x_sh)[:, None]
         x = tl.load(x_ptr + x_off + cols, mask=rmask, other=0.0).to(tl.float32)  # whole head vectors
         rstd = (1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps))[:, None]
-        w = tl.load(w_ptr + cols).to(tl.float32)
-        y = x * rstd * w
-        y_partner = _swap_pairs(y, BLOCK_R, D)
         c_off = (b * c_sb + s * c_ss)[:, None] + cols  # the tables repeat each angle for both members of a pair
         cos = tl.load(cos_ptr + c_off, mask=rmask, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + c_off, mask=rmask, other=0.0).to(tl.float32)
+        o_off = rows.to(tl.int64)[:, None] * D + cols
+        return cols, rmask, x, rstd, cos, sin, o_off
+
+    @triton.jit
+    def _rms_norm_rope_fwd(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, H, S,
+                           x_sb, x_ss, x_sh, c_sb, c_ss, eps,
+                           D: tl.constexpr, BLOCK_R: tl.constexpr):
+        cols, rmask, x, rstd, cos, sin, o_off = _head_vectors(tl.program_id(0), x_ptr, cos_ptr, sin_ptr, n_rows, H, S,
+                                                              x_sb, x_ss, x_sh, c_sb, c_ss, eps, D, BLOCK_R)
+        y = x * rstd * tl.load(w_ptr + cols).to(tl.float32)
+        y_partner = _swap_pairs(y, BLOCK_R, D)
         sign = tl.where(cols % 2 == 0, -1.0, 1.0)  # out[2j] = y[2j] cos - y[2j+1] sin; out[2j+1] = y[2j+1] cos + y[2j] sin
         out = y * cos + sign * y_partner * sin
-        o_off = rows.to(tl.int64)[:, None] * D + cols
         tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=rmask)
 
     @triton.jit
@@ -82,20 +90,8 @@ if triton is not None:
                            x_sb, x_ss, x_sh, c_sb, c_ss, eps,
                            D: tl.constexpr, BLOCK_R: tl.constexpr):
         pid = tl.program_id(0)
-        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = (rows < n_rows)[:, None]
-        h = rows % H
-        s = (rows // H) % S
-        b = (rows // H // S).to(tl.int64)
-        cols = tl.arange(0, D)[None, :]
-        x_off = (b * x_sb + s * x_ss + h * x_sh)[:, None]
-        x = tl.load(x_ptr + x_off + cols, mask=rmask, other=0.0).to(tl.float32)
-        rstd = (1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps))[:, None]
-        w = tl.load(w_ptr + cols).to(tl.float32)
-        c_off = (b * c_sb + s * c_ss)[:, None] + cols
-        cos = tl.load(cos_ptr + c_off, mask=rmask, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + c_off, mask=rmask, other=0.0).to(tl.float32)
-        o_off = rows.to(tl.int64)[:, None] * D + cols
+        cols, rmask, x, rstd, cos, sin, o_off = _head_vectors(pid, x_ptr, cos_ptr, sin_ptr, n_rows, H, S,
+                                                              x_sb, x_ss, x_sh, c_sb, c_ss, eps, D, BLOCK_R)
         g = tl.load(go_ptr + o_off, mask=rmask, other=0.0).to(tl.float32)
         # the rotation's transpose: gy[2j] = g[2j] cos + g[2j+1] sin; gy[2j+1] = g[2j+1] cos - g[2j] sin
         g_partner = _swap_pairs(g, BLOCK_R, D)
@@ -103,7 +99,7 @@ if triton is not None:
         # then the norm's backward
         xh = x * rstd
         tl.store(gw_ptr + pid * D + cols, tl.sum(gy * xh, 0)[None, :])  # this program's share of dL/dw
-        gh = gy * w
+        gh = gy * tl.load(w_ptr + cols).to(tl.float32)
         dot = (tl.sum(gh * xh, 1) / D)[:, None]
         tl.store(gx_ptr + o_off, (rstd * (gh - xh * dot)).to(gx_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
                  mask=rmask)
@@ -111,8 +107,8 @@ if triton is not None:
 
 def _geometry(x: torch.Tensor, cos: torch.Tensor):
     b, s, h, d = x.shape
-    if cos.shape[-2:] != (s, d) or cos.dim() not in (2, 3):
-        raise ValueError(f"rms_norm_rope: rope tables must be [S, D] or [B, S, D] with S={s}, D={d}; "
+    if cos.shape[-2:] != (s, d) or cos.dim() not in (2, 3) or (cos.dim() == 3 and cos.shape[0] not in (1, b)):
+        raise ValueError(f"rms_norm_rope: rope tables must be [S, D] or [B, S, D] with B={b}, S={s}, D={d}; "
                          f"got {tuple(cos.shape)}")
     c_sb = cos.stride(0) if cos.dim() == 3 and cos.shape[0] > 1 else 0
     return (b * s * h, h, s, x.stride(0), x.stride(1), x.stride(2), c_sb, cos.stride(-2))
@@ -139,7 +135,7 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin:
     geo = _geometry(x, cos)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(geo[0], FWD_ROWS),)
-    _rms_norm_rope_fwd[grid](x, weight, cos, sin, out, *geo, eps, D=x.shape[-1], BLOCK_R=FWD_ROWS, num_warps=4)
+    _rms_norm_rope_fwd[grid](x, weight, cos, sin, out, *geo, eps, D=x.shape[-1], BLOCK_R=FWD_ROWS, num_warps=FWD_WARPS)
     return out
 
 
@@ -159,7 +155,7 @@ def rms_norm_rope_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Te
     programs = triton.cdiv(geo[0], BWD_ROWS)
     gw_parts = torch.empty(programs, x.shape[-1], dtype=torch.float32, device=x.device)
     _rms_norm_rope_bwd[(programs,)](x, weight, cos, sin, grad, gx, gw_parts, *geo, eps,
-                                    D=x.shape[-1], BLOCK_R=BWD_ROWS, num_warps=4)
+                                    D=x.shape[-1], BLOCK_R=BWD_ROWS, num_warps=BWD_WARPS)
     return gx, gw_parts.sum(0).to(weight.dtype)
 
 

@@ -94,3 +94,10 @@ def test_compiled_flux_block_with_kernel_equals_unfused(kind, monkeypatch):
         torch.testing.assert_close(a, b_, rtol=3e-2, atol=3e-2)
     for a, b_ in zip(g_f, g_u):
         torch.testing.assert_close(a, b_, rtol=5e-2, atol=5e-2 * b_.abs().max().item())
+
+
+def test_rope_tables_of_another_shape_are_refused_by_name():
+    x, w = torch.randn(2, 5, 3, 16), torch.ones(16)
+    for bad in (torch.zeros(4, 16), torch.zeros(5, 8), torch.zeros(3, 5, 16)):
+        with pytest.raises(ValueError, match=r"rope tables must be \[S, D\] or \[B, S, D\] with B=2, S=5, D=16"):
+            fused_norm_rope.rms_norm_rope(x, w, bad, bad, 1e-6)
