@@ -93,11 +93,13 @@ class RMSNorm(nn.Module):
         kernel (models/fused_norm_rope.py). Called through this module so that ZeRO-3's
         parameter gathering, which hooks module calls, sees the weight being used."""
         if rope is not None:
-            from . import fused_norm_rope
             from .attention import apply_rope
 
-            if fused_norm_rope.available(x, self.weight):
-                return fused_norm_rope.rms_norm_rope(x, self.weight, rope[0], rope[1], self.eps)
+            if x.is_cuda:  # (CPU processes never import Triton)
+                from . import fused_norm_rope
+
+                if fused_norm_rope.available(x, self.weight):
+                    return fused_norm_rope.rms_norm_rope(x, self.weight, rope[0], rope[1], self.eps)
             return apply_rope(self(x), *rope)
         dtype = x.dtype
         x32 = upcast(x)
