@@ -81,11 +81,14 @@ def looks_like_image(data: bytes) -> bool:
 
 
 def looks_truncated(data: bytes) -> bool:
-    """A JPEG without its end-of-image marker or a PNG without its IEND chunk near the end."""
+    """A JPEG without its end-of-image marker, a PNG without its IEND chunk near the end, or a
+    WebP shorter than its RIFF header's size field says."""
     if data.startswith(b"\xff\xd8\xff"):
         return b"\xff\xd9" not in data[-64:]
     if data.startswith(b"\x89PNG"):
         return b"IEND" not in data[-64:]
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return len(data) < 8 + int.from_bytes(data[4:8], "little")
     return False
 
 

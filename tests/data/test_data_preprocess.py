@@ -174,6 +174,7 @@ def test_bucket_sizes_and_choice():
     (truncated_jpeg(0), "truncated_image"),
     (corrupt_png_header(0), "corrupt_header"),
     (encode(photo("coffee", 20, 30), "PNG"), "too_small"),
+    (encode(photo("coffee", 64, 64), "WEBP")[:-300], "truncated_image"),  # the RIFF size says more
 ])
 def test_bad_payloads_raise_their_reason(data, reason):
     with pytest.raises(BadSample) as info:
