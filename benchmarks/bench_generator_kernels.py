@@ -125,7 +125,7 @@ def run_variant(cfg, name: str, b: int, steps: int, device: torch.device, peak: 
     t = torch.rand(b, generator=g).to(device)
     flops = generator_flops(cfg.model.generator.family, cfg.generator, b, (h, w), cond_len, cond_grad=False).total
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
-    params = [p for p in gen.parameters()]
+    params = list(gen.parameters())
 
     def fwd_bwd():
         with autocast:

@@ -127,7 +127,7 @@ run_stage kernels 120 $PY benchmarks/bench_kernels.py ${KERN[@]+"${KERN[@]}"} --
 
 # ---- 2d: the fused q/k RMSNorm + RoPE kernel: correctness (both pair modes) and speed vs inductor ----
 if [[ $DRY != 1 ]]; then
-  run_stage normrope 120 bash -c "$PY tests/models/_fused_norm_rope_check.py cuda && $PY benchmarks/bench_norm_rope.py --sweep --out '$OUT'"
+  run_stage normrope 180 bash -c "$PY tests/models/_fused_norm_rope_check.py cuda && $PY benchmarks/bench_norm_rope.py --sweep --out '$OUT'"
 fi
 
 # ---- 2c: the whole generator's forward + backward by kernel, and formulation variants ---------

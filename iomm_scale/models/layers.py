@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import apply_rope
+
 TP_STYLES = ("column", "row", "replicate")
 
 LinearFactory = Callable[..., nn.Module]
@@ -93,8 +95,6 @@ class RMSNorm(nn.Module):
         kernel (models/fused_norm_rope.py). Called through this module so that ZeRO-3's
         parameter gathering, which hooks module calls, sees the weight being used."""
         if rope is not None:
-            from .attention import apply_rope
-
             if x.is_cuda:  # (CPU processes never import Triton)
                 from . import fused_norm_rope
 
