@@ -9,7 +9,8 @@ The deepspeed launcher's `--local_rank N` is accepted and ignored (LOCAL_RANK is
 from the environment). A bad config, layout or input (missing shards, an unusable
 train.init_from) exits with status 2 before any process group exists, with one message
 (from the first rank) naming the file and key; torchrun / deepspeed then report the failed
-child and exit 1 themselves.
+child and exit 1 themselves. Feature shards made by other encoders than the run's are found
+(and exit the same way) once the model is built, before the first step.
 """
 
 from __future__ import annotations

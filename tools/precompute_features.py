@@ -11,7 +11,9 @@ shuffle, bad images skipped and counted), encodes every image with the config's 
 VAE and vision tower at data.resolution, and writes OUT-image[-rRRR]-000000.tar ... and
 OUT-paired[-rRRR]-000000.tar .... Train on them with data.webdataset.features: true and
 the printed shard patterns; the MIM mask is still drawn per step, so one pass serves
-every epoch. Features are tied to the model's VAE, vision tower and the resolution.
+every epoch. Features are tied to the model's VAE, vision tower and the resolution: each
+sample's .json records them (`encoders`: digests of both), and training with another VAE or
+vision tower is refused before the first step.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from iomm_scale.config import ConfigError, load_config
-    from iomm_scale.data.features import precompute_feature_shards
+    from iomm_scale.data.features import encoder_fingerprint, precompute_feature_shards
     from iomm_scale.data.stream import build_webdataset_loader
     from iomm_scale.data.writer import brace_pattern
     from iomm_scale.iomm import build_iomm
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     model = build_iomm(cfg, device=device).eval()
+    # every sample records what made it; the trainer refuses features of other encoders
+    meta = {"encoders": encoder_fingerprint(model.vae, model.conditioner), "resize_filter": wds_cfg.resize_filter}
     resolution, batch_size = cfg.data.resolution, args.batch_size or cfg.data.batch_size
     suffix = f"-r{args.rank:03d}" if args.world_size > 1 else ""
     report = {}
@@ -87,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         loader = build_webdataset_loader(one_pass, resolution, batch_size, args.rank, args.world_size, seed=0)
         summary = precompute_feature_shards(
             loader, model.vae.encode, model.conditioner.vision_features, f"{args.out}-{kind}{suffix}-%06d.tar",
-            resolution, device=device, dtype=args.dtype, max_count=args.max_count, max_size_mb=args.max_size_mb)
+            resolution, device=device, dtype=args.dtype, max_count=args.max_count, max_size_mb=args.max_size_mb,
+            meta=meta)
         stats = summary["stats"]
         print(f"[rank {args.rank}] {kind}: {summary['samples']} samples -> {len(summary['shards'])} shards "
               f"({summary['bytes'] / 1e6:.1f} MB); skipped {stats.get('bad', 0)} bad samples, "

@@ -29,6 +29,8 @@ class WebDatasetConfig:
     # only image shards every sample is image-only.
     image_only_fraction: float = 0.5
     features: bool = False  # the shards hold precomputed features (tools/precompute_features.py)
+    # feature shards: refuse samples made by other encoders (VAE, vision tower) than this run's
+    check_feature_encoders: bool = True
 
     # Order, split, epochs.
     shuffle_buffer: int = 1000  # samples per shuffled chunk (per worker); 1 = shard order

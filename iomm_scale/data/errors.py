@@ -27,7 +27,7 @@ REASONS = (
     "missing_caption",  # paired sample without .txt / .json caption
     "empty_caption",  # paired sample whose caption is blank
     "bad_features",  # feature sample that does not load (shape, dtype, format)
-    "feature_mismatch",  # feature sample made for another resolution
+    "feature_mismatch",  # feature sample made for another resolution, by other encoders or in other shapes
     "shard_error",  # shard could not be opened or read to its end (counted per shard)
 )
 
@@ -131,9 +131,9 @@ def check_budget(stats: dict, budget: float, min_samples: int, where: str) -> No
     reasons = ", ".join(f"{r} {n}" for r, n in sorted(stats["reasons"].items(), key=lambda kv: -kv[1]) if n)
     worst = ", ".join(f"{u} ({n} bad)" for u, n in stats["worst_shards"])
     if stats["reasons"].get("feature_mismatch"):  # feature shards of another model / resolution
-        fix = ("feature_mismatch: these feature shards were written for another resolution or model (VAE latent "
-               "shape, vision tokens): train with the data.resolution and model they were made with, or re-run "
-               "tools/precompute_features.py with this config")
+        fix = ("feature_mismatch: these feature shards were written for another resolution or model (VAE, vision "
+               "tower, latent or vision-token shapes): train with the data.resolution and model they were made with, "
+               "or re-run tools/precompute_features.py with this config")
     else:
         fix = "Fix or remove those shards (tools/make_shards.py re-checks images), or raise data.webdataset.error_budget"
     raise DataErrorBudgetExceeded(

@@ -2,11 +2,17 @@
 
 One sample = `<key>.latents.npy` ([C, h, w], the VAE's scaled / shifted latents),
 `<key>.vision.npy` ([T, D], the MLLM-space image tokens before the MIM mask), an optional
-`<key>.txt` caption and `<key>.json` metadata ({"resolution": R, ...}). Arrays are plain
+`<key>.txt` caption and `<key>.json` metadata ({"resolution": R, "encoders": {...}, ...}). Arrays are plain
 .npy (no pickle). The trainer gets them as "latents" [B, C, h, w] and "vision_features"
 [B, T, D] in the stored dtype: float32 (exact, the default) or float16 (half the disk, the
 host memory and the copies; the model casts on its device). Masking still happens per
 step, so one feature pass serves every epoch.
+
+Features are only valid for the encoders that made them: two 16-channel VAEs (FLUX's and
+SD3's) give latents of the same shape and different meaning. The precompute tool records
+`encoder_fingerprint` (digests of the VAE and of the vision tower + projector) in every
+sample's .json; the trainer compares it, and the shapes, with its own model's `FeatureSpec`
+before the first step (`first_sample_problem`) and for every sample (`feature_arrays`).
 """
 
 from __future__ import annotations
@@ -18,10 +24,13 @@ import os
 import re
 import struct
 import warnings
+import hashlib
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from .errors import BadSample
 from .preprocess import unit_pixels
@@ -37,6 +46,51 @@ def _npy(array, dtype: str) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a run's model takes from feature samples; a None field is not checked."""
+    encoders: Optional[dict] = None  # encoder_fingerprint() of the run's VAE and vision tower
+    latent_channels: Optional[int] = None  # latents [C, h, w]: h, w vary with aspect buckets
+    vision_shape: Optional[tuple[int, int]] = None  # vision features [T, D]
+
+
+_DIGEST_VALUES = 64  # values sampled per tensor
+
+
+def module_digest(named_tensors: Iterable[tuple[str, torch.Tensor]], extra: object = None) -> str:
+    """16 hex digits identifying a set of weights: every tensor's name and shape and up to 64
+    evenly spaced values, rounded to bfloat16 (a float32 and a bfloat16 load of the same
+    checkpoint agree; another checkpoint of the same architecture does not), plus `extra`
+    (settings that change the output, as a repr). Milliseconds for a 2B-parameter model."""
+    h = hashlib.sha1(repr(extra).encode())
+    for name, t in sorted(named_tensors, key=lambda kv: kv[0]):
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // _DIGEST_VALUES)
+        values = flat[::step][:_DIGEST_VALUES].to("cpu", torch.bfloat16).view(torch.int16).numpy()
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(values.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _language_side(name: str) -> bool:
+    # the MLLM's language model and LM head: vision features do not depend on them
+    return name.startswith(("lm_head.", "language_model.")) or ".language_model." in f".{name}"
+
+
+def encoder_fingerprint(vae: nn.Module, conditioner: nn.Module) -> dict:
+    """{"vae": digest, "vision": digest} of what feature shards store: the VAE's latents
+    (weights, normalisation, posterior mode) and the MLLM's image tokens (vision tower and
+    projector weights, input size and pixel normalisation; not the language model)."""
+    vae_extra = (getattr(vae.cfg, "type", None), getattr(vae, "scale", None), getattr(vae, "shift", None),
+                 getattr(vae.cfg, "pixel_factor", None), getattr(vae.cfg, "sample_posterior", None))
+    vae_digest = module_digest(list(vae.named_parameters()) + list(vae.named_buffers()), vae_extra)
+    mllm = conditioner.mllm
+    vision = [(n, t) for n, t in list(mllm.named_parameters()) + list(mllm.named_buffers()) if not _language_side(n)]
+    vision_extra = (conditioner.kind, conditioner.vision_size, conditioner.pixel_mean.flatten().tolist(),
+                    conditioner.pixel_std.flatten().tolist(), conditioner.num_image_tokens)
+    return {"vae": vae_digest, "vision": module_digest(vision, vision_extra)}
 
 
 def write_feature_shards(samples: Iterable[dict], out_pattern: str, *, max_count: int = 1000,
@@ -193,27 +247,70 @@ def check_finite(tensor: torch.Tensor, name: str) -> None:
         raise BadSample("bad_features", f"{name}: non-finite values")
 
 
-def feature_arrays(sample: dict, resolution: Optional[int]) -> tuple[StoredArray, StoredArray]:
+def feature_arrays(sample: dict, resolution: Optional[int],
+                   spec: Optional[FeatureSpec] = None) -> tuple[StoredArray, StoredArray]:
     """Raw feature sample -> (latents [C, h, w], vision features [T, D]) as StoredArrays in
     their stored dtype (float16 or float32), not yet copied or checked finite (the loader
-    reads them straight into their batch slots and checks them there)."""
+    reads them straight into their batch slots and checks them there). BadSample
+    "feature_mismatch" when the sample was made for another resolution, by other encoders
+    or in shapes `spec` rules out (a sample without an "encoders" record is not refused)."""
     if LATENTS not in sample or VISION not in sample:
         raise BadSample("missing_image", f"feature sample lacks {LATENTS} / {VISION}")
-    if resolution is not None and "json" in sample:
+    made: dict = {}
+    if (resolution is not None or spec is not None) and "json" in sample:
         try:
-            made_for = json.loads(sample["json"]).get("resolution")
-        except (ValueError, AttributeError):
+            made = json.loads(sample["json"])
+        except (ValueError, UnicodeDecodeError):
             raise BadSample("bad_features", "unparseable .json") from None
-        if made_for is not None and made_for != resolution:
-            raise BadSample("feature_mismatch", f"made at {made_for} px, training at {resolution} px")
-    return stored_array(sample[LATENTS], 3, LATENTS), stored_array(sample[VISION], 2, VISION)
+        if not isinstance(made, dict):
+            raise BadSample("bad_features", ".json is not an object")
+    made_for = made.get("resolution")
+    if resolution is not None and made_for is not None and made_for != resolution:
+        raise BadSample("feature_mismatch", f"made at {made_for} px, training at {resolution} px")
+    lat, vis = stored_array(sample[LATENTS], 3, LATENTS), stored_array(sample[VISION], 2, VISION)
+    if spec is not None:
+        made_by = made.get("encoders")
+        if spec.encoders is not None and made_by is not None and made_by != spec.encoders:
+            other = [k for k in sorted(set(spec.encoders) | set(made_by)) if made_by.get(k) != spec.encoders.get(k)]
+            raise BadSample("feature_mismatch", "made by other encoders: " + ", ".join(
+                f"{k} {made_by.get(k)} (this run's: {spec.encoders.get(k)})" for k in other))
+        if spec.latent_channels is not None and lat.shape[0] != spec.latent_channels:
+            raise BadSample("feature_mismatch", f"latents have {lat.shape[0]} channels, this run's VAE makes "
+                                                f"{spec.latent_channels}")
+        if spec.vision_shape is not None and tuple(vis.shape) != tuple(spec.vision_shape):
+            raise BadSample("feature_mismatch", f"vision features are {list(vis.shape)}, this run's vision tower "
+                                                f"makes {list(spec.vision_shape)} (tokens x hidden)")
+    return lat, vis
 
 
-def decode_features(sample: dict, resolution: Optional[int], check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def first_sample_problem(url: str, resolution: Optional[int], spec: Optional[FeatureSpec]) -> Optional[str]:
+    """Why the first sample of feature shard `url` does not suit this run ("feature_mismatch"),
+    "unrecorded" when it carries no encoder record, else None. A shard or sample that does not
+    read is left to the loader, which skips and counts it."""
+    from .shards import read_shard
+
+    samples = read_shard(url)
+    try:
+        sample = next(samples, None)
+        if sample is None:
+            return None
+        feature_arrays(sample, resolution, spec)
+        made = json.loads(sample["json"]) if "json" in sample else {}
+    except BadSample as bad:
+        return bad.detail if bad.reason == "feature_mismatch" else None
+    except Exception:  # unreadable: counted by the loader (shard_error / bad_features)
+        return None
+    finally:
+        samples.close()  # stop reading (a pipe: URL's process is ended)
+    return "unrecorded" if spec is not None and spec.encoders is not None and "encoders" not in made else None
+
+
+def decode_features(sample: dict, resolution: Optional[int], check: bool = True,
+                    spec: Optional[FeatureSpec] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw feature sample -> (latents [C, h, w], vision features [T, D]) tensors in their
     stored dtype (float16 or float32; read-only views of the sample's bytes when they are in
     memory), checked finite unless `check=False`."""
-    lat, vis = (a.tensor() for a in feature_arrays(sample, resolution))
+    lat, vis = (a.tensor() for a in feature_arrays(sample, resolution, spec))
     if check:
         check_finite(lat, LATENTS)
         check_finite(vis, VISION)
@@ -222,13 +319,15 @@ def decode_features(sample: dict, resolution: Optional[int], check: bool = True)
 
 def precompute_feature_shards(loader: Iterable[dict], encode_latents, encode_vision, out_pattern: str,
                               resolution: int, *, device="cpu", dtype: str = "float32", max_count: int = 1000,
-                              max_size_mb: float = 1000.0) -> dict:
+                              max_size_mb: float = 1000.0, meta: Optional[dict] = None) -> dict:
     """Run a raw-image loader once through the frozen encoders and write feature shards.
 
     `encode_latents(pixels) -> [B, C, h, w]` and `encode_vision(pixels) -> [B, T, D]` get
     the loader's pixels in [-1, 1] on `device`; keys and captions are carried over (None
-    captions stay image-only). Returns write_feature_shards' summary plus the loader's
-    bad-data stats (bad images are skipped and counted here, once, not every epoch).
+    captions stay image-only). `meta` goes into every sample's .json (the tool puts the
+    encoders' fingerprint and the resize filter there). Returns write_feature_shards'
+    summary plus the loader's bad-data stats (bad images are skipped and counted here, once,
+    not every epoch).
     """
 
     def samples():
@@ -238,7 +337,7 @@ def precompute_feature_shards(loader: Iterable[dict], encode_latents, encode_vis
                 lat, vis = encode_latents(pixels).float().cpu(), encode_vision(pixels).float().cpu()
             for i, key in enumerate(batch["keys"]):
                 yield {"key": key, "latents": lat[i], "vision_features": vis[i], "caption": batch["captions"][i],
-                       "resolution": resolution}
+                       "resolution": resolution, "meta": meta}
 
     summary = write_feature_shards(samples(), out_pattern, max_count=max_count, max_size_mb=max_size_mb, dtype=dtype)
     stats = getattr(loader, "stats", None)

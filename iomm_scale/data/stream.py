@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import WebDatasetConfig, parse_bucket
 from .errors import BadDataCounter, BadSample, DataErrorBudgetExceeded, check_budget, merge_stats
-from .features import LATENTS, VISION, check_finite, feature_arrays
+from .features import LATENTS, VISION, FeatureSpec, check_finite, feature_arrays
 from .preprocess import bucket_sizes, caption_of, decode_image_chw, image_member
 from .shards import ChunkedShuffle, SlotPlan, expand_shards
 
@@ -63,9 +63,11 @@ class _Worker:
     """The batches of one (rank, worker) slot, resumable from a state dict."""
 
     def __init__(self, cfg: WebDatasetConfig, urls: dict[int, list[str]], resolution: int, batch_size: int,
-                 rank: int, workers: int, world_size: int, seed: int, logical: int, state: Optional[dict]):
+                 feature_spec: Optional[FeatureSpec], rank: int, workers: int, world_size: int, seed: int,
+                 logical: int, state: Optional[dict]):
         state = state or {}
         self.cfg, self.resolution, self.batch_size = cfg, resolution, batch_size
+        self.feature_spec = feature_spec
         slot, num_slots = rank * workers + logical, world_size * workers
         self.slot, self.seed, self.logical = slot, seed, logical
         self.where = f"on rank {rank}, data worker {logical}"
@@ -112,7 +114,7 @@ class _Worker:
             if LATENTS not in sample or VISION not in sample:
                 raise BadSample("missing_image", f"feature sample lacks {LATENTS} / {VISION}")
             caption = None if image_only else caption_of(sample)
-            lat, vis = feature_arrays(sample, self.resolution)
+            lat, vis = feature_arrays(sample, self.resolution, self.feature_spec)
             bkey = (lat.shape, vis.shape, lat.dtype, vis.dtype)
             # Straight into the sample's slot of the batch being filled (one pread from a local
             # shard), then checked there while it is still in cache (a rejected sample's slot is
@@ -236,7 +238,7 @@ class _WorkerDataset(IterableDataset):
     (p + rotation) % n, so a resumed loader continues the round-robin where it stopped."""
 
     def __init__(self, loader: "WebDatasetLoader", rotation: int):
-        self.args = (loader.cfg, loader.urls, loader.resolution, loader.batch_size)
+        self.args = (loader.cfg, loader.urls, loader.resolution, loader.batch_size, loader.feature_spec)
         self.rank, self.world_size, self.seed = loader.rank, loader.world_size, loader.seed
         self.n = loader.slots_per_rank
         self.states = dict(loader._states)
@@ -316,7 +318,7 @@ class WebDatasetLoader:
     `iter(loader)` is the loader itself, so the stream continues across `for` loops."""
 
     def __init__(self, cfg: WebDatasetConfig, resolution: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0):
+                 seed: int = 0, feature_spec: Optional[FeatureSpec] = None):
         problems = cfg.validate() or cfg.missing_shards()
         if resolution < 1 or batch_size < 1:
             problems.append(("resolution/batch_size", f"must be >= 1, got {resolution} / {batch_size}"))
@@ -329,6 +331,8 @@ class WebDatasetLoader:
                              "\n".join(f"  data.webdataset.{k}: {m}" for k, m in problems))
         self.cfg, self.resolution, self.batch_size = cfg, resolution, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        # feature shards: what the model takes (encoders, shapes); other samples count feature_mismatch
+        self.feature_spec = feature_spec if cfg.features else None
         self.urls = {IMAGE: expand_shards(cfg.image_shards), PAIRED: expand_shards(cfg.paired_shards)}
         self.slots_per_rank = max(1, cfg.num_workers)
         for sid, urls in self.urls.items():
@@ -461,9 +465,9 @@ def _generate(loader_ref, source: Iterator[dict]) -> Iterator[dict]:
 
 
 def build_webdataset_loader(cfg: WebDatasetConfig, resolution: int, batch_size: int, rank: int, world_size: int,
-                            seed: int) -> WebDatasetLoader:
+                            seed: int, feature_spec: Optional[FeatureSpec] = None) -> WebDatasetLoader:
     """The trainer's entry point (see WebDatasetLoader and the module docstring)."""
-    return WebDatasetLoader(cfg, resolution, batch_size, rank, world_size, seed)
+    return WebDatasetLoader(cfg, resolution, batch_size, rank, world_size, seed, feature_spec)
 
 
 __all__ = ["WebDatasetLoader", "build_webdataset_loader", "DataErrorBudgetExceeded"]

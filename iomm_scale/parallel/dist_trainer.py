@@ -218,7 +218,7 @@ class DistributedTrainer:
     def __init__(self, cfg, pcfg: ParallelConfig, run_dir: str | os.PathLike | None = None,
                  resume_full: str | None = None, save_full: bool = False):
         from ..iomm import build_iomm
-        from ..train.trainer import build_loader, check_inputs, resolve_device
+        from ..train.trainer import build_loader, check_feature_shards, check_inputs, resolve_device
 
         # micro-batches per step: train.grad_accum or parallel.num_microbatches (one count; the
         # pipeline's 1F1B micro-batches when pp > 1), fixed before the layout is checked or shown
@@ -267,6 +267,7 @@ class DistributedTrainer:
             print(f"[iomm] {describe(pcfg, world)}", flush=True)
         torch.manual_seed(cfg.train.seed)
         model = build_iomm(cfg, "cpu")
+        feature_spec = check_feature_shards(cfg, model)  # feature shards of other encoders: refused here
         if init_from:
             from ..train.checkpoint import apply_init_weights
 
@@ -284,7 +285,7 @@ class DistributedTrainer:
                                         compile_backend=cfg.train.compile_backend if cfg.train.compile else None,
                                         compile_mllm=cfg.train.compile_mllm)
         self._log_ema()
-        self.loader = build_loader(cfg, rank=self.layout.dp_rank, world_size=self.layout.dp)
+        self.loader = build_loader(cfg, rank=self.layout.dp_rank, world_size=self.layout.dp, feature_spec=feature_spec)
         self.history: list[tuple[int, float]] = []  # (step, loss) logged by this launch, for loss_curve.png
         self._stop = False
         self._on_disk: str | None = None  # tag of this run's engine checkpoint equal to the live state

@@ -38,7 +38,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_loader(cfg: RunConfig, rank: int = 0, world_size: int = 1):
+def build_loader(cfg: RunConfig, rank: int = 0, world_size: int = 1, feature_spec=None):
     d = cfg.data
     if d.source == "builtin":
         from ..data.builtin import BuiltinLoader
@@ -47,7 +47,45 @@ def build_loader(cfg: RunConfig, rank: int = 0, world_size: int = 1):
                              d.builtin.num_shapes, seed=cfg.train.seed, rank=rank, world_size=world_size)
     from ..data import build_webdataset_loader
 
-    return build_webdataset_loader(d.webdataset, d.resolution, d.batch_size, rank, world_size, cfg.train.seed)
+    return build_webdataset_loader(d.webdataset, d.resolution, d.batch_size, rank, world_size, cfg.train.seed,
+                                   feature_spec)
+
+
+def check_feature_shards(cfg: RunConfig, model: IOMMModel):
+    """Feature-shard runs: `model`'s FeatureSpec (its encoders' fingerprint, the latent channels
+    and vision tokens it takes), for the loader's per-sample check, once the first sample of
+    each shard list was compared with it: shards made by other encoders, at another resolution
+    or in other shapes raise a ConfigError naming them here, before the first step. None for
+    runs on raw images."""
+    d = cfg.data
+    if d.source != "webdataset" or not d.webdataset.features:
+        return None
+    from ..data.features import FeatureSpec, encoder_fingerprint, first_sample_problem
+    from ..data.shards import expand_shards
+
+    w = d.webdataset
+    spec = FeatureSpec(encoders=encoder_fingerprint(model.vae, model.conditioner) if w.check_feature_encoders else None,
+                       latent_channels=model.vae.latent_channels,
+                       vision_shape=(model.conditioner.num_image_tokens, model.conditioner.hidden_size))
+    errors = []
+    for name in ("image_shards", "paired_shards"):
+        urls = expand_shards(getattr(w, name))
+        problem = first_sample_problem(urls[0], d.resolution, spec) if urls else None
+        if problem == "unrecorded":
+            import logging
+
+            logging.getLogger("iomm_scale.data").warning(
+                "%s: feature shards without a record of the encoders that made them (written before it was kept): "
+                "shapes and resolution are checked, the encoders cannot be", urls[0])
+        elif problem:
+            errors.append((f"data.webdataset.{name}", f"{urls[0]}: {problem}"))
+    if errors:
+        hint = ("these feature shards were made for another model or resolution: train with the config that made "
+                "them, or re-run tools/precompute_features.py with this one")
+        if any("other encoders" in m for _, m in errors):
+            hint += " (data.webdataset.check_feature_encoders: false takes them anyway)"
+        raise ConfigError(format_errors(cfg.source, errors) + f"\n  {hint}")
+    return spec
 
 
 def check_inputs(cfg: RunConfig, init_from: bool) -> None:
@@ -103,6 +141,7 @@ class Trainer:
                               "launchers/pretrain.py under torchrun or deepspeed (docs/PARALLEL.md)")
         check_inputs(cfg, init_from=self._resume_path() is None)
         self.model = model if model is not None else build_iomm(cfg, self.device)
+        feature_spec = check_feature_shards(cfg, self.model)  # before compiling anything
         if par.activation_checkpointing != "none" or par.checkpoint_mllm:
             from ..parallel.checkpointing import apply_to_model
 
@@ -116,7 +155,7 @@ class Trainer:
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg)
         self.ema = EMA(self.model.trainable_state_dict(), cfg.optim.ema_decay) if cfg.optim.ema_decay else None
-        self.loader = build_loader(cfg)
+        self.loader = build_loader(cfg, feature_spec=feature_spec)
         self.throughput = ThroughputLog(cfg, self.device)  # FLOPs per sample, computed once
         self.step = 0
         self.history: list[tuple[int, float]] = []
@@ -350,7 +389,7 @@ def reference_batch(cfg: RunConfig, model: IOMMModel, device, loader=None):
         photos = loader.samples[: loader.num_photos]
         step = cfg.data.builtin.crops_per_photo  # one crop of each photo first
         return torch.stack([img for img, _, _ in (photos[::step] + photos)[:n]]).to(device), None
-    batch = next(build_loader(cfg))
+    batch = next(build_loader(cfg, feature_spec=getattr(loader, "feature_spec", None)))
     if "latents" in batch:
         latents = batch["latents"][:n].to(device, torch.float32)
         return model.vae.decode(latents), batch["vision_features"][:n].to(device, torch.float32)

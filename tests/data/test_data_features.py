@@ -225,3 +225,68 @@ def test_span_of_a_shrunk_shard_is_a_bad_sample(tmp_path):
     with pytest.raises(BadSample) as err:
         vis.into(torch.empty(vis.shape, dtype=vis.dtype))
     assert err.value.reason == "bad_features" and "short read" in str(err.value)
+
+
+def test_feature_spec_counts_samples_of_other_encoders_and_shapes(tmp_path):
+    """A loader given the run's FeatureSpec skips and counts, as feature_mismatch, exactly the
+    samples recorded as made by other encoders or with other latent channels / vision shapes;
+    samples without a record, or with the run's, are kept."""
+    from iomm_scale.data.features import FeatureSpec
+
+    mine, theirs = {"vae": "a" * 16, "vision": "b" * 16}, {"vae": "a" * 16, "vision": "c" * 16}
+    groups = {"mine": (mine, (4, 4, 4), (6, 8), 5), "unrecorded": (None, (4, 4, 4), (6, 8), 3),
+              "theirs": (theirs, (4, 4, 4), (6, 8), 4), "channels": (mine, (8, 4, 4), (6, 8), 2),
+              "tokens": (mine, (4, 4, 4), (5, 8), 3)}
+    samples = []
+    for name, (enc, lat, vis, n) in groups.items():
+        for s in feature_samples(n, lat_shape=lat, vis_shape=vis, seed=len(samples)):
+            samples.append(dict(s, key=f"{name}{s['key']}", meta={"encoders": enc} if enc else None))
+    write_feature_shards(samples, str(tmp_path / "spec-%06d.tar"))
+    cfg = WebDatasetConfig(image_shards=[str(tmp_path / "spec-000000.tar")], features=True, num_workers=0, epochs=1,
+                           error_budget=1.0)
+    spec = FeatureSpec(encoders=mine, latent_channels=4, vision_shape=(6, 8))
+    loader = build_webdataset_loader(cfg, R, 4, 0, 1, 0, feature_spec=spec)
+    kept = sorted(by_key(loader))
+    assert kept == sorted(s["key"] for s in samples if s["key"].startswith(("mine", "unrecorded")))
+    assert {r: n for r, n in loader.stats()["reasons"].items() if n} == {"feature_mismatch": 4 + 2 + 3}
+    with pytest.raises(BadSample, match=r"other encoders: vision c{16} \(this run's: b{16}\)"):
+        feature_arrays({"latents.npy": np_bytes(np.zeros((4, 4, 4), np.float32)),
+                        "vision.npy": np_bytes(np.zeros((6, 8), np.float32)),
+                        "json": b'{"resolution": 32, "encoders": {"vae": "' + b"a" * 16 + b'", "vision": "'
+                                + b"c" * 16 + b'"}}'}, R, spec)
+    # without a spec (library use) nothing but the resolution is checked
+    assert len(by_key(build_webdataset_loader(cfg, R, 4, 0, 1, 0))) == len(samples)
+
+
+def test_encoder_fingerprint_follows_the_encoders_not_the_language_model():
+    """The digest changes with any VAE or vision-tower weight and the VAE's normalisation, not
+    with a language-model weight or the dtype the encoders were loaded in."""
+    import os
+
+    from iomm_scale.config import load_config
+    from iomm_scale.data.features import encoder_fingerprint
+    from iomm_scale.iomm import build_iomm
+
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
+                        "tiny.yaml")
+    model = build_iomm(load_config(tiny, ["model.vae.type=autoencoder_kl", "model.vae.random_init=true",
+                                          "model.generator.in_channels=64"]), "cpu")
+    base = encoder_fingerprint(model.vae, model.conditioner)
+    assert set(base) == {"vae", "vision"} and all(len(v) == 16 for v in base.values())
+    mllm = model.conditioner.mllm
+    lm = next(p for n, p in mllm.named_parameters() if "language_model" in n)
+    vit = next(p for n, p in mllm.named_parameters() if "vision_tower" in n and p.dim() == 2)
+    with torch.no_grad():
+        lm.add_(1.0)
+        assert encoder_fingerprint(model.vae, model.conditioner) == base
+        vit[0, 0] += 1.0  # the first value is always among the sampled ones
+        changed = encoder_fingerprint(model.vae, model.conditioner)
+        assert changed["vision"] != base["vision"] and changed["vae"] == base["vae"]
+        vit[0, 0] -= 1.0
+        mllm.to(torch.bfloat16)  # the same weights in another dtype: the same encoders
+        assert encoder_fingerprint(model.vae, model.conditioner) == base
+        model.vae.shift += 0.5
+        assert encoder_fingerprint(model.vae, model.conditioner)["vae"] != base["vae"]
+        model.vae.shift -= 0.5
+        next(model.vae.parameters()).view(-1)[0] += 1.0
+        assert encoder_fingerprint(model.vae, model.conditioner)["vae"] != base["vae"]

@@ -114,3 +114,83 @@ def test_precompute_under_torchrun_prints_one_config_with_every_rank(tmp_path):
     assert block["data"]["resolution"] == 32 and block["data"]["source"] == "webdataset"
     shards = block["data"]["webdataset"]["image_shards"]
     assert sorted(shards) == [str(tmp_path / "feat-image-r000-000000.tar"), str(tmp_path / "feat-image-r001-000000.tar")]
+
+
+def test_feature_shards_of_other_encoders_are_refused_before_training(tmp_path, caplog):
+    """precompute_features records the encoders in every sample; a run whose VAE or vision tower
+    differs (or whose vision tokens have another shape) stops before its first step with an
+    error naming the shard; check_feature_encoders: false takes them; shards written without a
+    record get a warning; within a shard list, samples of other encoders are skipped and counted
+    feature_mismatch exactly."""
+    import json
+    import logging
+    import tarfile
+
+    import precompute_features
+    import pytest
+
+    from iomm_scale.config import ConfigError
+    from iomm_scale.data.features import write_feature_shards
+
+    raw = tmp_path / "raw-000000.tar"
+    _write_raw_shard(raw)
+    tiny = os.path.join(ROOT, "configs", "tiny.yaml")
+    common = ["data.source=webdataset", "data.batch_size=4", "data.webdataset.shuffle_buffer=1",
+              "data.webdataset.num_workers=0", "train.progress_bar=false", "train.num_samples=0", "train.resume=never"]
+    for seed in (0, 1):  # train.seed seeds the tiny random MLLM: seed 1 is another vision tower
+        assert precompute_features.main(["--config", tiny, "--out", str(tmp_path / f"seed{seed}")] + [
+            f"--set={o}" for o in common + [f"data.webdataset.image_shards=[{raw}]", f"train.seed={seed}"]]) == 0
+    mine, theirs = tmp_path / "seed0-image-000000.tar", tmp_path / "seed1-image-000000.tar"
+    with tarfile.open(mine) as tar:
+        record = json.loads(tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(".json"))).read())
+    assert set(record["encoders"]) == {"vae", "vision"} and record["resize_filter"] == "bicubic"
+
+    def trainer(shards, *extra):
+        cfg = load_config(tiny, common + ["data.webdataset.features=true", "data.webdataset.error_budget=1.0",
+                                          f"data.webdataset.image_shards=[{', '.join(map(str, shards))}]", *extra])
+        return Trainer(cfg, run_dir=tmp_path / "run")
+
+    trainer([mine])  # its own encoders: accepted
+    with pytest.raises(ConfigError, match=rf"(?s)image_shards: {theirs}: made by other encoders: vision .*check_feature_encoders"):
+        trainer([theirs])
+    with pytest.raises(ConfigError, match=r"other encoders: vae [0-9a-f]{16} \(this run's: [0-9a-f]{16}\)\n"):
+        trainer([mine], "model.vae.scaling_factor=2.0")
+    trainer([theirs], "data.webdataset.check_feature_encoders=false")
+    # the parallel launchers refuse them too, on every rank, once the model is built (2 processes, DP=2)
+    import subprocess
+
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29647", "launchers/pretrain.py", "--config", tiny, "--run-dir", str(tmp_path / "dist"),
+                        *common, "data.webdataset.features=true", f"data.webdataset.image_shards=[{theirs}]"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DS_BUILD_OPS": "0"})
+    assert p.returncode != 0 and "config error: " in p.stderr, p.stderr[-3000:]
+    assert f"{theirs}: made by other encoders: vision" in p.stderr and p.stderr.count("config error: ") == 1
+    # another vision hidden size: refused by shape even with the encoder check off
+    with pytest.raises(ConfigError, match=r"vision features are \[16, 64\], this run.s vision tower makes \[16, 32\]"):
+        trainer([mine], "data.webdataset.check_feature_encoders=false", "model.conditioner.mllm.tiny.text_hidden=32")
+
+    # shards without a record (written before records were kept): a warning, and they train
+    old = tmp_path / "old-000000.tar"
+    with tarfile.open(mine) as tar:
+        arrays = {}
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            arrays.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    import io
+
+    import numpy as np
+
+    write_feature_shards([{"key": k, "latents": np.load(io.BytesIO(v["latents.npy"])),
+                           "vision_features": np.load(io.BytesIO(v["vision.npy"])), "resolution": 32}
+                          for k, v in arrays.items()], str(tmp_path / "old-%06d.tar"))
+    with caplog.at_level(logging.WARNING, logger="iomm_scale.data"):
+        t = trainer([old])
+    assert any("without a record of the encoders" in r.getMessage() for r in caplog.records)
+    t.train_step()
+
+    # a list whose first shard is fine: the other encoders' samples are skipped and counted
+    t = trainer([mine, theirs], "data.webdataset.epochs=1")
+    keys = [k for batch in t.loader for k in batch["keys"]]
+    assert sorted(keys) == sorted(arrays)  # seed 0's 8 samples, each once
+    assert {r: n for r, n in t.loader.stats()["reasons"].items() if n} == {"feature_mismatch": 8}
