@@ -10,7 +10,8 @@ Why: in the compiled IOMM-B generator the inductor-generated norm + RoPE kernels
 and the backward with its weight-gradient reduction) took ~41 ms of a 520 ms forward +
 backward at micro-batch 32 on an H200, about 4x the time their bytes need
 (benchmarks/RESULTS.md). This kernel reads x once and writes the output once; its backward
-recomputes the norm from x (nothing else is saved) and reads x and the output gradient once.
+recomputes the norm from x (nothing else is saved) and reads x and the output gradient once,
+each in the layout it comes in (any batch / sequence / head strides, no copy first).
 
 It is a `torch.library` custom op (`iomm::rms_norm_rope`, with a fake implementation and an
 autograd formula), so torch.compile'd blocks call it as one opaque kernel. Used on CUDA when
@@ -57,7 +58,8 @@ if triton is not None:
     def _head_vectors(pid, x_ptr, cos_ptr, sin_ptr, n_rows, H, S, x_sb, x_ss, x_sh, c_sb, c_ss, eps,
                       D: tl.constexpr, BLOCK_R: tl.constexpr):
         """This program's BLOCK_R head vectors (rows of B x S x H): x in float32, 1 / rms(x), the
-        rows' cos / sin, the row mask and the rows' offsets in a contiguous [B, S, H, D] tensor."""
+        rows' cos / sin, the row mask, the rows' offsets in a contiguous [B, S, H, D] tensor and
+        their (b, s, h) indices."""
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = (rows < n_rows)[:, None]
         h = rows % H
@@ -71,14 +73,14 @@ if triton is not None:
         cos = tl.load(cos_ptr + c_off, mask=rmask, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + c_off, mask=rmask, other=0.0).to(tl.float32)
         o_off = rows.to(tl.int64)[:, None] * D + cols
-        return cols, rmask, x, rstd, cos, sin, o_off
+        return cols, rmask, x, rstd, cos, sin, o_off, b, s, h
 
     @triton.jit
     def _rms_norm_rope_fwd(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, H, S,
                            x_sb, x_ss, x_sh, c_sb, c_ss, eps,
                            D: tl.constexpr, BLOCK_R: tl.constexpr):
-        cols, rmask, x, rstd, cos, sin, o_off = _head_vectors(tl.program_id(0), x_ptr, cos_ptr, sin_ptr, n_rows, H, S,
-                                                              x_sb, x_ss, x_sh, c_sb, c_ss, eps, D, BLOCK_R)
+        cols, rmask, x, rstd, cos, sin, o_off, _, _, _ = _head_vectors(
+            tl.program_id(0), x_ptr, cos_ptr, sin_ptr, n_rows, H, S, x_sb, x_ss, x_sh, c_sb, c_ss, eps, D, BLOCK_R)
         y = x * rstd * tl.load(w_ptr + cols).to(tl.float32)
         y_partner = _swap_pairs(y, BLOCK_R, D)
         sign = tl.where(cols % 2 == 0, -1.0, 1.0)  # out[2j] = y[2j] cos - y[2j+1] sin; out[2j+1] = y[2j+1] cos + y[2j] sin
@@ -87,12 +89,14 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_rope_bwd(x_ptr, w_ptr, cos_ptr, sin_ptr, go_ptr, gx_ptr, gw_ptr, n_rows, H, S,
-                           x_sb, x_ss, x_sh, c_sb, c_ss, eps,
+                           x_sb, x_ss, x_sh, c_sb, c_ss, eps, g_sb, g_ss, g_sh,
                            D: tl.constexpr, BLOCK_R: tl.constexpr):
         pid = tl.program_id(0)
-        cols, rmask, x, rstd, cos, sin, o_off = _head_vectors(pid, x_ptr, cos_ptr, sin_ptr, n_rows, H, S,
-                                                              x_sb, x_ss, x_sh, c_sb, c_ss, eps, D, BLOCK_R)
-        g = tl.load(go_ptr + o_off, mask=rmask, other=0.0).to(tl.float32)
+        cols, rmask, x, rstd, cos, sin, o_off, b, s, h = _head_vectors(
+            pid, x_ptr, cos_ptr, sin_ptr, n_rows, H, S, x_sb, x_ss, x_sh, c_sb, c_ss, eps, D, BLOCK_R)
+        # the output gradient in its own layout: in a double block it is a slice of the
+        # concatenated streams' gradient (a copy to make it contiguous would cost a pass)
+        g = tl.load(go_ptr + (b * g_sb + s * g_ss + h * g_sh)[:, None] + cols, mask=rmask, other=0.0).to(tl.float32)
         # the rotation's transpose: gy[2j] = g[2j] cos + g[2j+1] sin; gy[2j+1] = g[2j+1] cos - g[2j] sin
         g_partner = _swap_pairs(g, BLOCK_R, D)
         gy = g * cos - tl.where(cols % 2 == 0, -1.0, 1.0) * g_partner * sin
@@ -150,11 +154,11 @@ def rms_norm_rope_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Te
     cos, sin = _tables(cos, sin)
     x = _unit_last_stride(x)
     geo = _geometry(x, cos)
-    grad = grad.contiguous()
+    grad = _unit_last_stride(grad)
     gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     programs = triton.cdiv(geo[0], BWD_ROWS)
     gw_parts = torch.empty(programs, x.shape[-1], dtype=torch.float32, device=x.device)
-    _rms_norm_rope_bwd[(programs,)](x, weight, cos, sin, grad, gx, gw_parts, *geo, eps,
+    _rms_norm_rope_bwd[(programs,)](x, weight, cos, sin, grad, gx, gw_parts, *geo, eps, *grad.stride()[:3],
                                     D=x.shape[-1], BLOCK_R=BWD_ROWS, num_warps=BWD_WARPS)
     return gx, gw_parts.sum(0).to(weight.dtype)
 

@@ -6,7 +6,8 @@
 Each case compares the output, dL/dx and dL/dweight with a float64 evaluation of the same
 formula, and requires the kernel's error to be no larger than the unfused code's (plus a
 float32-rounding allowance): the kernel skips one rounding, so it should be closer, never farther.
-Cases cover a strided x (a slice of a fused q|k|v projection, as the blocks pass it), shared
+Cases cover a strided x (a slice of a fused q|k|v projection, as the blocks pass it) and output
+gradient (a sequence slice of the double block's concatenated q / k gradient), shared
 [S, D] and per-sample [B, S, D] tables, a row count that does not fill the last program, and
 float32 / bfloat16 (on the interpreter, which truncates float32 -> bfloat16 stores, half-precision
 results are held to one unit in the last place instead). Prints one line per case and exits non-zero on the first failure.
@@ -44,6 +45,8 @@ def grads(fn, x, weight, cos, sin, eps, g):
 
 
 def run_case(device, dtype, b, s, h, d, per_sample_tables, strided, eps=1e-6, seed=0) -> str:
+    """`strided`: x is a slice of a fused q|k|v projection and the output gradient a slice
+    along the sequence of a longer one (a double block's two streams are concatenated)."""
     gen = torch.Generator().manual_seed(seed)
     if strided:  # q as the blocks see it: one third of a fused [B, S, 3 * H * D] projection
         fused = torch.randn(b, s, 3 * h * d, generator=gen) * 3
@@ -56,7 +59,7 @@ def run_case(device, dtype, b, s, h, d, per_sample_tables, strided, eps=1e-6, se
     if per_sample_tables:
         pos = pos[None].repeat(b, 1, 1) + torch.arange(b)[:, None, None]
     cos, sin = (t.to(device) for t in rope_angles(pos, axes, 10000.0))
-    g = torch.randn(b, s, h, d, generator=gen).to(device, dtype)
+    g = torch.randn(b, s + 7 if strided else s, h, d, generator=gen).to(device, dtype)[:, 7 if strided else 0:]
 
     def fused_fn(x, w, cos, sin, eps):
         return fused_norm_rope.rms_norm_rope(x, w, cos, sin, eps), w
