@@ -123,6 +123,27 @@ def merge_stats(snapshots: list[dict]) -> dict:
             "reasons": reasons, "worst_shards": [[u, n] for u, n in worst]}
 
 
+def merge_rank_stats(per_rank: list[dict]) -> dict:
+    """Loader stats of several ranks (`WebDatasetLoader.stats()`, one per data-parallel replica)
+    -> the run's: totals and reasons summed, bad_fraction recomputed, the worst shards of the
+    ranks' lists re-ranked (a shard read by several ranks sums their counts), the oldest epoch
+    of each stream. Empty stats (the built-in source) stay empty."""
+    per_rank = [s for s in per_rank if s]
+    if not per_rank:
+        return {}
+    out = {k: sum(s.get(k, 0) for s in per_rank) for k in ("seen", "ok", "bad", "shard_errors", "batches")}
+    out["bad_fraction"] = (out["bad"] + out["shard_errors"]) / max(1, out["seen"] + out["shard_errors"])
+    out["reasons"] = {r: sum(s.get("reasons", {}).get(r, 0) for s in per_rank) for r in REASONS}
+    by_shard: dict[str, int] = {}
+    for s in per_rank:
+        for u, n in s.get("worst_shards", []):
+            by_shard[u] = by_shard.get(u, 0) + n
+    out["worst_shards"] = [[u, n] for u, n in sorted(by_shard.items(), key=lambda kv: (-kv[1], kv[0]))[:5]]
+    streams = set().union(*(s.get("epochs", {}) for s in per_rank))
+    out["epochs"] = {k: min(s["epochs"][k] for s in per_rank if k in s.get("epochs", {})) for k in sorted(streams)}
+    return out
+
+
 def check_budget(stats: dict, budget: float, min_samples: int, where: str) -> None:
     """Raise DataErrorBudgetExceeded when merged `stats` are over the budget."""
     items = stats["seen"] + stats["shard_errors"]

@@ -472,10 +472,12 @@ class DistributedTrainer:
     def fit(self) -> dict:
         from ..optim.builder import lr_factor
         from ..profiling.mfu import ThroughputLog
+        from ..train.trainer import flatten, init_wandb
 
         cfg = self.cfg
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         metrics = open(self.run_dir / "metrics.jsonl", "a") if self.is_logger else None
+        wandb_run = init_wandb(cfg, self.run_dir) if self.is_logger else None
         last: dict = {}
         t0 = time.perf_counter()
         world = dist.get_world_size()
@@ -492,6 +494,8 @@ class DistributedTrainer:
                 self.rt.set_lr(lr)
                 out = self.rt.train_step(self.next_batch())
                 window.append(out["loss"])
+                if self.rt.step % cfg.train.log_every == 0 or self.rt.step == cfg.train.steps:
+                    data_stats = self._data_stats()  # collective: every rank, at the same steps
                 if self.is_logger and (self.rt.step % cfg.train.log_every == 0 or self.rt.step == cfg.train.steps):
                     dt = time.perf_counter() - t0
                     samples_per_s = (self.rt.step - logged_step) * global_batch / dt  # all ranks together
@@ -499,10 +503,13 @@ class DistributedTrainer:
                     # per device: the run's rate split over its `world` devices (TP / PP ranks share samples)
                     last = {**out, "loss": sum(window) / len(window), "loss_steps": len(window),
                             "loss_last": out["loss"], "lr": lr, "time": time.time(), "seconds": dt,
-                            "samples_per_s": samples_per_s, **throughput(samples_per_s / world)}
+                            "samples_per_s": samples_per_s, **throughput(samples_per_s / world),
+                            **flatten(data_stats, "data/")}
                     window = []
                     metrics.write(json.dumps(last) + "\n")
                     metrics.flush()
+                    if wandb_run is not None:
+                        wandb_run.log(last, step=self.rt.step)
                     self.history.append((out["step"], last["loss"]))
                     print(f"[iomm] step {out['step']} loss {last['loss']:.5f} grad_norm {out['grad_norm']:.4f}", flush=True)
                     t0 = time.perf_counter()
@@ -526,7 +533,22 @@ class DistributedTrainer:
                 signal.signal(s, h)
             if metrics:
                 metrics.close()
+        if wandb_run is not None:
+            wandb_run.finish()
         return last
+
+    def _data_stats(self) -> dict:
+        """The data counters of the whole run (bad samples per reason, shard errors, ...): every
+        rank's loader stats gathered, one per data-parallel replica (its TP / PP peers read the
+        same samples) and summed. A collective: every rank calls it at the same steps."""
+        from ..data.errors import merge_rank_stats
+
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (self.layout.dp_rank, self.loader.stats()))
+        replicas: dict[int, dict] = {}
+        for dp_rank, stats in gathered:
+            replicas.setdefault(dp_rank, stats)
+        return merge_rank_stats([replicas[r] for r in sorted(replicas)])
 
 
 def split_parallel_args(config_path: str | None, overrides: list[str]):

@@ -119,6 +119,20 @@ def flatten(stats: dict, prefix: str) -> dict:
     return out
 
 
+def init_wandb(cfg: RunConfig, run_dir: Path):
+    """The wandb run when train.wandb is enabled (None otherwise); the metrics.jsonl lines go
+    to it too. Called on the logging process only."""
+    w = cfg.train.wandb
+    if not w.enabled or w.mode == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError("train.wandb.enabled is true but wandb is not installed: pip install 'iomm-scale[wandb]'") from None
+    return wandb.init(project=w.project, name=cfg.name, mode=w.mode, dir=str(run_dir), config=cfg.to_dict(),
+                      resume="allow")
+
+
 def write_run_config(run_dir: Path, cfg: RunConfig) -> None:
     """<run_dir>/config.yaml: the resolved config, with the run directory actually used."""
     d = cfg.to_dict()
@@ -294,7 +308,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg.train
         metrics_file = open(self.run_dir / "metrics.jsonl", "a")
-        wandb_run = self._init_wandb()
+        wandb_run = init_wandb(self.cfg, self.run_dir)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         bar = None
         if cfg.progress_bar:
@@ -345,17 +359,6 @@ class Trainer:
         if wandb_run is not None:
             wandb_run.finish()
         return last
-
-    def _init_wandb(self):
-        w = self.cfg.train.wandb
-        if not w.enabled or w.mode == "disabled":
-            return None
-        try:
-            import wandb
-        except ImportError:
-            raise RuntimeError("train.wandb.enabled is true but wandb is not installed: pip install 'iomm-scale[wandb]'") from None
-        return wandb.init(project=w.project, name=self.cfg.name, mode=w.mode, dir=str(self.run_dir),
-                          config=self.cfg.to_dict(), resume="allow")
 
     @torch.no_grad()
     def write_outputs(self) -> None:
