@@ -92,8 +92,40 @@ def looks_truncated(data: bytes) -> bool:
     return False
 
 
+def jpeg_header_end(data: bytes) -> str:
+    """Walk a JPEG's marker segments from SOI to the start of scan: "scan" when the headers are
+    whole, "cut" when the data ends inside them, "corrupt" when a segment is not a marker (or
+    the image ends before any scan)."""
+    i, n = 2, len(data)
+    while i + 1 < n:
+        if data[i] != 0xFF:
+            return "corrupt"
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker in (0x00, 0xD9):  # a stuffed byte or the end of image before any scan
+            return "corrupt"
+        if i + 4 > n:
+            return "cut"
+        length = (data[i + 2] << 8) | data[i + 3]
+        if length < 2:
+            return "corrupt"
+        if marker == 0xDA:
+            return "scan" if i + 2 + length <= n else "cut"
+        i += 2 + length
+    return "cut"
+
+
 def failure_reason(data: bytes, exn: BaseException) -> str:
-    """Why PIL could not read `data`: truncated / corrupt header / not an image at all."""
+    """Why PIL could not read `data`: truncated / corrupt header / not an image at all. A JPEG
+    whose headers are cut short is truncated; one whose headers hold junk is corrupt (both lack
+    the end-of-image marker, so the marker walk tells them apart)."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "truncated_image" if jpeg_header_end(data) == "cut" or "truncated" in str(exn) else "corrupt_header"
     if "truncated" in str(exn) or (looks_like_image(data) and looks_truncated(data)):
         return "truncated_image"
     return "corrupt_header" if looks_like_image(data) else "not_an_image"

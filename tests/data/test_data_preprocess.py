@@ -175,6 +175,10 @@ def test_bucket_sizes_and_choice():
     (corrupt_png_header(0), "corrupt_header"),
     (encode(photo("coffee", 20, 30), "PNG"), "too_small"),
     (encode(photo("coffee", 64, 64), "WEBP")[:-300], "truncated_image"),  # the RIFF size says more
+    # JPEGs without their end-of-image marker: cut inside the headers, or SOI + APP0 then junk
+    (good_jpeg(0)[:120], "truncated_image"),
+    (good_jpeg(0)[:20] + b"this is not a marker segment" * 20, "corrupt_header"),
+    (good_jpeg(0)[:2] + b"junk" * 50, "not_an_image"),  # SOI alone is not the JPEG signature
 ])
 def test_bad_payloads_raise_their_reason(data, reason):
     with pytest.raises(BadSample) as info:

@@ -852,6 +852,8 @@ SCENARIOS = {
     "native_ckpt_tp2dp2_zero3": lambda: scenario_native_ckpt("native", tp=2, zero_stage=3),
     "muon_tp2dp2_zero0": lambda: scenario_muon("muon_tp2dp2_zero0", tp=2, zero_stage=0),
     "muon_tp2dp2_resume": lambda: scenario_muon("muon_tp2dp2_resume", resume_after=2, tp=2, zero_stage=0),
+    # 4 owners: matrices split unevenly over the ranks, each rank's updates sent at its own offsets
+    "muon_dp4_zero0": lambda: scenario_muon("muon_dp4_zero0", zero_stage=0),
 }
 
 

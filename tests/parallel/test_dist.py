@@ -42,7 +42,7 @@ WORLD2 = ["dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "dp2_zero3_ckpt", 
           "muon_dp2_zero0", "muon_tp2_zero0", "muon_tp2_per_shard", "muon_dp2_bf16_autocast", "ds_muon_dp2_zero1",
           "ds_muon_dp2_zero3"]
 WORLD4 = ["tp2dp2_zero1", "tp2pp2", "iomm_tp2pp2", "ema_tp2pp2", "reshard_tp2dp2_to_dp4", "native_ckpt_tp2dp2_zero3",
-          "muon_tp2dp2_zero0", "muon_tp2dp2_resume"]
+          "muon_tp2dp2_zero0", "muon_tp2dp2_resume", "muon_dp4_zero0"]
 
 LOSS_TOL, PARAM_TOL, UPDATE_TOL = 1e-5, 1e-5, 2e-3
 
@@ -246,13 +246,17 @@ def test_deepspeed_muon_matches_its_single_process_muon(world2, name, stage):
     assert r["vs_ours_update_rel"] >= 1e-2  # not our Muon: its routing, fused q|k|v as one matrix
 
 
-@pytest.mark.parametrize("name", ["muon_tp2dp2_zero0", "muon_tp2dp2_resume"])
-def test_muon_tp2dp2_matches_single_process(world4, name):
+@pytest.mark.parametrize("name,dp,tp", [("muon_tp2dp2_zero0", 2, 2), ("muon_tp2dp2_resume", 2, 2),
+                                        ("muon_dp4_zero0", 4, 1)])
+def test_muon_world4_matches_single_process(world4, name, dp, tp):
     # _resume: 2 steps, DeepSpeed checkpoint + each rank's Muon momenta, rebuilt from zeroed
-    # weights, loaded, 1 more step (without the per-rank momenta: update_rel 0.5).
+    # weights, loaded, 1 more step (without the per-rank momenta: update_rel 0.5). dp4: four
+    # owners holding different numbers of matrices (uneven all-gather payloads).
     r = check(world4, name)
     assert_parity(r)
-    assert_muon_ownership(r, 2, 2)
+    assert_muon_ownership(r, dp, tp)
+    if dp == 4:
+        assert len({owned for _, owned, _, _ in r["ownership"]}) > 1  # uneven shares are exercised
 
 
 # --------------------------------------------------------------------------- EMA
