@@ -285,6 +285,9 @@ class DistributedTrainer:
                                         compile_backend=cfg.train.compile_backend if cfg.train.compile else None,
                                         compile_mllm=cfg.train.compile_mllm)
         self._log_ema()
+        if self.is_logger:
+            for note in self.rt.info.get("compile_notes", []):
+                print(f"[iomm] {note}", flush=True)
         self.loader = build_loader(cfg, rank=self.layout.dp_rank, world_size=self.layout.dp, feature_spec=feature_spec)
         self.history: list[tuple[int, float]] = []  # (step, loss) logged by this launch, for loss_curve.png
         self._stop = False

@@ -158,8 +158,8 @@ class ParallelRuntime:
         With pp > 1, `batch_keys` fixes the order of the (all-tensor) batch entries sent to
         the first stage. `ema_decay`: keep an fp32 EMA of the trainable parameters (`rt.ema`,
         parallel/ema.py; restored from `resume_full` when the checkpoint has one).
-        `compile_backend`: torch.compile each generator block with it (train/compile.py; data
-        parallel with ZeRO 0-2 only), and with `compile_mllm` each frozen LLM decoder layer."""
+        `compile_backend`: torch.compile each generator block with it (train/compile.py; any
+        layout but ZeRO-3), and with `compile_mllm` each frozen LLM decoder layer."""
         from . import checkpointing
         from .deepspeed_engine import assert_unmanaged_accumulation, deepspeed_config, initialize_engine
         from .tensor_parallel import apply_tensor_parallel, is_tp_layer
@@ -199,11 +199,12 @@ class ParallelRuntime:
                                                              pcfg.checkpoint_every_k, pcfg.checkpoint_mllm) \
             if layout.pp == 1 else _checkpoint_stage(model, pcfg, pipeline_module)
         if compile_backend is not None:
-            from ..train.compile import compile_blocks, compile_frozen_mllm, compile_layout_errors
+            from ..train.compile import compile_blocks, compile_frozen_mllm, compile_layout_errors, compile_notes
 
             errors = compile_layout_errors(layout.tp, layout.pp, pcfg.zero_stage)
             if errors:
                 raise ValueError("; ".join(f"{k}: {m}" for k, m in errors))
+            info["compile_notes"] = compile_notes(layout.tp, layout.pp)
             info["compiled_blocks"] = compile_blocks(gen, compile_backend)
             if compile_mllm and getattr(model, "conditioner", None) is not None:
                 info["compiled_mllm_layers"] = compile_frozen_mllm(model.conditioner, compile_backend)

@@ -59,13 +59,26 @@ def compile_frozen_mllm(conditioner: torch.nn.Module, backend: str = "inductor")
 
 
 def compile_layout_errors(tp: int, pp: int, zero_stage: int) -> list[tuple[str, str]]:
-    """(run-config key, message) for the layouts compiled blocks are not proved under: the data-
-    parallel ZeRO 0-2 path is (tests/parallel, equal to one process); tensor-parallel linears,
-    pipeline stages and ZeRO-3's parameter-gathering module hooks are not."""
-    return [(f"parallel.{k}", f"train.compile with {k}={v}: compiled blocks are proved under data parallelism with "
-             f"ZeRO 0-2 only (tp 1, pp 1); set train.compile false for this layout")
-            for k, v, bad in (("tp", tp, tp > 1), ("pp", pp, pp > 1), ("zero_stage", zero_stage, zero_stage > 2))
-            if bad]
+    """(run-config key, message) for the layouts train.compile refuses. Proved equal to one
+    process (tests/parallel, aot_eager): data parallel with ZeRO 0-2, tensor parallel and
+    pipeline parallel, with and without activation checkpointing. Refused: ZeRO-3, whose
+    parameter-gathering hooks on every submodule split the compiled blocks at each module and
+    whose gathered / released parameter shapes recompile them past dynamo's limit (measured on
+    CPU: 40 graphs for 4 blocks, then eager), so it would cost compile time for nothing."""
+    if zero_stage <= 2:
+        return []
+    return [("parallel.zero_stage", f"train.compile with zero_stage={zero_stage}: ZeRO-3's parameter gathering "
+             "splits each compiled block at every submodule and recompiles it past dynamo's limit (no compiled "
+             "code is left); use ZeRO 0-2 (or tensor / pipeline parallelism) with train.compile, or set it false")]
+
+
+def compile_notes(tp: int, pp: int) -> list[str]:
+    """What a compiled layout gives up, for the launch log."""
+    if tp > 1:  # megatron's linears: an autograd Function whose backward all-reduces asynchronously
+        return ["train.compile under tensor parallelism: megatron's parallel linears are not traced (their "
+                "backward all-reduces asynchronously), so each block compiles as the pieces between its linears "
+                "(norms, modulation, RoPE, activations: what compile fuses); the matmuls run as in eager"]
+    return []
 
 
 def compile_launch_errors(cfg) -> list[tuple[str, str]]:

@@ -263,6 +263,8 @@ def _compile_enabled(on: bool):
 
     before = torch._dynamo.config.disable
     torch._dynamo.config.disable = before and not on
+    if on:  # a fresh dynamo cache: earlier scenarios' graphs count against the recompile limit
+        torch._dynamo.reset()
     try:
         yield
     finally:
@@ -293,13 +295,15 @@ def scenario_generator(name: str, family="flux", **p) -> dict:
                                  norms_out=ref_norms)
     keys = ("x_t", "t", "cond", "cond_mask", "target")
     init = {n: q.detach().clone() for n, q in gen.named_parameters()}
+    graphs_before = _dynamo_graphs()
     with _compile_enabled(compile_backend is not None):
         rt, losses = run_layout(gen, make, pcfg, micro, batch_keys=keys, clip=clip, ema_decay=ema_decay,
                                 compile_backend=compile_backend)
         out = compare(rt, losses, ref_losses, hist[-1], init)
     out["grad_norms"], out["ref_grad_norms"] = rt.test_grad_norms, ref_norms
     out["compiled_blocks"] = rt.info.get("compiled_blocks", 0)
-    out["dynamo_graphs"] = _dynamo_graphs()
+    out["dynamo_graphs"] = _dynamo_graphs() - graphs_before  # this scenario's
+    out["compile_notes"] = rt.info.get("compile_notes", [])
     if ema_decay:
         out.update(compare_ema(rt, ref_ema[-1], init, hist[-1]))
         out["ema_bytes"] = ema_bytes(rt)
@@ -792,6 +796,11 @@ SCENARIOS = {
     # torch.compile'd blocks (aot_eager: the traced graphs, no C++ code generation on CPU)
     "dp2_zero1_compile_ckpt": lambda: scenario_generator("dp2_zero1_compile_ckpt", zero_stage=1, compile_backend="aot_eager",
                                                          activation_checkpointing="full"),
+    # train.compile under TP (blocks compiled in pieces between megatron's linears) and PP
+    "tp2_compile_ckpt": lambda: scenario_generator("tp2_compile_ckpt", tp=2, zero_stage=0, compile_backend="aot_eager",
+                                                   activation_checkpointing="full"),
+    "pp2_compile_ckpt": lambda: scenario_generator("pp2_compile_ckpt", pp=2, zero_stage=1, num_microbatches=2, micro=2,
+                                                   compile_backend="aot_eager", activation_checkpointing="full"),
     "dp2_zero3_ckpt": lambda: scenario_generator("dp2_zero3_ckpt", zero_stage=3, activation_checkpointing="full"),
     "dp2_zero3_offload": lambda: scenario_generator("dp2_zero3_offload", zero_stage=3, offload_optimizer=True,
                                                     offload_params=True, ema_decay=EMA_DECAY),

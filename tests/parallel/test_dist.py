@@ -34,7 +34,8 @@ pytestmark = pytest.mark.dist
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
-WORLD2 = ["dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "dp2_zero3_ckpt", "dp2_zero1_compile_ckpt", "dp2_zero3_offload", "tp2", "tp2_ckpt_every2", "pp2",
+WORLD2 = ["dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "dp2_zero3_ckpt", "dp2_zero1_compile_ckpt", "tp2_compile_ckpt",
+          "pp2_compile_ckpt", "dp2_zero3_offload", "tp2", "tp2_ckpt_every2", "pp2",
           "pp2_ckpt", "s3dit_tp2", "qwen_tp2", "s3dit_pp2", "qwen_pp2", "iomm_dp2_zero3", "iomm_dp2_zero1_compile_mllm", "ema_dp2_zero3", "ema_dp2_zero1",
           "ema_tp2",
           "lora_dp2_zero2", "managed_refused",
@@ -113,13 +114,20 @@ def test_activation_checkpointing_under_zero3_tp_pp(world2, name, blocks):
     assert r["checkpointing"]["blocks"] == blocks
 
 
-def test_compiled_blocks_with_checkpointing_match_single_process(world2):
-    """train.compile under data parallelism (aot_eager here: the traced forward/backward graphs;
-    inductor's generated kernels are run by the GPU check) equals the eager single process."""
-    r = check(world2, "dp2_zero1_compile_ckpt")
+@pytest.mark.parametrize("name,blocks", [("dp2_zero1_compile_ckpt", [0, 1, 2]), ("tp2_compile_ckpt", [0, 1, 2]),
+                                         ("pp2_compile_ckpt", [0, 1])])
+def test_compiled_blocks_with_checkpointing_match_single_process(world2, name, blocks):
+    """train.compile with full activation checkpointing under data, tensor and pipeline
+    parallelism (aot_eager here: the traced forward/backward graphs; inductor's generated kernels
+    are run by the GPU check, on one GPU) equals the eager single process."""
+    r = check(world2, name)
     assert_parity(r)
-    assert r["compiled_blocks"] == 4 and r["checkpointing"]["blocks"] == [0, 1, 2]  # never the last block
+    assert r["compiled_blocks"] == 4 and r["checkpointing"]["blocks"] == blocks  # never the last block
     assert r["dynamo_graphs"] >= 2  # dynamo really traced (double + single block), not a silent no-op
+    if name.startswith("tp2"):
+        assert r["tp_partial_grad"] > 0 and "megatron's parallel linears are not traced" in r["compile_notes"][0]
+    else:
+        assert r["compile_notes"] == []
 
 
 def test_compiled_frozen_mllm_matches_single_process(world2):
