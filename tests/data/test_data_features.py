@@ -242,7 +242,7 @@ def test_feature_spec_counts_samples_of_other_encoders_and_shapes(tmp_path):
         for s in feature_samples(n, lat_shape=lat, vis_shape=vis, seed=len(samples)):
             samples.append(dict(s, key=f"{name}{s['key']}", meta={"encoders": enc} if enc else None))
     write_feature_shards(samples, str(tmp_path / "spec-%06d.tar"))
-    cfg = WebDatasetConfig(image_shards=[str(tmp_path / "spec-000000.tar")], features=True, num_workers=0, epochs=1,
+    cfg = WebDatasetConfig(image_shards=[str(tmp_path / "spec-000000.tar")], features=True, num_workers=2, epochs=1,
                            error_budget=1.0)
     spec = FeatureSpec(encoders=mine, latent_channels=4, vision_shape=(6, 8))
     loader = build_webdataset_loader(cfg, R, 4, 0, 1, 0, feature_spec=spec)
