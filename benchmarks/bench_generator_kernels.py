@@ -17,7 +17,8 @@ trainer's zero_grad does), forward + backward only. For each variant:
     the aten ops that launched most device time.
 
 Variants (formulations tried against the model code; one that wins moves into the model):
-  base        the code as it is
+  base        the code as it is (with IOMM_NORM_ROPE_CONFIG when set: gpu_check sets the sweep's best)
+  shipped     the fused norm + RoPE kernel at its built-in rows x warps per program
   unfused     IOMM_FUSED_KERNELS=0: q/k RMSNorm + RoPE as PyTorch code that inductor fuses,
               instead of the Triton kernel of models/fused_norm_rope.py
   bhsd        q, k, v handed to SDPA contiguous in [B, H, S, D] (the layout cuDNN's kernels
@@ -44,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_kernels import category, write_csv  # noqa: E402
 
-VARIANTS = ("base", "unfused", "bhsd", "maxpw", "cudagraphs")
+VARIANTS = ("base", "shipped", "unfused", "bhsd", "maxpw", "cudagraphs")
 
 
 def _sdpa_bhsd(q, k, v, key_padding_mask=None, backend="auto"):
@@ -65,9 +66,15 @@ def variant(name: str):
 
     saved_attention, saved_pw = flux_mmdit.attention, inductor_config.max_autotune_pointwise
     saved_env = {k: os.environ.get(k) for k in ("IOMM_FUSED_KERNELS",)}
+    saved_config = None
     try:
         if name == "unfused":
             os.environ["IOMM_FUSED_KERNELS"] = "0"
+        elif name == "shipped":  # the built-in norm + RoPE configuration, whatever IOMM_NORM_ROPE_CONFIG says
+            from iomm_scale.models import fused_norm_rope as fnr
+
+            saved_config = (fnr.FWD_ROWS, fnr.FWD_WARPS, fnr.BWD_ROWS, fnr.BWD_WARPS)
+            fnr.FWD_ROWS, fnr.FWD_WARPS, fnr.BWD_ROWS, fnr.BWD_WARPS = fnr.SHIPPED_CONFIG
         elif name == "bhsd":
             flux_mmdit.attention = _sdpa_bhsd
         elif name == "maxpw":
@@ -75,11 +82,19 @@ def variant(name: str):
         yield
     finally:
         flux_mmdit.attention, inductor_config.max_autotune_pointwise = saved_attention, saved_pw
+        if saved_config is not None:
+            fnr.FWD_ROWS, fnr.FWD_WARPS, fnr.BWD_ROWS, fnr.BWD_WARPS = saved_config
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _norm_rope_config() -> str:
+    from iomm_scale.models import fused_norm_rope as fnr
+
+    return ",".join(map(str, (fnr.FWD_ROWS, fnr.FWD_WARPS, fnr.BWD_ROWS, fnr.BWD_WARPS)))
 
 
 def kernel_events(prof, device_type: str):
@@ -136,6 +151,7 @@ def run_variant(cfg, name: str, b: int, steps: int, device: torch.device, peak: 
 
     t0 = time.perf_counter()
     with variant(name):
+        norm_rope_config = _norm_rope_config() if name != "unfused" else "-"  # what this variant runs
         for _ in range(3):
             fwd_bwd()
         if cuda:
@@ -183,11 +199,13 @@ def run_variant(cfg, name: str, b: int, steps: int, device: torch.device, peak: 
            "tflops_per_s": flops / s / 1e12, "fbMFU": (flops / s / 1e12 / peak) if peak else None,
            "kernel_ms_per_step": busy / prof_steps / 1e3, "span_ms_per_step": span / prof_steps / 1e3,
            "idle_share": (1 - busy / span) if span else None, "kernels_per_step": len(kernels) // prof_steps,
-           "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+           "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+           "norm_rope_config": norm_rope_config}
     for c in ("matmul", "attention", "norm", "other"):
         row[f"{c}_ms"] = by_cat.get(c, 0.0) / 1e3
     total = sum(by_name.values()) or 1.0
-    lines = [f"### {name}: fwd+bwd {s * 1e3:.1f} ms (min {min(times) * 1e3:.1f}), "
+    lines = [f"### {name} (norm+rope rows/warps {row['norm_rope_config']}): fwd+bwd {s * 1e3:.1f} ms "
+             f"(min {min(times) * 1e3:.1f}), "
              + (f"fbMFU {row['fbMFU']:.1%}, " if peak else "")
              + f"{row['kernels_per_step']} kernels/step, kernel time {row['kernel_ms_per_step']:.1f} ms of a "
              f"{row['span_ms_per_step']:.1f} ms span (idle {row['idle_share']:.1%})", "",

@@ -14,7 +14,10 @@ backward: read x and the output gradient, write dL/dx). Prints a table; --out wr
 --sweep also times the kernels alone (the custom ops, no autograd) for head vectors per program
 x warps per program, forward and backward, to choose FWD_ROWS / FWD_WARPS / BWD_ROWS / BWD_WARPS
 in models/fused_norm_rope.py (the shipped 16 x 4 for both; on an H200 the backward ran at about
-half the forward's bandwidth in the whole model, ninth session).
+half the forward's bandwidth in the whole model, ninth session). The gradient is a sequence
+slice of a longer one, as a double block's is. With --out it writes the fastest forward and
+backward choice as `IOMM_NORM_ROPE_CONFIG=fr,fw,br,bw` to OUT/normrope_best.env (gpu_check's
+later stages run with it).
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ def main(argv=None) -> int:
                                                          torch.arange(n_img) % side], -1)]).cuda()
     cos, sin = rope_angles(ids, (16, 56, 56), 10000.0)
     norm = RMSNorm(d).cuda()
-    g = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+    # the output gradient as a double block hands it back: a slice (the image stream) of the
+    # concatenated streams' gradient
+    g = torch.randn(b, s + n_txt, h, d, device="cuda", dtype=torch.bfloat16)[:, n_txt:]
 
     def unfused(x):
         return apply_rope(norm(x), cos, sin)
@@ -87,23 +92,30 @@ def main(argv=None) -> int:
              f"{torch.cuda.get_device_name()}, torch {torch.__version__}; per call (q or k of one block)", "",
              "| implementation | fwd ms | fwd+bwd ms | fwd GB/s | bwd GB/s |", "|---|---|---|---|---|"]
     lines += [f"| {n} | {f:.3f} | {fb:.3f} | {bf:.0f} | {bb:.0f} |" for n, f, fb, bf, bb in rows]
+    best = None
     if args.sweep:
-        lines += sweep(x, norm, cos, sin, g, fwd_bytes, bwd_bytes, do_bench)
+        sweep_lines, best = sweep(x, norm, cos, sin, g, fwd_bytes, bwd_bytes, do_bench)
+        lines += sweep_lines
     text = "\n".join(lines)
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "normrope.md"), "w") as f:
             f.write(text + "\n")
+        if best is not None:
+            with open(os.path.join(args.out, "normrope_best.env"), "w") as f:
+                f.write(f"IOMM_NORM_ROPE_CONFIG={best}\n")
     return 0
 
 
-def sweep(x, norm, cos, sin, g, fwd_bytes, bwd_bytes, do_bench) -> list[str]:
-    """The custom ops alone for each (head vectors, warps) per program."""
+def sweep(x, norm, cos, sin, g, fwd_bytes, bwd_bytes, do_bench) -> tuple[list[str], str | None]:
+    """The custom ops alone for each (head vectors, warps) per program -> (table lines, the
+    fastest forward and backward as "fr,fw,br,bw", None when nothing ran)."""
     from iomm_scale.models import fused_norm_rope as f
 
     shipped = (f.FWD_ROWS, f.FWD_WARPS, f.BWD_ROWS, f.BWD_WARPS)
     w = norm.weight.detach()
+    timed = []
     lines = ["", "kernels alone (no autograd), per call:", "",
              "| rows x warps | fwd ms | fwd TB/s | bwd ms | bwd TB/s |", "|---|---|---|---|---|"]
     try:
@@ -119,9 +131,18 @@ def sweep(x, norm, cos, sin, g, fwd_bytes, bwd_bytes, do_bench) -> list[str]:
                     continue
                 lines.append(f"| {rows} x {warps} | {t_f:.3f} | {fwd_bytes / t_f / 1e9:.2f} | {t_b:.3f} | "
                              f"{bwd_bytes / t_b / 1e9:.2f} |")
+                timed.append((rows, warps, t_f, t_b))
     finally:
         f.FWD_ROWS, f.FWD_WARPS, f.BWD_ROWS, f.BWD_WARPS = shipped
-    return lines
+    if not timed:
+        return lines, None
+    fwd = min(timed, key=lambda r: r[2])
+    bwd = min(timed, key=lambda r: r[3])
+    best = f"{fwd[0]},{fwd[1]},{bwd[0]},{bwd[1]}"
+    lines += ["", f"fastest: forward {fwd[0]} x {fwd[1]} ({fwd[2]:.3f} ms), backward {bwd[0]} x {bwd[1]} "
+                  f"({bwd[3]:.3f} ms): IOMM_NORM_ROPE_CONFIG={best} (the running one: "
+                  f"{','.join(map(str, shipped))})"]
+    return lines, best
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@
 #                    by kernel: idle share, categories, top kernels and aten ops, per formulation variant
 #                    (benchmarks/bench_generator_kernels.py; GPU_CHECK_GENK_MB, GPU_CHECK_GENK_VARIANTS)
 #   2d normrope     the fused q/k RMSNorm + RoPE Triton kernel: its CUDA correctness check and its speed
-#                    against eager / inductor code (benchmarks/bench_norm_rope.py)
+#                    against eager / inductor code (benchmarks/bench_norm_rope.py); the sweep's fastest
+#                    rows x warps per program (checked again) then runs the later stages via
+#                    IOMM_NORM_ROPE_CONFIG (GPU_CHECK_NORMROPE_TUNED=0: keep the shipped one)
 #   2b muon          issue 6: IOMM-XL generator (8 of 34 S3-DiT blocks at real shapes, micro-batch 16,
 #                    1024 + 256 tokens, fp32 weights + bf16 autocast): fwd + bwd vs MuonWithAdamW.step()
 #                    (bf16 Newton-Schulz) and fused AdamW, ratios vs the <= 3% goal, Newton-Schulz per
@@ -128,6 +130,18 @@ run_stage kernels 120 $PY benchmarks/bench_kernels.py ${KERN[@]+"${KERN[@]}"} --
 # ---- 2d: the fused q/k RMSNorm + RoPE kernel: correctness (both pair modes) and speed vs inductor ----
 if [[ $DRY != 1 ]]; then
   run_stage normrope 180 bash -c "$PY tests/models/_fused_norm_rope_check.py cuda && $PY benchmarks/bench_norm_rope.py --sweep --out '$OUT'"
+  # The sweep's fastest forward / backward configuration, checked for correctness on the card,
+  # then used by the later stages (GPU_CHECK_NORMROPE_TUNED=0, or a preset IOMM_NORM_ROPE_CONFIG,
+  # keeps what is set); bench_generator_kernels' variant `shipped` times the built-in one beside it.
+  if [[ -f "$OUT/normrope_best.env" && ${GPU_CHECK_NORMROPE_TUNED:-1} == 1 && -z ${IOMM_NORM_ROPE_CONFIG:-} ]]; then
+    BEST=$(sed -n 's/^IOMM_NORM_ROPE_CONFIG=//p' "$OUT/normrope_best.env")
+    if IOMM_NORM_ROPE_CONFIG=$BEST $PY tests/models/_fused_norm_rope_check.py cuda >> "$OUT/normrope.log" 2>&1; then
+      export IOMM_NORM_ROPE_CONFIG=$BEST
+      echo "norm+rope kernel configuration for the later stages: $BEST" | tee -a "$OUT/normrope.log"
+    else
+      echo "the sweep's fastest configuration $BEST FAILED the correctness check: not used" | tee -a "$OUT/normrope.log"
+    fi
+  fi
 fi
 
 # ---- 2c: the whole generator's forward + backward by kernel, and formulation variants ---------

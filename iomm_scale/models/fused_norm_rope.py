@@ -32,8 +32,27 @@ except ImportError:  # CPU-only installs: the unfused PyTorch code is used
     triton = None
 
 MAX_HEAD_DIM = 256
-FWD_ROWS, BWD_ROWS = 16, 16  # head vectors per program
-FWD_WARPS, BWD_WARPS = 4, 4  # (benchmarks/bench_norm_rope.py --sweep times other choices)
+# Head vectors and warps per program: (forward rows, forward warps, backward rows, backward warps).
+# benchmarks/bench_norm_rope.py --sweep times other choices and writes the fastest as
+# IOMM_NORM_ROPE_CONFIG="fr,fw,br,bw", which overrides these (gpu_check's later stages use it).
+SHIPPED_CONFIG = (16, 4, 16, 4)
+
+
+def parse_config(text: str) -> tuple[int, int, int, int]:
+    """"fwd_rows,fwd_warps,bwd_rows,bwd_warps" -> the 4 ints; ValueError naming the variable."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if (len(values) != 4 or any(v < 1 or v & (v - 1) for v in values) or max(values[0], values[2]) > 128
+            or max(values[1], values[3]) > 16):
+        raise ValueError(f"IOMM_NORM_ROPE_CONFIG={text!r}: expected 'fwd_rows,fwd_warps,bwd_rows,bwd_warps', "
+                         f"powers of two, rows <= 128, warps <= 16 (the shipped: {','.join(map(str, SHIPPED_CONFIG))})")
+    return values  # type: ignore[return-value]
+
+
+FWD_ROWS, FWD_WARPS, BWD_ROWS, BWD_WARPS = (parse_config(os.environ["IOMM_NORM_ROPE_CONFIG"])
+                                            if os.environ.get("IOMM_NORM_ROPE_CONFIG") else SHIPPED_CONFIG)
 
 
 def available(x: torch.Tensor, weight: torch.Tensor | None) -> bool:

@@ -22,12 +22,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CHECK = os.path.join(HERE, "_fused_norm_rope_check.py")
 
 
-def test_kernel_matches_unfused_code_under_triton_interpreter():
+@pytest.mark.parametrize("config", [None, "32,8,8,2"])
+def test_kernel_matches_unfused_code_under_triton_interpreter(config):
+    """The shipped rows x warps per program, and another (IOMM_NORM_ROPE_CONFIG, as gpu_check
+    sets the sweep's fastest): 8 and 32 head vectors per program fill the last program partly
+    in other ways, and the backward's weight-gradient partials come in other counts."""
     pytest.importorskip("triton", reason="Triton is part of the test extra on Linux")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("IOMM_NORM_ROPE_CONFIG", None)
+    if config:
+        env["IOMM_NORM_ROPE_CONFIG"] = config
     r = subprocess.run([sys.executable, CHECK, "cpu"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "4 cases ok on cpu" in r.stdout and "opcheck ok" in r.stdout
+    assert f"rows/warps per program {config or '16,4,16,4'}" in r.stdout
+
+
+def test_bad_kernel_configuration_is_named():
+    with pytest.raises(ValueError, match=r"IOMM_NORM_ROPE_CONFIG='16,4,16,3': expected 'fwd_rows,fwd_warps,"):
+        fused_norm_rope.parse_config("16,4,16,3")
+    assert fused_norm_rope.parse_config("8,2,32,8") == (8, 2, 32, 8)
 
 
 def test_cpu_tensors_take_the_unfused_path():

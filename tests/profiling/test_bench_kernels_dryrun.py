@@ -22,18 +22,21 @@ def test_bench_kernels_dry_run(tmp_path):
 
 
 def test_bench_generator_kernels_dry_run(tmp_path):
-    """benchmarks/bench_generator_kernels.py (stage `genkernels`): two variants, each in its own
-    process, merged into one table; an unknown variant is refused by name."""
+    """benchmarks/bench_generator_kernels.py (stage `genkernels`): three variants, each in its own
+    process, merged into one table, each row with the norm + RoPE configuration it ran (`base`
+    the one IOMM_NORM_ROPE_CONFIG sets, `shipped` the built-in one); an unknown variant is
+    refused by name."""
     script = os.path.join(ROOT, "benchmarks", "bench_generator_kernels.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, script, "--dry-run", "--variants", "base,unfused", "--out", str(tmp_path)],
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "IOMM_NORM_ROPE_CONFIG": "32,8,8,2"}
+    subprocess.run([sys.executable, script, "--dry-run", "--variants", "base,shipped,unfused", "--out", str(tmp_path)],
                    check=True, cwd=ROOT, capture_output=True, env=env)
     rows = list(csv.DictReader(open(tmp_path / "genkernels.csv")))
-    assert [r["variant"] for r in rows] == ["base", "unfused"]
+    assert [r["variant"] for r in rows] == ["base", "shipped", "unfused"]
+    assert [r["norm_rope_config"] for r in rows] == ["32,8,8,2", "16,4,16,4", "-"]
     for r in rows:
         assert float(r["fwd_bwd_s"]) > 0 and int(r["kernels_per_step"]) > 0 and float(r["matmul_ms"]) > 0
     text = (tmp_path / "genkernels.md").read_text()
-    assert "### base: fwd+bwd" in text and "### unfused: fwd+bwd" in text
+    assert "### base (norm+rope rows/warps 32,8,8,2): fwd+bwd" in text and "### unfused (norm+rope" in text
     bad = subprocess.run([sys.executable, script, "--dry-run", "--variants", "base,nosuch"], cwd=ROOT,
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "nosuch" in bad.stderr
