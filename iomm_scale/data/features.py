@@ -17,6 +17,7 @@ before the first step (`first_sample_problem`) and for every sample (`feature_ar
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -24,7 +25,6 @@ import os
 import re
 import struct
 import warnings
-import hashlib
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -270,6 +270,8 @@ def feature_arrays(sample: dict, resolution: Optional[int],
     lat, vis = stored_array(sample[LATENTS], 3, LATENTS), stored_array(sample[VISION], 2, VISION)
     if spec is not None:
         made_by = made.get("encoders")
+        if made_by is not None and not isinstance(made_by, dict):
+            raise BadSample("bad_features", ".json: 'encoders' is not an object")
         if spec.encoders is not None and made_by is not None and made_by != spec.encoders:
             other = [k for k in sorted(set(spec.encoders) | set(made_by)) if made_by.get(k) != spec.encoders.get(k)]
             raise BadSample("feature_mismatch", "made by other encoders: " + ", ".join(

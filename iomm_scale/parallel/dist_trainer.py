@@ -497,9 +497,9 @@ class DistributedTrainer:
                 self.rt.set_lr(lr)
                 out = self.rt.train_step(self.next_batch())
                 window.append(out["loss"])
-                if self.rt.step % cfg.train.log_every == 0 or self.rt.step == cfg.train.steps:
-                    data_stats = self._data_stats()  # collective: every rank, at the same steps
-                if self.is_logger and (self.rt.step % cfg.train.log_every == 0 or self.rt.step == cfg.train.steps):
+                log_now = self.rt.step % cfg.train.log_every == 0 or self.rt.step == cfg.train.steps
+                data_stats = self._data_stats() if log_now else {}  # collective: every rank, same steps
+                if self.is_logger and log_now:
                     dt = time.perf_counter() - t0
                     samples_per_s = (self.rt.step - logged_step) * global_batch / dt  # all ranks together
                     logged_step = self.rt.step
