@@ -199,13 +199,3 @@ def test_grad_accum_is_the_pipelines_micro_batch_count():
     pcfg.validate_or_raise()
     assert cfg.micro_batches == pcfg.num_microbatches == 4
 
-
-def test_train_compile_layouts():
-    """train.compile runs under TP and PP (proved equal to one process in tests/parallel) and is
-    refused under ZeRO-3 at config load, naming the key and why."""
-    for ok in (["parallel.tp=2"], ["parallel.pp=2", "parallel.zero_stage=1", "parallel.num_microbatches=2"],
-               ["parallel.zero_stage=2"]):
-        load_config(TINY, ["train.compile=true", *ok])
-    with pytest.raises(ConfigError, match=r"parallel.zero_stage: train.compile with zero_stage=3: ZeRO-3's parameter "
-                                          r"gathering splits each compiled block"):
-        load_config(TINY, ["train.compile=true", "parallel.zero_stage=3"])
