@@ -198,4 +198,3 @@ def test_grad_accum_is_the_pipelines_micro_batch_count():
     cfg, pcfg = split_parallel_args(TINY, ["parallel.pp=2", "parallel.zero_stage=1", "train.grad_accum=4"])
     pcfg.validate_or_raise()
     assert cfg.micro_batches == pcfg.num_microbatches == 4
-
