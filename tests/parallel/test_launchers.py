@@ -98,12 +98,15 @@ def test_bad_layout_is_a_clear_error_before_start():
     assert "world size 2 is not divisible by tp*pp = 3*1 = 3" in p.stderr and "4 attention heads" in p.stderr
 
 
-def test_launcher_logs_the_whole_runs_bad_data_counters(tmp_path):
-    """TP=2 x DP=2 (4 processes) on webdataset shards with planted bad samples: metrics.jsonl
+def test_launcher_data_counters_and_exact_data_resume(tmp_path):
+    """TP=2 x DP=2 (4 processes) on webdataset shards with planted bad samples. metrics.jsonl
     (and the offline wandb run) carry the run's per-reason counters: both replicas' shards
-    summed, each replica counted once although its two TP ranks both read it."""
+    summed, each replica counted once although its two TP ranks both read it. A run stopped at
+    step 2 and resumed from its DeepSpeed checkpoint (each replica's data position) continues
+    exactly: steps 3-4 have the uninterrupted run's losses and the counters are the same (the
+    bad samples before the checkpoint are not counted twice)."""
     sys.path.insert(0, os.path.join(ROOT, "tests", "data"))
-    from data_shardkit import good_jpeg, not_an_image, too_small_jpeg, truncated_jpeg, corrupt_png_header, write_shard
+    from data_shardkit import corrupt_png_header, good_jpeg, not_an_image, too_small_jpeg, truncated_jpeg, write_shard
 
     planted = [
         [{"__key__": "trunc0", "jpg": truncated_jpeg(0)}, {"__key__": "trunc1", "jpg": truncated_jpeg(1)},
@@ -114,25 +117,35 @@ def test_launcher_logs_the_whole_runs_bad_data_counters(tmp_path):
     for s, bad in enumerate(planted):  # bad samples first: read before the first batch is formed
         write_shard(str(tmp_path / f"img-{s:06d}.tar"),
                     bad + [{"__key__": f"good{s}_{i:02d}", "jpg": good_jpeg(i)} for i in range(12)])
-    run_dir = tmp_path / "run"
     env = {**os.environ, "DS_BUILD_OPS": "0", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path)}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", "29636",
-                        "launchers/pretrain.py", *ARGS, "--run-dir", str(run_dir),
-                        "data.source=webdataset", f'data.webdataset.image_shards=["{tmp_path}/img-{{000000..000001}}.tar"]',
-                        "data.webdataset.num_workers=0", "data.webdataset.shuffle_buffer=1",
-                        "data.webdataset.min_image_size=12", "data.webdataset.error_budget=1.0",
-                        "train.steps=2", "train.log_every=2", "train.num_samples=0",
-                        "train.wandb.enabled=true", "train.wandb.mode=offline"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "tp 2 x pp 1 x dp 2" in p.stdout
-    line = json.loads(open(run_dir / "metrics.jsonl").read().splitlines()[-1])
+
+    def launch(run_dir, *extra):
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
+                            "29636", "launchers/pretrain.py", *ARGS, "--run-dir", str(run_dir), "data.source=webdataset",
+                            f'data.webdataset.image_shards=["{tmp_path}/img-{{000000..000001}}.tar"]',
+                            "data.webdataset.num_workers=0", "data.webdataset.shuffle_buffer=1",
+                            "data.webdataset.min_image_size=12", "data.webdataset.error_budget=1.0",
+                            "train.log_every=1", "train.num_samples=0", *extra],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return p.stdout, [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
+
+    out, straight = launch(tmp_path / "straight", "train.steps=4", "train.wandb.enabled=true", "train.wandb.mode=offline")
+    assert "tp 2 x pp 1 x dp 2" in out
+    line = straight[-1]
     reasons = {k.removeprefix("data/reasons/"): v for k, v in line.items() if k.startswith("data/reasons/") and v}
     assert reasons == {"truncated_image": 2, "not_an_image": 1, "too_small": 1, "corrupt_header": 1,
                        "empty_payload": 1, "missing_image": 1}
-    assert line["data/bad"] == 7 and line["data/ok"] >= 2 * 2 * 2  # 2 replicas x 2 steps x batch 2
-    assert line["data/batches"] >= 4 and {u for u, _ in line["data/worst_shards"]} == {
+    assert line["data/bad"] == 7 and line["data/ok"] >= 2 * 4 * 2  # 2 replicas x 4 steps x batch 2
+    assert line["data/batches"] >= 8 and {u for u, _ in line["data/worst_shards"]} == {
         f"{tmp_path}/img-{s:06d}.tar" for s in range(2)}
-    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    runs = list((tmp_path / "straight" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(f.suffix == ".wandb" for f in runs[0].iterdir())  # rank 0's only
+
+    launch(tmp_path / "stopped", "train.steps=2", "train.ckpt_every=2")
+    out, resumed = launch(tmp_path / "stopped", "train.steps=4")
+    assert "resumed from" in out and [x["step"] for x in resumed] == [1, 2, 3, 4]
+    assert [x["loss"] for x in resumed[2:]] == [x["loss"] for x in straight[2:]]  # bitwise
+    data = {k: v for k, v in straight[-1].items() if k.startswith("data/")}
+    assert {k: v for k, v in resumed[-1].items() if k.startswith("data/")} == data
