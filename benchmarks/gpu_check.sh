@@ -145,7 +145,9 @@ if [[ $DRY != 1 ]]; then
 fi
 
 # ---- 2c: the whole generator's forward + backward by kernel, and formulation variants ---------
-GK=(--micro-batch ${GPU_CHECK_GENK_MB:-32} --variants ${GPU_CHECK_GENK_VARIANTS:-base,unfused}); [[ $DRY == 1 ]] && GK=(--dry-run --variants base)
+# default variants: with a tuned norm + RoPE configuration also the built-in one (`shipped`) beside it
+GK_DEFAULT=base,unfused; [[ -n ${IOMM_NORM_ROPE_CONFIG:-} ]] && GK_DEFAULT=base,shipped,unfused
+GK=(--micro-batch ${GPU_CHECK_GENK_MB:-32} --variants ${GPU_CHECK_GENK_VARIANTS:-$GK_DEFAULT}); [[ $DRY == 1 ]] && GK=(--dry-run --variants base)
 run_stage genkernels 300 $PY benchmarks/bench_generator_kernels.py "${GK[@]}" --out "$OUT"
 
 # ---- 2b: Muon step vs forward + backward at IOMM-XL shapes (issue 6) ---------------------------
