@@ -73,13 +73,19 @@ def compile_layout_errors(tp: int, pp: int, zero_stage: int) -> list[tuple[str, 
              "code is left); use ZeRO 0-2 (or tensor / pipeline parallelism) with train.compile, or set it false")]
 
 
-def compile_notes(tp: int, pp: int) -> list[str]:
+def compile_notes(tp: int, pp: int, checkpointing: str = "none") -> list[str]:
     """What a compiled layout gives up, for the launch log."""
+    notes = []
     if tp > 1:  # megatron's linears: an autograd Function whose backward all-reduces asynchronously
-        return ["train.compile under tensor parallelism: megatron's parallel linears are not traced (their "
-                "backward all-reduces asynchronously), so each block compiles as the pieces between its linears "
-                "(norms, modulation, RoPE, activations: what compile fuses); the matmuls run as in eager"]
-    return []
+        notes.append("train.compile under tensor parallelism: megatron's parallel linears are not traced (their "
+                     "backward all-reduces asynchronously), so each block compiles as the pieces between its "
+                     "linears (norms, modulation, RoPE, activations: what compile fuses); the matmuls run as in eager")
+        if checkpointing != "none":
+            # a graph break inside torch.utils.checkpoint makes dynamo run the whole checkpointed call eagerly
+            notes.append(f"train.compile with tensor parallelism and activation_checkpointing={checkpointing}: the "
+                         "checkpointed blocks run eagerly (megatron's linears break the graph inside the checkpoint, "
+                         "and dynamo then leaves the whole checkpointed block uncompiled); only the others compile")
+    return notes
 
 
 def compile_launch_errors(cfg) -> list[tuple[str, str]]:
