@@ -91,12 +91,6 @@ def variant(name: str):
                 os.environ[k] = v
 
 
-def _norm_rope_config() -> str:
-    from iomm_scale.models import fused_norm_rope as fnr
-
-    return ",".join(map(str, (fnr.FWD_ROWS, fnr.FWD_WARPS, fnr.BWD_ROWS, fnr.BWD_WARPS)))
-
-
 def kernel_events(prof, device_type: str):
     """(name, start_us, duration_us) of every device kernel (or CPU leaf op on a dry run)."""
     out = []
@@ -151,7 +145,9 @@ def run_variant(cfg, name: str, b: int, steps: int, device: torch.device, peak: 
 
     t0 = time.perf_counter()
     with variant(name):
-        norm_rope_config = _norm_rope_config() if name != "unfused" else "-"  # what this variant runs
+        from iomm_scale.models.fused_norm_rope import config_text
+
+        norm_rope_config = config_text() if name != "unfused" else "-"  # what this variant runs
         for _ in range(3):
             fwd_bwd()
         if cuda:

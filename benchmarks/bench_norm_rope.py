@@ -140,8 +140,7 @@ def sweep(x, norm, cos, sin, g, fwd_bytes, bwd_bytes, do_bench) -> tuple[list[st
     bwd = min(timed, key=lambda r: r[3])
     best = f"{fwd[0]},{fwd[1]},{bwd[0]},{bwd[1]}"
     lines += ["", f"fastest: forward {fwd[0]} x {fwd[1]} ({fwd[2]:.3f} ms), backward {bwd[0]} x {bwd[1]} "
-                  f"({bwd[3]:.3f} ms): IOMM_NORM_ROPE_CONFIG={best} (the running one: "
-                  f"{','.join(map(str, shipped))})"]
+                  f"({bwd[3]:.3f} ms): IOMM_NORM_ROPE_CONFIG={best} (the running one: {f.config_text()})"]
     return lines, best
 
 

@@ -307,12 +307,11 @@ def first_sample_problem(url: str, resolution: Optional[int], spec: Optional[Fea
     return "unrecorded" if spec is not None and spec.encoders is not None and "encoders" not in made else None
 
 
-def decode_features(sample: dict, resolution: Optional[int], check: bool = True,
-                    spec: Optional[FeatureSpec] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_features(sample: dict, resolution: Optional[int], check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw feature sample -> (latents [C, h, w], vision features [T, D]) tensors in their
     stored dtype (float16 or float32; read-only views of the sample's bytes when they are in
     memory), checked finite unless `check=False`."""
-    lat, vis = (a.tensor() for a in feature_arrays(sample, resolution, spec))
+    lat, vis = (a.tensor() for a in feature_arrays(sample, resolution))
     if check:
         check_finite(lat, LATENTS)
         check_finite(vis, VISION)

@@ -55,6 +55,11 @@ FWD_ROWS, FWD_WARPS, BWD_ROWS, BWD_WARPS = (parse_config(os.environ["IOMM_NORM_R
                                             if os.environ.get("IOMM_NORM_ROPE_CONFIG") else SHIPPED_CONFIG)
 
 
+def config_text() -> str:
+    """The configuration the kernels launch with now, as IOMM_NORM_ROPE_CONFIG writes it."""
+    return ",".join(map(str, (FWD_ROWS, FWD_WARPS, BWD_ROWS, BWD_WARPS)))
+
+
 def available(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """Whether the fused kernel can take this call (else the caller runs the unfused code)."""
     d = x.shape[-1]

@@ -204,7 +204,7 @@ class ParallelRuntime:
             errors = compile_layout_errors(layout.tp, layout.pp, pcfg.zero_stage)
             if errors:
                 raise ValueError("; ".join(f"{k}: {m}" for k, m in errors))
-            info["compile_notes"] = compile_notes(layout.tp, layout.pp, pcfg.activation_checkpointing)
+            info["compile_notes"] = compile_notes(layout.tp, pcfg.activation_checkpointing)
             info["compiled_blocks"] = compile_blocks(gen, compile_backend)
             if compile_mllm and getattr(model, "conditioner", None) is not None:
                 info["compiled_mllm_layers"] = compile_frozen_mllm(model.conditioner, compile_backend)

@@ -70,10 +70,11 @@ def compile_layout_errors(tp: int, pp: int, zero_stage: int) -> list[tuple[str, 
         return []
     return [("parallel.zero_stage", f"train.compile with zero_stage={zero_stage}: ZeRO-3's parameter gathering "
              "splits each compiled block at every submodule and recompiles it past dynamo's limit (it then runs "
-             "mostly eagerly, for the compile time); use ZeRO 0-2 (or tensor / pipeline parallelism) with train.compile, or set it false")]
+             "mostly eagerly, for the compile time); use ZeRO 0-2 (or tensor / pipeline parallelism) with "
+             "train.compile, or set it false")]
 
 
-def compile_notes(tp: int, pp: int, checkpointing: str = "none") -> list[str]:
+def compile_notes(tp: int, checkpointing: str = "none") -> list[str]:
     """What a compiled layout gives up, for the launch log."""
     notes = []
     if tp > 1:  # megatron's linears: an autograd Function whose backward all-reduces asynchronously

@@ -108,9 +108,8 @@ def main(device: str) -> int:
     cos, sin = (t.to(dev) for t in rope_angles(torch.rand(6, 3) * 4, (8, 4, 4), 10000.0))
     torch.library.opcheck(fused_norm_rope.rms_norm_rope, (x, w, cos, sin, 1e-6))
     print("opcheck ok")
-    config = ",".join(map(str, (fused_norm_rope.FWD_ROWS, fused_norm_rope.FWD_WARPS, fused_norm_rope.BWD_ROWS,
-                                fused_norm_rope.BWD_WARPS)))
-    print(f"fused norm+rope: {len(CASES)} cases ok on {device}, rows/warps per program {config}")
+    print(f"fused norm+rope: {len(CASES)} cases ok on {device}, rows/warps per program "
+          f"{fused_norm_rope.config_text()}")
     return 0
 
 
