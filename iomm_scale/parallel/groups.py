@@ -129,8 +129,7 @@ def init_parallel_state(pcfg: ParallelConfig, model_info=None) -> Layout:
     validate_layout(pcfg, world, model_info)
     if not dist.is_initialized():
         raise RuntimeError("init_parallel_state needs torch.distributed; run under torchrun / deepspeed / srun")
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+    destroy_parallel_state()  # a previous layout's groups (a sweep, a notebook, a test building many)
     ps.initialize_model_parallel(tensor_model_parallel_size=pcfg.tp, pipeline_model_parallel_size=pcfg.pp)
     return current_layout()
 
@@ -151,10 +150,23 @@ def current_layout() -> Layout:
 
 
 def destroy_parallel_state() -> None:
+    """Tear down the layout's groups: megatron-core's globals and the process groups behind them.
+
+    megatron's destroy_model_parallel() only forgets its groups; torch keeps every one alive (a
+    gloo group holds 3 threads) until the default group goes. One process that builds layout
+    after layout (a sweep, a notebook, the parallel test worker: 17 groups per 2-process layout)
+    piled up ~2,000 threads per process over 35 layouts, and system time overtook the work."""
     from megatron.core import parallel_state as ps
 
+    groups = getattr(ps, "_global_process_group_list", None) or []  # those this rank is a member of
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    if dist.is_initialized():
+        from torch.distributed import distributed_c10d as c10d
+
+        for group in groups:
+            if group is not None and group in c10d._world.pg_map:  # None: megatron's name for WORLD
+                dist.destroy_process_group(group)
 
 
 class MegatronMPU:

@@ -887,6 +887,8 @@ def main():
                 json.dump(results, f, indent=1)
             os._exit(1)
         res["seconds"] = round(time.time() - t0, 2)
+        # every scenario tears its layout down: only the default group may outlive it
+        res["process_groups"] = len(dist.distributed_c10d._world.pg_map)
         results[name] = res
         if dist.get_rank() == 0:
             print(f"{name}: {json.dumps({k: v for k, v in res.items() if k != 'trace'})}", flush=True)

@@ -82,6 +82,17 @@ def check(results: dict, name: str) -> dict:
     return r
 
 
+@pytest.mark.parametrize("world", ["world2", "world4"])
+def test_layouts_built_one_after_another_leave_no_process_group_behind(world, request):
+    """destroy_parallel_state() destroys megatron's groups (it only forgets them): one process
+    building layout after layout kept 17 gloo groups (51 threads) per 2-process layout alive
+    and slowed every later scenario several-fold."""
+    results = request.getfixturevalue(world)
+    left = {n: r.get("process_groups") for n, r in results.items() if not n.startswith("_")}
+    assert len(left) == len(WORLD2 if world == "world2" else WORLD4), results.get("_launch_error", "")
+    assert set(left.values()) == {1}, left
+
+
 def assert_parity(r: dict, steps: int = 3) -> None:
     assert len(r["losses"]) == steps
     assert r["loss_rel"] <= LOSS_TOL, (r["losses"], r["ref_losses"])
