@@ -8,7 +8,8 @@ Times forward and forward + backward (triton.testing.do_bench, median) of:
   eager      RMSNorm then apply_rope, eager PyTorch
   compiled   the same function under torch.compile (the kernels inductor generates in the blocks)
   fused      models/fused_norm_rope.py
-and the effective bandwidth over the bytes each must move (forward: read x, write out;
+each also with the angles as S3-DiT (IOMM-XL) and Qwen-Image pass them (complex [S, D/2]:
+apply_complex_rope, rms_norm_complex_rope), and the effective bandwidth over the bytes each must move (forward: read x, write out;
 backward: read x and the output gradient, write dL/dx). Prints a table; --out writes normrope.md.
 
 --sweep also times the kernels alone (the custom ops, no autograd) for head vectors per program
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     from triton.testing import do_bench
 
     from iomm_scale.models import fused_norm_rope
-    from iomm_scale.models.attention import apply_rope, rope_angles
+    from iomm_scale.models.attention import apply_complex_rope, apply_rope, rope_angles
     from iomm_scale.models.layers import RMSNorm
 
     b, n_img, n_txt, h, d = args.batch, 1024, 256, 12, 128
@@ -66,11 +67,22 @@ def main(argv=None) -> int:
     def fused(x):
         return fused_norm_rope.rms_norm_rope(x, norm.weight, cos, sin, norm.eps)
 
+    freqs = torch.complex(cos[..., ::2], sin[..., ::2])  # S3-DiT / Qwen-Image: cos + i sin, [S, D/2]
+
+    def unfused_complex(x):
+        return apply_complex_rope(norm(x), freqs.unsqueeze(-2))
+
+    def fused_complex(x):
+        return fused_norm_rope.rms_norm_complex_rope(x, norm.weight, freqs, norm.eps)
+
     elems = b * s * h * d
     fwd_bytes = 2 * elems * 2
     bwd_bytes = 3 * elems * 2
     rows = []
-    for name, fn in (("eager", unfused), ("compiled", compiled), ("fused", fused)):
+    for name, fn in (("eager", unfused), ("compiled", compiled), ("fused", fused),
+                     ("eager, complex angles", unfused_complex),
+                     ("compiled, complex angles", torch.compile(unfused_complex, dynamic=False)),
+                     ("fused, complex angles", fused_complex)):
         xg = x.detach().requires_grad_()
 
         def fwd():

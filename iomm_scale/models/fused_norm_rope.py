@@ -5,6 +5,10 @@ per head vector of x [B, S, H, D], in float32, y = x * rsqrt(mean(x^2) + eps) * 
 the interleaved pairs (y0, y1), (y2, y3), ... rotated by the position's angles; the result in
 x's dtype. The one difference: the unfused code rounds y to x's dtype between the norm and
 the rotation, the kernel keeps it in float32 (so it is the more exact of the two).
+The angles come as FLUX keeps them (real cos / sin tables [S, D] or [B, S, D], each angle
+repeated for both members of a pair: `rms_norm_rope`) or as Z-Image (S3-DiT) and Qwen-Image
+keep them (complex cos + i sin [S, D/2] or [B, S, D/2]: `rms_norm_complex_rope`, which reads
+the complex tensor's float view in place: the same rotation, no table is built).
 
 Why: in the compiled IOMM-B generator the inductor-generated norm + RoPE kernels (forward,
 and the backward with its weight-gradient reduction) took ~41 ms of a 520 ms forward +
@@ -80,10 +84,12 @@ if triton is not None:
 
     @triton.jit
     def _head_vectors(pid, x_ptr, cos_ptr, sin_ptr, n_rows, H, S, x_sb, x_ss, x_sh, c_sb, c_ss, eps,
-                      D: tl.constexpr, BLOCK_R: tl.constexpr):
+                      D: tl.constexpr, BLOCK_R: tl.constexpr, COMPLEX: tl.constexpr):
         """This program's BLOCK_R head vectors (rows of B x S x H): x in float32, 1 / rms(x), the
         rows' cos / sin, the row mask, the rows' offsets in a contiguous [B, S, H, D] tensor and
-        their (b, s, h) indices."""
+        their (b, s, h) indices. COMPLEX: cos_ptr is the float view of complex angles, (cos, sin)
+        of pair j at 2j, 2j + 1 (sin_ptr unused); else two tables with cos / sin of pair j at 2j
+        and 2j + 1 each."""
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = (rows < n_rows)[:, None]
         h = rows % H
@@ -93,18 +99,24 @@ if triton is not None:
         x_off = (b * x_sb + s * x_ss + h * x_sh)[:, None]
         x = tl.load(x_ptr + x_off + cols, mask=rmask, other=0.0).to(tl.float32)  # whole head vectors
         rstd = (1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps))[:, None]
-        c_off = (b * c_sb + s * c_ss)[:, None] + cols  # the tables repeat each angle for both members of a pair
-        cos = tl.load(cos_ptr + c_off, mask=rmask, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + c_off, mask=rmask, other=0.0).to(tl.float32)
+        if COMPLEX:
+            c_off = (b * c_sb + s * c_ss)[:, None] + (cols // 2) * 2
+            cos = tl.load(cos_ptr + c_off, mask=rmask, other=0.0).to(tl.float32)
+            sin = tl.load(cos_ptr + c_off + 1, mask=rmask, other=0.0).to(tl.float32)
+        else:
+            c_off = (b * c_sb + s * c_ss)[:, None] + cols  # the tables repeat each angle for both members of a pair
+            cos = tl.load(cos_ptr + c_off, mask=rmask, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + c_off, mask=rmask, other=0.0).to(tl.float32)
         o_off = rows.to(tl.int64)[:, None] * D + cols
         return cols, rmask, x, rstd, cos, sin, o_off, b, s, h
 
     @triton.jit
     def _rms_norm_rope_fwd(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, H, S,
                            x_sb, x_ss, x_sh, c_sb, c_ss, eps,
-                           D: tl.constexpr, BLOCK_R: tl.constexpr):
+                           D: tl.constexpr, BLOCK_R: tl.constexpr, COMPLEX: tl.constexpr):
         cols, rmask, x, rstd, cos, sin, o_off, _, _, _ = _head_vectors(
-            tl.program_id(0), x_ptr, cos_ptr, sin_ptr, n_rows, H, S, x_sb, x_ss, x_sh, c_sb, c_ss, eps, D, BLOCK_R)
+            tl.program_id(0), x_ptr, cos_ptr, sin_ptr, n_rows, H, S, x_sb, x_ss, x_sh, c_sb, c_ss, eps, D, BLOCK_R,
+            COMPLEX)
         y = x * rstd * tl.load(w_ptr + cols).to(tl.float32)
         y_partner = _swap_pairs(y, BLOCK_R, D)
         sign = tl.where(cols % 2 == 0, -1.0, 1.0)  # out[2j] = y[2j] cos - y[2j+1] sin; out[2j+1] = y[2j+1] cos + y[2j] sin
@@ -114,10 +126,10 @@ if triton is not None:
     @triton.jit
     def _rms_norm_rope_bwd(x_ptr, w_ptr, cos_ptr, sin_ptr, go_ptr, gx_ptr, gw_ptr, n_rows, H, S,
                            x_sb, x_ss, x_sh, c_sb, c_ss, eps, g_sb, g_ss, g_sh,
-                           D: tl.constexpr, BLOCK_R: tl.constexpr):
+                           D: tl.constexpr, BLOCK_R: tl.constexpr, COMPLEX: tl.constexpr):
         pid = tl.program_id(0)
         cols, rmask, x, rstd, cos, sin, o_off, b, s, h = _head_vectors(
-            pid, x_ptr, cos_ptr, sin_ptr, n_rows, H, S, x_sb, x_ss, x_sh, c_sb, c_ss, eps, D, BLOCK_R)
+            pid, x_ptr, cos_ptr, sin_ptr, n_rows, H, S, x_sb, x_ss, x_sh, c_sb, c_ss, eps, D, BLOCK_R, COMPLEX)
         # the output gradient in its own layout: in a double block it is a slice of the
         # concatenated streams' gradient (a copy to make it contiguous would cost a pass)
         g = tl.load(go_ptr + (b * g_sb + s * g_ss + h * g_sh)[:, None] + cols, mask=rmask, other=0.0).to(tl.float32)
@@ -155,26 +167,36 @@ def _tables(cos: torch.Tensor, sin: torch.Tensor):
 
 @torch.library.custom_op("iomm::rms_norm_rope", mutates_args=())
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  eps: float) -> torch.Tensor:
+                  eps: float, complex_angles: bool = False) -> torch.Tensor:
     """apply_rope(RMSNorm(x) with `weight`, cos, sin) for x [B, S, H, D]; returns a contiguous
-    tensor of x's dtype. cos / sin: [S, D] or [B, S, D] tables (rope_angles)."""
+    tensor of x's dtype. cos / sin: [S, D] or [B, S, D] tables (rope_angles). `complex_angles`:
+    `cos` is instead the float view of complex angles (rms_norm_complex_rope) and `sin` unread."""
     cos, sin = _tables(cos, sin)
     x = _unit_last_stride(x)
     geo = _geometry(x, cos)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(geo[0], FWD_ROWS),)
-    _rms_norm_rope_fwd[grid](x, weight, cos, sin, out, *geo, eps, D=x.shape[-1], BLOCK_R=FWD_ROWS, num_warps=FWD_WARPS)
+    _rms_norm_rope_fwd[grid](x, weight, cos, sin, out, *geo, eps, D=x.shape[-1], BLOCK_R=FWD_ROWS,
+                             COMPLEX=complex_angles, num_warps=FWD_WARPS)
     return out
 
 
 @rms_norm_rope.register_fake
-def _(x, weight, cos, sin, eps):
+def _(x, weight, cos, sin, eps, complex_angles=False):
     return x.new_empty(x.shape)
+
+
+def rms_norm_complex_rope(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, eps: float) -> torch.Tensor:
+    """apply_complex_rope(RMSNorm(x) with `weight`, freqs) for x [B, S, H, D] and complex angles
+    freqs [S, D/2] or [B, S, D/2] (S3-DiT, Qwen-Image): the kernel reads their float view, in
+    which pair j's cos and sin sit at 2j and 2j + 1 (no table is built)."""
+    angles = torch.view_as_real(freqs).flatten(-2)
+    return rms_norm_rope(x, weight, angles, angles, eps, True)
 
 
 @torch.library.custom_op("iomm::rms_norm_rope_backward", mutates_args=())
 def rms_norm_rope_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor,
-                           sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                           sin: torch.Tensor, eps: float, complex_angles: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = _tables(cos, sin)
     x = _unit_last_stride(x)
     geo = _geometry(x, cos)
@@ -183,25 +205,25 @@ def rms_norm_rope_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Te
     programs = triton.cdiv(geo[0], BWD_ROWS)
     gw_parts = torch.empty(programs, x.shape[-1], dtype=torch.float32, device=x.device)
     _rms_norm_rope_bwd[(programs,)](x, weight, cos, sin, grad, gx, gw_parts, *geo, eps, *grad.stride()[:3],
-                                    D=x.shape[-1], BLOCK_R=BWD_ROWS, num_warps=BWD_WARPS)
+                                    D=x.shape[-1], BLOCK_R=BWD_ROWS, COMPLEX=complex_angles, num_warps=BWD_WARPS)
     return gx, gw_parts.sum(0).to(weight.dtype)
 
 
 @rms_norm_rope_backward.register_fake
-def _(grad, x, weight, cos, sin, eps):
+def _(grad, x, weight, cos, sin, eps, complex_angles=False):
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, cos, sin, eps = inputs
+    x, weight, cos, sin, eps, complex_angles = inputs
     ctx.save_for_backward(x, weight, cos, sin)
-    ctx.eps = eps
+    ctx.eps, ctx.complex_angles = eps, complex_angles
 
 
 def _backward(ctx, grad):
     x, weight, cos, sin = ctx.saved_tensors
-    gx, gw = rms_norm_rope_backward(grad, x, weight, cos, sin, ctx.eps)
-    return gx, gw, None, None, None
+    gx, gw = rms_norm_rope_backward(grad, x, weight, cos, sin, ctx.eps, ctx.complex_angles)
+    return gx, gw, None, None, None, None
 
 
 rms_norm_rope.register_autograd(_backward, setup_context=_setup_context)

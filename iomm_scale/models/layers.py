@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import apply_rope
+from .attention import apply_complex_rope, apply_rope
 
 TP_STYLES = ("column", "row", "replicate")
 
@@ -81,6 +81,17 @@ def split_fused(x: torch.Tensor, sizes: Sequence[int], dim: int = -1) -> tuple[t
     return torch.split(x, [s * local // total for s in sizes], dim=dim)
 
 
+def fused_kernels(x: torch.Tensor, weight: torch.Tensor | None):
+    """models/fused_norm_rope when its kernel takes this q/k norm + RoPE call (CUDA, Triton,
+    a supported shape), else None. CPU processes never import Triton; the CPU tests point this
+    at the kernel under Triton's interpreter."""
+    if not x.is_cuda:
+        return None
+    from . import fused_norm_rope
+
+    return fused_norm_rope if fused_norm_rope.available(x, weight) else None
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 (the highest precision, as diffusers and Qwen do), cast back."""
 
@@ -89,17 +100,22 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Normalise x; with `rope` = (cos, sin) tables (attention.rope_angles), q/k head vectors
-        x [B, S, H, D] are then rotated as attention.apply_rope does: on CUDA in one fused Triton
-        kernel (models/fused_norm_rope.py). Called through this module so that ZeRO-3's
-        parameter gathering, which hooks module calls, sees the weight being used."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Normalise x; with `rope`, q/k head vectors x [B, S, H, D] are then rotated: by (cos, sin)
+        tables (attention.rope_angles, FLUX) as attention.apply_rope does, or by complex angles
+        [S, D/2] / [B, S, D/2] (S3-DiT, Qwen-Image) as attention.apply_complex_rope does; on
+        CUDA in one fused Triton kernel (models/fused_norm_rope.py). Called through this module
+        so that ZeRO-3's parameter gathering, which hooks module calls, sees the weight used."""
         if rope is not None:
-            if x.is_cuda:  # (CPU processes never import Triton)
-                from . import fused_norm_rope
-
-                if fused_norm_rope.available(x, self.weight):
-                    return fused_norm_rope.rms_norm_rope(x, self.weight, rope[0], rope[1], self.eps)
+            complex_angles = isinstance(rope, torch.Tensor)
+            kernel = fused_kernels(x, self.weight)
+            if kernel is not None:
+                if complex_angles:
+                    return kernel.rms_norm_complex_rope(x, self.weight, rope, self.eps)
+                return kernel.rms_norm_rope(x, self.weight, rope[0], rope[1], self.eps)
+            if complex_angles:
+                return apply_complex_rope(self(x), rope.unsqueeze(-2))
             return apply_rope(self(x), *rope)
         dtype = x.dtype
         x32 = upcast(x)

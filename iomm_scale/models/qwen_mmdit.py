@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import apply_complex_rope, attention, none_if_unpadded
+from .attention import attention, none_if_unpadded
 from .flux_mmdit import pack_latents, unpack_latents
 from .layers import FeedForward, MLPEmbedder, RMSNorm, layer_norm_no_affine, linear, modulate, split_fused
 
@@ -100,8 +100,8 @@ class QwenDoubleBlock(nn.Module):
 
     def _qkv(self, stream: str, x: torch.Tensor, rope):
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in split_fused(getattr(self, f"{stream}_qkv")(x), (1, 1, 1)))
-        q = apply_complex_rope(getattr(self, f"{stream}_norm_q")(q), rope[:, None])
-        k = apply_complex_rope(getattr(self, f"{stream}_norm_k")(k), rope[:, None])
+        q = getattr(self, f"{stream}_norm_q")(q, rope)  # normed and rotated (one fused kernel each on CUDA)
+        k = getattr(self, f"{stream}_norm_k")(k, rope)
         return q, k, v
 
     def forward(self, img, txt, temb, img_rope, txt_rope, mask):

@@ -118,10 +118,11 @@ class S3DiTBlock(nn.Module):
 
     def attn(self, x, rope, mask):
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in split_fused(self.qkv(x), (1, 1, 1)))
-        if self.norm_q is not None:
-            q, k = self.norm_q(q), self.norm_k(k)
-        freqs = rope.unsqueeze(2)  # [B, S, 1, D/2]
-        q, k = apply_complex_rope(q, freqs), apply_complex_rope(k, freqs)
+        if self.norm_q is not None:  # normed and rotated (one fused kernel each on CUDA)
+            q, k = self.norm_q(q, rope), self.norm_k(k, rope)
+        else:
+            freqs = rope.unsqueeze(2)  # [B, S, 1, D/2]
+            q, k = apply_complex_rope(q, freqs), apply_complex_rope(k, freqs)
         return self.out(attention(q, k, v, mask, self.backend).flatten(-2))
 
     def ffn(self, x):

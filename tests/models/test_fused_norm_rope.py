@@ -2,8 +2,9 @@
 
 On CPU the kernel runs under Triton's interpreter in a subprocess (TRITON_INTERPRET must be set
 before Triton compiles anything); on a GPU (`pytest -m gpu`, benchmarks/gpu_check.sh) the same
-cases run compiled, and a torch.compile'd FLUX block with the kernel is compared with the same
-block on the unfused code (IOMM_FUSED_KERNELS=0)."""
+cases run compiled, and a torch.compile'd block of each family (FLUX double and single, Z-Image's
+S3-DiT, Qwen-Image) with the kernel is compared with the same block on the unfused code
+(IOMM_FUSED_KERNELS=0)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def test_kernel_matches_unfused_code_under_triton_interpreter(config):
         env["IOMM_NORM_ROPE_CONFIG"] = config
     r = subprocess.run([sys.executable, CHECK, "cpu"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "4 cases ok on cpu" in r.stdout and "opcheck ok" in r.stdout
+    assert "6 cases and 4 blocks ok on cpu" in r.stdout and "opcheck ok" in r.stdout
     assert f"rows/warps per program {config or '16,4,16,4'}" in r.stdout
 
 
@@ -68,42 +69,46 @@ def test_kernel_matches_unfused_code_on_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("kind", ["double", "single"])
-def test_compiled_flux_block_with_kernel_equals_unfused(kind, monkeypatch):
+@pytest.mark.parametrize("kind", ["double", "single", "s3dit", "qwen"])
+def test_compiled_block_with_kernel_equals_unfused(kind, monkeypatch):
+    """Each family's block, torch.compile'd, bf16 autocast: outputs and q/k-norm weight
+    gradients with the kernel (IOMM_FUSED_KERNELS=1) equal the unfused code's within bf16
+    tolerance; an eager call first counts the kernel's calls (each q and k norm)."""
     from torch import _dynamo
 
-    from iomm_scale.models.flux_mmdit import DoubleStreamBlock, FluxConfig, SingleStreamBlock
+    sys.path.insert(0, HERE)
+    from _fused_norm_rope_check import block_and_inputs
 
-    cfg = FluxConfig(num_heads=4, head_dim=128, axes_dims_rope=(16, 56, 56), attention_backend="sdpa")
-    torch.manual_seed(0)
-    block = (DoubleStreamBlock(cfg) if kind == "double" else SingleStreamBlock(cfg)).cuda()
-    with torch.no_grad():  # non-trivial q/k norm weights
-        for name, p in block.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.3)
-    b, n_img, n_txt, d = 2, 64, 16, cfg.hidden_size
-    ids = torch.cat([torch.zeros(n_txt, 3), torch.stack([torch.zeros(n_img), torch.arange(n_img) // 8,
-                                                         torch.arange(n_img) % 8], -1)]).cuda()
-    rope = rope_angles(ids, cfg.axes_dims_rope, cfg.rope_theta)
-    temb = torch.randn(b, d, device="cuda")
-    inputs = ((torch.randn(b, n_img, d, device="cuda"), torch.randn(b, n_txt, d, device="cuda"), temb, rope, None)
-              if kind == "double" else (torch.randn(b, n_img + n_txt, d, device="cuda"), temb, rope, None))
+    block, inputs = block_and_inputs(kind, "cuda")
+    calls = []
+    real_op = fused_norm_rope.rms_norm_rope
 
     def run(fused: bool):
         monkeypatch.setenv("IOMM_FUSED_KERNELS", "1" if fused else "0")
         _dynamo.reset()
         block.zero_grad(set_to_none=True)
-        leaves = [t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) and t.dim() == 3 else t
-                  for t in inputs]
+        leaves = [t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                  and t.dim() == 3 else t for t in inputs]
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = torch.compile(block, dynamic=False)(*leaves)
         out = out if isinstance(out, tuple) else (out,)
         sum((o.float() ** 2).mean() for o in out).backward()
-        norm_grads = [p.grad.clone() for n, p in block.named_parameters() if "norm" in n]
+        norm_grads = [p.grad.clone() for n, p in block.named_parameters() if "norm" in n and p.grad is not None]
         return [o.detach().float() for o in out], norm_grads
 
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real_op(*args, **kwargs)
+
+    # eager, once: the block's q/k norms reach the kernel (2 per stream)
+    monkeypatch.setattr(fused_norm_rope, "rms_norm_rope", counting)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        block(*inputs)
+    monkeypatch.setattr(fused_norm_rope, "rms_norm_rope", real_op)
+    assert len(calls) == (4 if kind in ("double", "qwen") else 2), calls
     out_f, g_f = run(True)
     out_u, g_u = run(False)
+    assert len(g_f) == len(g_u) > 0
     for a, b_ in zip(out_f, out_u):
         torch.testing.assert_close(a, b_, rtol=3e-2, atol=3e-2)
     for a, b_ in zip(g_f, g_u):
