@@ -120,7 +120,9 @@ class Layout:
 
 
 def init_parallel_state(pcfg: ParallelConfig, model_info=None) -> Layout:
-    """Validate `pcfg` against the world size, then build megatron-core's groups."""
+    """Validate `pcfg` against the world size, then build megatron-core's groups. One layout at a
+    time per process: a previous layout's groups are destroyed first (destroy_parallel_state),
+    so an engine built on them must be done with."""
     from megatron.core import parallel_state as ps
 
     if not dist.is_initialized():
