@@ -3,6 +3,8 @@
     python benchmarks/bench_generator_kernels.py --out DIR                      # CUDA (gpu_check stage 'genkernels')
     python benchmarks/bench_generator_kernels.py --out DIR --variants base,bhsd # compare formulations
     python benchmarks/bench_generator_kernels.py --out DIR --dry-run            # CPU, tiny config, eager
+    python benchmarks/bench_generator_kernels.py --out DIR --config configs/xl.yaml --micro-batch 8 \
+        --variants base,unfused                                                 # IOMM-XL (S3-DiT) instead
 
 The case `iomm-profile --scope generator --compile on` times (configs/b.yaml: FLUX MM-DiT,
 hidden 1536, 10 double + 21 single blocks, 512 px = 1024 image + 256 condition tokens; fp32
@@ -223,7 +225,9 @@ def run_variant(cfg, name: str, b: int, steps: int, device: torch.device, peak: 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="gpu_results")
-    ap.add_argument("--config", default="configs/b.yaml")
+    ap.add_argument("--config", default=None, help="default configs/b.yaml (--dry-run: configs/tiny.yaml)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config overrides, e.g. for configs/xl.yaml (S3-DiT) a smaller generator")
     ap.add_argument("--micro-batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--variants", default="base,bhsd")
@@ -238,9 +242,10 @@ def main(argv=None) -> int:
     from iomm_scale.config import load_config
     from iomm_scale.profiling.mfu import peak_tflops_for
 
-    over = ["data.source=builtin", "data.webdataset=null"]
+    over = ["data.source=builtin", "data.webdataset=null", *args.set]
+    args.config = args.config or ("configs/tiny.yaml" if args.dry_run else "configs/b.yaml")
     if args.dry_run:
-        device, cfg, b, steps = torch.device("cpu"), load_config("configs/tiny.yaml", over), 2, 1
+        device, cfg, b, steps = torch.device("cpu"), load_config(args.config, over), 2, 1
     else:
         assert torch.cuda.is_available(), "needs CUDA (or --dry-run)"
         device, cfg, b, steps = torch.device("cuda"), load_config(args.config, over), args.micro_batch, args.steps
@@ -255,7 +260,7 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 cmd = [sys.executable, os.path.abspath(__file__), "--out", tmp, "--config", args.config,
                        "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--variants", name,
-                       "--json"] + (["--dry-run"] if args.dry_run else [])
+                       "--json"] + (["--dry-run"] if args.dry_run else []) + [f"--set={o}" for o in args.set]
                 r = subprocess.run(cmd, capture_output=True, text=True)
                 print(r.stdout[-3000:], r.stderr[-3000:] if r.returncode else "", flush=True)
                 try:
@@ -285,8 +290,9 @@ def main(argv=None) -> int:
     write_csv(os.path.join(args.out, "genkernels.csv"), rows)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
     with open(os.path.join(args.out, "genkernels.md"), "w") as f:
-        f.write(f"IOMM-B generator forward + backward ({args.config if not args.dry_run else 'configs/tiny.yaml'}), "
-                f"micro-batch {b}, on {name}, torch {torch.__version__}\n\n" + "\n\n".join(sections) + "\n")
+        f.write(f"{cfg.model.generator.family} generator forward + backward ({args.config}"
+                + (f" with {' '.join(args.set)}" if args.set else "")
+                + f"), micro-batch {b}, on {name}, torch {torch.__version__}\n\n" + "\n\n".join(sections) + "\n")
     print("wrote", os.path.join(args.out, "genkernels.md"))
     return 0
 

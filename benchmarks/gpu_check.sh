@@ -15,7 +15,8 @@
 #                    category (matmul / attention / norm / other) and the top kernels (bench_kernels.py)
 #   2c genkernels   the whole IOMM-B generator's fwd + bwd (micro-batch 32, compiled blocks, fp32 + autocast)
 #                    by kernel: idle share, categories, top kernels and aten ops, per formulation variant
-#                    (benchmarks/bench_generator_kernels.py; GPU_CHECK_GENK_MB, GPU_CHECK_GENK_VARIANTS)
+#                    (benchmarks/bench_generator_kernels.py; GPU_CHECK_GENK_MB, GPU_CHECK_GENK_VARIANTS;
+#                    GPU_CHECK_GENK_CONFIG=configs/xl.yaml GPU_CHECK_GENK_MB=8: IOMM-XL's S3-DiT instead)
 #   2d normrope     the fused q/k RMSNorm + RoPE Triton kernel: its CUDA correctness check and its speed
 #                    against eager / inductor code (benchmarks/bench_norm_rope.py); the sweep's fastest
 #                    rows x warps per program (checked again) then runs the later stages via
@@ -147,7 +148,7 @@ fi
 # ---- 2c: the whole generator's forward + backward by kernel, and formulation variants ---------
 # default variants: with a tuned norm + RoPE configuration also the built-in one (`shipped`) beside it
 GK_DEFAULT=base,unfused; [[ -n ${IOMM_NORM_ROPE_CONFIG:-} ]] && GK_DEFAULT=base,shipped,unfused
-GK=(--micro-batch ${GPU_CHECK_GENK_MB:-32} --variants ${GPU_CHECK_GENK_VARIANTS:-$GK_DEFAULT}); [[ $DRY == 1 ]] && GK=(--dry-run --variants base)
+GK=(--config ${GPU_CHECK_GENK_CONFIG:-configs/b.yaml} --micro-batch ${GPU_CHECK_GENK_MB:-32} --variants ${GPU_CHECK_GENK_VARIANTS:-$GK_DEFAULT}); [[ $DRY == 1 ]] && GK=(--dry-run --variants base)
 run_stage genkernels 300 $PY benchmarks/bench_generator_kernels.py "${GK[@]}" --out "$OUT"
 
 # ---- 2b: Muon step vs forward + backward at IOMM-XL shapes (issue 6) ---------------------------
