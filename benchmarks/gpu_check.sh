@@ -16,7 +16,7 @@
 #   2c genkernels   the whole IOMM-B generator's fwd + bwd (micro-batch 32, compiled blocks, fp32 + autocast)
 #                    by kernel: idle share, categories, top kernels and aten ops, per formulation variant
 #                    (benchmarks/bench_generator_kernels.py; GPU_CHECK_GENK_MB, GPU_CHECK_GENK_VARIANTS;
-#                    GPU_CHECK_GENK_CONFIG=configs/xl.yaml GPU_CHECK_GENK_MB=8: IOMM-XL's S3-DiT instead)
+#                    GPU_CHECK_GENK_CONFIG=configs/xl.yaml GPU_CHECK_GENK_MB=4 (H200; 2 on an H100): IOMM-XL's S3-DiT)
 #   2d normrope     the fused q/k RMSNorm + RoPE Triton kernel: its CUDA correctness check and its speed
 #                    against eager / inductor code (benchmarks/bench_norm_rope.py); the sweep's fastest
 #                    rows x warps per program (checked again) then runs the later stages via
