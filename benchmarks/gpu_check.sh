@@ -40,7 +40,8 @@
 #                    checkpointing full vs none in the DeepSpeed ZeRO-3 training step with 1 / 2 / 4
 #                    processes, one thread each (bench_zero_memory.py part C; GPU_CHECK_ZERO_PARTS=isolated,c
 #                    adds part B process-isolated; needs the carried deepspeed / megatron-core / pydantic wheels)
-# GPU_CHECK_PYTEST_PATHS narrows stage 1 to some test files (default: tests/).
+# GPU_CHECK_PYTEST_PATHS narrows stage 1 to some test files (default: tests/), GPU_CHECK_PYTEST_K to a
+# pytest -k expression (e.g. "not s3dit and not qwen": each compiled block test costs two inductor compiles).
 # Sizes: GPU_CHECK_STEP_MB / _STEP_CKPT / _STEP_COMPILE (stage 4), GPU_CHECK_COMPILE_MB / _COMPILE_CKPT /
 # _COMPILE_PARAMS (stage 5), GPU_CHECK_ZERO_PAIRS / _ZERO_WORLDS / _ZERO_PARTS (stage 7).
 # GPU_CHECK_STAGES=preflight,pytest_gpu,...: run only the named stages (the others are listed as not selected).
@@ -115,8 +116,9 @@ EOF
 
 # ---- 1: the CUDA tests --------------------------------------------------------------------
 if $PY -c "import pytest" >/dev/null 2>&1; then
+  PK=(); [[ -n ${GPU_CHECK_PYTEST_K:-} ]] && PK=(-k "$GPU_CHECK_PYTEST_K")
   run_stage pytest_gpu 200 $PY -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
-      -o addopts="" ${GPU_CHECK_PYTEST_PATHS:-tests/} -rs
+      -o addopts="" "${PK[@]}" ${GPU_CHECK_PYTEST_PATHS:-tests/} -rs
 else
   printf 'pytest_gpu\tskipped\t0\tpytest is not installed (carry pytest, pluggy, iniconfig in .whl/)\n' >> "$SUMMARY"
 fi
