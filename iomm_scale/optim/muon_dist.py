@@ -27,7 +27,8 @@ check.
 
 Checkpoints: momentum lives on owners only, so `state_dict()` is per rank (like ZeRO-1); the
 ownership is a pure function of the shapes and the DP size, so resuming with the same layout is
-exact. Resharding across a different DP size needs the momenta gathered first (not provided).
+exact. Another layout: parallel/reshard.py's layout-free checkpoints send each momentum from its
+owner, un-shard it over TP and hand it to the owner under the new layout.
 
 DeepSpeed's own Muon (ZeRO-3): see `deepspeed_muon_config` and docs in it.
 """

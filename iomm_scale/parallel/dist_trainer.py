@@ -243,9 +243,10 @@ class DistributedTrainer:
         validate_layout(pcfg, world, model_info(meta_gen))
         del meta_gen
         muon_errors = muon_launch_errors(cfg, pcfg)
-        if cfg.optim.name == "muon" and (resume_full or save_full):
-            muon_errors.append(("--save-full / --resume-full", "layout-free checkpoints carry Adam moments only, not "
-                                "Muon momenta; use the DeepSpeed checkpoints (same layout)"))
+        if cfg.optim.name == "muon" and cfg.optim.muon.implementation == "deepspeed" and (resume_full or save_full):
+            muon_errors.append(("--save-full / --resume-full", "layout-free checkpoints carry our Muon's momenta "
+                                "(optim.muon.implementation: iomm), not DeepSpeed's Muon state; use the DeepSpeed "
+                                "checkpoints (same layout)"))
         if muon_errors:
             from ..config import ConfigError, format_errors
 

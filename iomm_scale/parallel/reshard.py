@@ -16,9 +16,16 @@ way: parameters are written into the module before the engine exists (so ZeRO bu
 fp32 master partitions from them), optimizer moments after, with
 `safe_set_full_optimizer_state` (ZeRO 1-3) or directly (ZeRO 0).
 
+Our Muon (`DistributedMuon` / `MuonWithAdamW`, ZeRO-0, any tp x dp): each Muon matrix's
+momentum lives on its data-parallel owner only, as TP shards; `full_state` sends it from the
+owner to its DP peers, un-shards it over TP and writes it under "momentum_buffer" (the AdamW half
+keeps `exp_avg` / `exp_avg_sq`); loading cuts it for the new layout and hands it to the matrix's
+new owner (ownership is a function of the shapes and the DP size). A checkpoint records which
+optimizer wrote it ("optimizer": "adam" / "muon"), and a resume with the other one is refused.
+
 Frozen parts (MLLM, VAE) are not written: they come from their source (path or seeded
-random init) in every layout. Optimizers other than Adam-style ones need their state keys
-listed in `OPT_KEYS`.
+random init) in every layout. Optimizers other than Adam-style ones and our Muon need their
+state keys listed in `OPT_KEYS`.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import torch.nn as nn
 from .tensor_parallel import is_tp_layer, shard_tensor, unshard_tensors
 
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
+MUON_KEY = "momentum_buffer"  # our Muon's state of a Muon matrix (its AdamW half: OPT_KEYS)
 
 
 def _tp_info(module: nn.Module) -> dict[str, tuple]:
@@ -78,6 +86,31 @@ def _tp_gather(t: torch.Tensor, spec, group, tp: int) -> torch.Tensor:
     return unshard_tensors(shards, spec[0], spec[1])
 
 
+def _muon_owners(engine) -> dict[int, int] | None:
+    """{id(Muon matrix): its DP owner rank} when the engine's optimizer is our Muon (one process:
+    rank 0 owns everything), else None."""
+    from .runtime import our_muon
+
+    muon = our_muon(engine)
+    if muon is None:
+        return None
+    owners: dict[int, int] = {}
+    for group in muon.param_groups:
+        if group["use_muon"]:
+            ranks = muon.owners(group) if hasattr(muon, "owners") else [0] * len(group["params"])
+            owners.update({id(p): r for p, r in zip(group["params"], ranks)})
+    return owners
+
+
+def _from_owner(t: torch.Tensor | None, like: torch.Tensor, owner: int, lay) -> torch.Tensor:
+    """The owner's tensor (None there: zeros, i.e. no momentum yet) on every rank of its DP group."""
+    out = t.detach().float().clone() if t is not None and lay.dp_rank == owner else torch.zeros_like(like).float()
+    if lay.dp > 1:
+        group = lay.dp_group()
+        dist.broadcast(out, src=dist.get_global_rank(group, owner), group=group)
+    return out
+
+
 def full_state(rt, with_moments: bool = True, with_ema: bool | None = None) -> dict:
     """{"params": {name: full fp32}, "exp_avg": {...}, "exp_avg_sq": {...}} for the trainable
     parameters this rank's stage owns, single-device shapes and names (+ "ema": {name: full
@@ -93,7 +126,12 @@ def full_state(rt, with_moments: bool = True, with_ema: bool | None = None) -> d
     if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
         engine.optimizer._lazy_init_hp_params_optimizer_state()
     masters = _stage0_masters(engine) if stage == 0 else {}
-    out = {"params": {}, **{k: {} for k in OPT_KEYS}}
+    owners = _muon_owners(engine) or {}
+    if owners and stage != 0:
+        raise ValueError("our Muon runs at ZeRO-0 only (muon_launch_errors)")
+    out = {"params": {}, **{k: {} for k in OPT_KEYS}, "optimizer": "muon" if owners else "adam"}
+    if owners:
+        out[MUON_KEY] = {}
     for name, p in rt.module.named_parameters():
         if not p.requires_grad:
             continue
@@ -101,15 +139,19 @@ def full_state(rt, with_moments: bool = True, with_ema: bool | None = None) -> d
             master = masters.get(id(p), p)  # bf16: the fp32 master, which the moments are keyed by
             value = master.detach().float()
             state = opt.state.get(master, {})
-            moments = {k: state[k].detach().float() if k in state else torch.zeros_like(value) for k in OPT_KEYS}
+            if id(p) in owners:
+                moments = {MUON_KEY: _from_owner(state.get(MUON_KEY), value, owners[id(p)], lay)}
+            else:
+                moments = {k: state[k].detach().float() if k in state else torch.zeros_like(value) for k in OPT_KEYS}
         else:
             value = safe_get_full_fp32_param(p)
             moments = {k: safe_get_full_optimizer_state(p, k) for k in OPT_KEYS} if with_moments else {}
         spec = specs.get(name)
-        out["params"][name] = _tp_gather(value.cpu(), spec, tp_group, lay.tp)
+        # gathered where they live (NCCL takes device tensors only), then kept on the CPU
+        out["params"][name] = _tp_gather(value, spec, tp_group, lay.tp).cpu()
         if with_moments:
-            for k in OPT_KEYS:
-                out[k][name] = _tp_gather(moments[k].cpu(), spec, tp_group, lay.tp)
+            for k, v in moments.items():
+                out[k][name] = _tp_gather(v, spec, tp_group, lay.tp).cpu()
     steps = [s["step"] for s in opt.state.values() if "step" in s]
     out["optimizer_step"] = int(float(steps[0])) if steps else 0
     out["iomm_step"] = rt.step
@@ -151,10 +193,12 @@ def save_full(rt, save_dir: str) -> str | None:
 def _read_all(load_dir: str) -> dict:
     from ..train.checkpoint import read_full_parts
 
-    merged = {"params": {}, **{k: {} for k in OPT_KEYS}}
+    merged = {"params": {}, **{k: {} for k in OPT_KEYS}, "optimizer": "adam"}
     for part in read_full_parts(load_dir):
-        for key in ("params", *OPT_KEYS):
-            merged[key].update(part[key])
+        for key in ("params", *OPT_KEYS, MUON_KEY):
+            if key in part:
+                merged.setdefault(key, {}).update(part[key])
+        merged["optimizer"] = part.get("optimizer", "adam")  # saves before Muon support: Adam
         if "ema" in part:
             merged.setdefault("ema", {}).update(part["ema"])
             merged["ema_decay"] = part.get("ema_decay")
@@ -209,10 +253,20 @@ def load_full_optimizer(rt, load_dir: str) -> int:
     """Optimizer moments and step counters into the live engine; returns the run step."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    from ..train.checkpoint import CheckpointError
+
     data = _read_all(load_dir)
     engine = rt.engine
     opt = _inner_optimizer(engine)
     stage = _zero_stage(engine)
+    owners = _muon_owners(engine)
+    if (owners is not None) != (data["optimizer"] == "muon"):
+        saved = "Muon" if data["optimizer"] == "muon" else "Adam"
+        ours = "Muon" if owners is not None else type(opt).__name__
+        raise CheckpointError(f"layout-free checkpoint {load_dir} was written by a {saved} run, this run's optimizer "
+                              f"is {ours}: the optimizer state does not carry over (start from its weights with "
+                              "train.init_from)")
+    owners = owners or {}
     step = torch.tensor(float(data["optimizer_step"]))
     # The tensors the inner optimizer keeps state for: ZeRO-3's flat fp32 partitions (its
     # param_groups only point at them while step() runs), ZeRO-1/2's fp32 partitions, or
@@ -221,6 +275,8 @@ def load_full_optimizer(rt, load_dir: str) -> int:
         or getattr(engine.optimizer, "single_partition_of_fp32_groups", None) \
         or [p for g in opt.param_groups for p in g["params"]]
     for p in flat:
+        if id(p) in owners:  # a Muon matrix: momentum only (below), on its owner
+            continue
         state = opt.state[p]
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -243,6 +299,13 @@ def load_full_optimizer(rt, load_dir: str) -> int:
                     masters[id(p)].copy_(value)
                 else:
                     safe_set_full_fp32_param(p, value.to(p.device).float())
+            if id(p) in owners:
+                state = opt.state[p]
+                if owners[id(p)] == rt.layout.dp_rank:
+                    state[MUON_KEY] = torch.empty_like(p).copy_(_local(rt.module, name, data[MUON_KEY][name], specs))
+                else:  # another rank owns it under this layout
+                    state.pop(MUON_KEY, None)
+                continue
             for k in OPT_KEYS:
                 value = _local(rt.module, name, data[k][name], specs)
                 if stage == 0:

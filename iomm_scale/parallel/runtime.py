@@ -76,6 +76,12 @@ class _Adopt(nn.Module):
         for name, buf in model.named_buffers(recurse=False):
             self.register_buffer(name, buf)
         object.__setattr__(self, "_model", model)
+        # what the root declares for optimizers (Muon's routing: optim/muon.py) and its config:
+        # adopted children alone would lose them when the root is a bare generator (its
+        # norm_out_mod then went to Muon by the name rules instead of to AdamW)
+        for attr in ("non_hidden_modules", "modulation_suffixes", "cfg"):
+            if hasattr(model, attr):
+                object.__setattr__(self, attr, getattr(model, attr))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -371,11 +377,14 @@ def our_muon(engine):
 
 
 def _refuse_muon_layout_free(engine) -> None:
+    """DeepSpeed's own Muon keeps its momenta in ZeRO partitions under its own keys: layout-free
+    checkpoints carry our Muon's momenta and Adam moments only."""
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", opt)
-    if our_muon(engine) is not None or type(inner).__name__ == "MuonWithAuxAdam":
-        raise NotImplementedError("layout-free checkpoints (save_full / resume_full) carry Adam moments only, not "
-                                  "Muon momenta; use the DeepSpeed engine checkpoints (same layout)")
+    if type(inner).__name__ == "MuonWithAuxAdam":
+        raise NotImplementedError("layout-free checkpoints (save_full / resume_full) carry our Muon's momenta "
+                                  "(optim.muon.implementation: iomm) and Adam moments, not DeepSpeed's Muon state; "
+                                  "use the DeepSpeed engine checkpoints (same layout)")
 
 
 class _Seeds:

@@ -372,12 +372,24 @@ def scenario_iomm(name: str, **p) -> dict:
     return out
 
 
-def scenario_reshard(name: str, save: dict, load: dict, native: dict | None = None, ema_decay=None) -> dict:
+def scenario_reshard(name: str, save: dict, load: dict, native: dict | None = None, ema_decay=None,
+                     muon: bool = False) -> dict:
     """Train 2 steps under `save`, write a layout-free checkpoint, resume under `load`
     for 2 more steps; compare with 4 uninterrupted single-process steps (and, with
-    `ema_decay`, the EMA carried through the checkpoint with the single-process EMA)."""
+    `ema_decay`, the EMA carried through the checkpoint with the single-process EMA).
+    `muon`: our Muon (DistributedMuon, ZeRO-0) instead of AdamW, against the single-process
+    MuonWithAdamW: the momenta go through the file from their owners under `save` to their
+    owners under `load` (reported: how many matrices each rank owns and keeps momenta for)."""
     world = dist.get_world_size()
     gen = build_generator()
+    opt_kw, ref_kw = {}, {}
+    if muon:
+        from iomm_scale.optim.muon import build_muon_optimizer
+        from iomm_scale.parallel.dist_trainer import optimizer_factory
+
+        cfg = muon_cfg()
+        opt_kw = {"opt_fn": optimizer_factory(cfg)}
+        ref_kw = {"make_opt": lambda mdl: build_muon_optimizer(mdl, cfg)}
 
     def layout_dp(p):
         return world // (p.get("tp", 1) * p.get("pp", 1))
@@ -391,22 +403,48 @@ def scenario_reshard(name: str, save: dict, load: dict, native: dict | None = No
     # for steps 2-3 (per-slice seeds only matter for in-model randomness; none here).
     make = lambda model, step: generator_batch(gen, step, dp_a * m_a * micro)  # noqa: E731
     ref_ema: list = []
-    ref_losses, hist = reference(gen, make, dp_a, m_a, 4, ema_decay=ema_decay, ema_out=ref_ema)
+    ref_losses, hist = reference(gen, make, dp_a, m_a, 4, ema_decay=ema_decay, ema_out=ref_ema, **ref_kw)
     keys = ("x_t", "t", "cond", "cond_mask", "target")
     init = {n: q.detach().clone() for n, q in gen.named_parameters()}
     rt, losses_a = run_layout(gen, make, ParallelConfig(**save), micro, steps=2, batch_keys=keys,
-                              ema_decay=ema_decay)
+                              ema_decay=ema_decay, **opt_kw)
     ckpt_dir = _shared_tmpdir()
     rt.save_full(ckpt_dir)
     teardown(rt)
     rt, losses_b = run_layout(gen, make, ParallelConfig(**load), micro, steps=2, batch_keys=keys,
-                              resume_full=ckpt_dir, ema_decay=ema_decay)
+                              resume_full=ckpt_dir, ema_decay=ema_decay, **opt_kw)
     out = compare(rt, losses_a + losses_b, ref_losses, hist[-1], init)
+    out["resumed_step"] = rt.step
+    if muon:
+        from iomm_scale.parallel.runtime import our_muon
+
+        opt = our_muon(rt.engine)
+        group = next(g for g in opt.param_groups if g["use_muon"])
+        owned = [r == rt.layout.dp_rank for r in opt.owners(group)]
+        kept = ["momentum_buffer" in opt.state[q] for q in group["params"]]
+        # per rank: [matrices owned, momenta kept, momenta kept for matrices it does not own]
+        out["muon_ownership"] = _gather_ints([sum(owned), sum(kept), sum(k and not o for k, o in zip(kept, owned))])
+        out["muon_matrices"] = len(group["params"])
+        if dist.get_rank() == 0:
+            saved = torch.load(os.path.join(ckpt_dir, "full_pp0.pt"), map_location="cpu", weights_only=True)
+            out["saved_optimizer"] = saved["optimizer"]
+            out["saved_momenta"] = len(saved["momentum_buffer"])
+            out["saved_nonzero_momenta"] = sum(int(v.abs().max() > 0) for v in saved["momentum_buffer"].values())
+        teardown(rt)
+        # the same checkpoint into an AdamW run: refused (Muon momenta are no Adam moments)
+        try:
+            run_layout(gen, make, ParallelConfig(**load), micro, steps=0, batch_keys=keys, resume_full=ckpt_dir)
+            out["adamw_resume_error"] = None
+        except Exception as e:  # noqa: BLE001 - the message is the result
+            out["adamw_resume_error"] = f"{type(e).__name__}: {e}"
+        from iomm_scale.parallel.groups import destroy_parallel_state
+
+        destroy_parallel_state()
+        return out
     if ema_decay:
         out.update(compare_ema(rt, ref_ema[-1], init, hist[-1]))
         out["ema_restored"] = rt.info.get("ema_restored")
         out["ema_zero_stage"] = rt.ema.zero_stage
-    out["resumed_step"] = rt.step
     teardown(rt)
     return out
 
@@ -859,6 +897,9 @@ SCENARIOS = {
     "reshard_tp2dp2_to_dp4": lambda: scenario_reshard("reshard", dict(tp=2, zero_stage=1, num_microbatches=2),
                                                       dict(zero_stage=3), ema_decay=EMA_DECAY),
     "native_ckpt_tp2dp2_zero3": lambda: scenario_native_ckpt("native", tp=2, zero_stage=3),
+    # our Muon's momenta through a layout-free checkpoint: owners under TP=2 x DP=2 -> owners under DP=4
+    "muon_full_tp2dp2_to_dp4": lambda: scenario_reshard("muon_full", dict(tp=2, zero_stage=0, num_microbatches=2),
+                                                        dict(zero_stage=0), muon=True),
     "muon_tp2dp2_zero0": lambda: scenario_muon("muon_tp2dp2_zero0", tp=2, zero_stage=0),
     "muon_tp2dp2_resume": lambda: scenario_muon("muon_tp2dp2_resume", resume_after=2, tp=2, zero_stage=0),
     # 4 owners: matrices split unevenly over the ranks, each rank's updates sent at its own offsets
