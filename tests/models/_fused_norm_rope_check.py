@@ -8,9 +8,11 @@ formula, and requires the kernel's error to be no larger than the unfused code's
 float32-rounding allowance): the kernel skips one rounding, so it should be closer, never farther.
 Cases cover a strided x (a slice of a fused q|k|v projection, as the blocks pass it) and output
 gradient (a sequence slice of the double block's concatenated q / k gradient), shared
-[S, D] and per-sample [B, S, D] tables, complex angles as S3-DiT / Qwen-Image pass them, a row count that does not fill the last program, and
-float32 / bfloat16 (on the interpreter, which truncates float32 -> bfloat16 stores, half-precision
-results are held to one unit in the last place instead). Prints one line per case and exits non-zero on the first failure.
+[S, D] and per-sample [B, S, D] tables, complex angles as S3-DiT / Qwen-Image pass them, a row
+count that does not fill the last program, and float32 / bfloat16 (on the interpreter, which
+truncates float32 -> bfloat16 stores, half-precision results are held to one unit in the last
+place instead). Then one block of each family through RMSNorm.forward's own dispatch
+(block_case). Prints one line per case and exits non-zero on the first failure.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def run_case(device, dtype, b, s, h, d, per_sample_tables, strided, complex_angl
     pos = torch.stack([torch.zeros(s), torch.arange(s) // 5, torch.arange(s) % 5], -1)
     if per_sample_tables:
         pos = pos[None].repeat(b, 1, 1) + torch.arange(b)[:, None, None]
-    cos, sin = rope_angles(pos, axes, 10000.0, dtype=torch.float64)
+    cos, sin = rope_angles(pos, axes, 10000.0)
     if complex_angles:  # as S3-DiT / Qwen-Image build them: cos + i sin, complex64
         rope = torch.complex(cos[..., ::2], sin[..., ::2]).to(device)
         rope64 = rope.to(torch.complex128)
