@@ -1,5 +1,5 @@
-"""Console entry points: iomm-train, iomm-sample, iomm-params (and `python -m iomm_scale.cli
-export_lora`).
+"""Console entry points: iomm-train, iomm-sample, iomm-eval, iomm-params (and `python -m
+iomm_scale.cli export_lora / export_diffusers`).
 
 All take `--config FILE [dotted.key=value ...]`; a bad config prints one clear message
 naming the file and key, and exits with status 2 before any model is built.
@@ -131,6 +131,46 @@ def _check_inputs(checkpoint: str, images: list[str] = ()) -> None:
             raise SystemExit(2) from None
 
 
+def eval_main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="iomm-eval",
+                                     description="Held-out loss of trained checkpoints, as eval.* measures it during "
+                                                 "training (the same samples, noise, masks and timesteps: figures "
+                                                 "comparable with the run's eval/ lines). One JSON line per checkpoint.")
+    _config_args(parser)
+    parser.add_argument("--checkpoint", action="append", required=True,
+                        help="a checkpoint (…/checkpoints/step_N), a run dir (its newest), an EMA export (<run_dir>/ema) "
+                             "or a layout-free copy (<run_dir>/full); repeat it to compare several")
+    parser.add_argument("--no-ema", action="store_true", help="the live weights even if a checkpoint has EMA")
+    args = parser.parse_args(argv)
+    if not any(o.startswith("eval.every=") for o in args.overrides):
+        args.overrides = [*args.overrides, "eval.every=1"]  # the held-out set is required and checked
+    cfg = _load(args)
+    for path in args.checkpoint:
+        _check_inputs(path)
+    import json
+
+    from .iomm import build_iomm
+    from .train.checkpoint import CheckpointError, apply_init_weights
+    from .train.evaluate import build_eval_set, describe_eval, evaluate_model
+    from .train.trainer import check_feature_shards, check_inputs, resolve_device
+
+    try:
+        check_inputs(cfg, init_from=False)  # the held-out shards exist
+        device = resolve_device(cfg.train.device)
+        model = build_iomm(cfg, device)
+        eval_set = build_eval_set(cfg, check_feature_shards(cfg, model))
+    except ConfigError as e:
+        _fail("config", e)
+    print(describe_eval(cfg, eval_set).replace(f", every {cfg.eval.every} steps", ""), file=sys.stderr)
+    for path in args.checkpoint:
+        try:
+            what = apply_init_weights(model, path, not args.no_ema, "--checkpoint")
+        except CheckpointError as e:
+            _fail("checkpoint", e)
+        found = evaluate_model(model, eval_set, device, bf16=cfg.train.precision == "bf16")
+        print(json.dumps({"checkpoint": what, **found}), flush=True)
+
+
 def params_main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="iomm-params", description="Exact parameter counts of a config, built on the meta device.")
     _config_args(parser)
@@ -194,9 +234,9 @@ def export_diffusers_main(argv=None) -> None:
     print(f"wrote {out}/transformer and {out}/{CONDITIONER_WEIGHTS_NAME}")
 
 
-if __name__ == "__main__":  # python -m iomm_scale.cli {train,sample,params,export_lora,export_diffusers} ...
-    commands = {"train": train_main, "sample": sample_main, "params": params_main, "export_lora": export_lora_main,
-                "export_diffusers": export_diffusers_main}
+if __name__ == "__main__":  # python -m iomm_scale.cli {train,sample,eval,params,export_lora,export_diffusers} ...
+    commands = {"train": train_main, "sample": sample_main, "eval": eval_main, "params": params_main,
+                "export_lora": export_lora_main, "export_diffusers": export_diffusers_main}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         raise SystemExit(f"usage: python -m iomm_scale.cli {{{','.join(commands)}}} --config FILE ...")
     commands[sys.argv[1]](sys.argv[2:])

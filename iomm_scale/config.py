@@ -27,6 +27,7 @@ from .models.conditioner import ConditionerConfig
 from .models.registry import FAMILIES
 from .models.vae import VAEConfig
 from .parallel.config import ParallelConfig, model_info
+from .train.evaluate import EvalConfig, config_errors as eval_config_errors
 
 
 class ConfigError(ValueError):
@@ -136,6 +137,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # used by launchers/ (multi-process)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out loss during training (train/evaluate.py)
     source: str = field(default="<defaults>", init=False)  # the file it came from (for messages), not a setting
 
     @property
@@ -405,6 +407,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> list[tuple[str, s
         errors.append(("train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}"))
     if t.wandb.mode not in ("offline", "online", "disabled"):
         errors.append(("train.wandb.mode", f"must be offline, online or disabled, got {t.wandb.mode!r}"))
+    sub("eval", cfg.eval.validate())
+    if not errors:
+        errors.extend(eval_config_errors(cfg))
     return errors
 
 

@@ -45,9 +45,11 @@ class IOMMModel(nn.Module):
         pixels = unit_pixels(batch["pixels"])
         return self.vae.encode(pixels), self.conditioner.vision_features(pixels)
 
-    def prepare_generator_inputs(self, batch: dict):
+    def prepare_generator_inputs(self, batch: dict, draws=None):
         """Everything before the generator: -> (x_t, t, cond, cond_mask, target). The pipeline
-        runtime calls this on its first stage, so the two paths cannot drift apart."""
+        runtime calls this on its first stage, so the two paths cannot drift apart.
+        `draws(latents, num_image_tokens, mask_ratio) -> (t, noise, keep)` replaces the random
+        draws and turns condition dropout off (held-out evaluation: train/evaluate.py)."""
         latents, feats = self.encode_batch(batch)
         # float32 (float64 in gradient checks; a trainable weight's: a LoRA base may be bfloat16)
         latents = latents.to(next((p for p in self.generator.parameters() if p.requires_grad),
@@ -55,16 +57,26 @@ class IOMMModel(nn.Module):
         b = latents.shape[0]
         device = latents.device
         num_tokens = latents.shape[-2] * latents.shape[-1] // 4
-        # Random numbers in a fixed order: t, noise, condition dropout, MIM mask (in the conditioner).
-        t = flow.sample_timesteps(b, self.cfg.flow, num_tokens, device=device)
-        noise = torch.randn_like(latents)
-        drop = torch.rand(b, device=device) < self.cfg.flow.cond_dropout
-        cond, cond_mask = self.conditioner(feats, batch.get("captions"), drop=drop)
+        if draws is None:
+            # Random numbers in a fixed order: t, noise, condition dropout, MIM mask (in the conditioner).
+            t = flow.sample_timesteps(b, self.cfg.flow, num_tokens, device=device)
+            noise = torch.randn_like(latents)
+            drop, keep = torch.rand(b, device=device) < self.cfg.flow.cond_dropout, None
+        else:
+            t, noise, keep = draws(latents, feats.shape[1], self.conditioner.cfg.mask_ratio)
+            drop = None
+        cond, cond_mask = self.conditioner(feats, batch.get("captions"), drop=drop, keep=keep)
         return flow.interpolate(latents, noise, t), t, cond, cond_mask, flow.velocity_target(latents, noise)
 
     def loss(self, batch: dict) -> torch.Tensor:
         x_t, t, cond, cond_mask, target = self.prepare_generator_inputs(batch)
         return F.mse_loss(upcast(self.generator(x_t, t, cond, cond_mask)), target)
+
+    def sample_losses(self, batch: dict, draws) -> torch.Tensor:
+        """Each sample's loss [B] (float32) under the given draws (see prepare_generator_inputs)."""
+        x_t, t, cond, cond_mask, target = self.prepare_generator_inputs(batch, draws)
+        err = upcast(self.generator(x_t, t, cond, cond_mask)) - target
+        return err.pow(2).flatten(1).mean(1).float()
 
     @torch.no_grad()
     def null_condition(self, batch_size: int):

@@ -118,6 +118,11 @@ class BuiltinLoader:
                 b += 1
         return order
 
+    @property
+    def epoch_size(self) -> int:
+        """Samples in one epoch (over all ranks)."""
+        return len(self._order(0))
+
     def __iter__(self):
         return self
 

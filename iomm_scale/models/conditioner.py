@@ -285,13 +285,14 @@ class IOMMConditioner(nn.Module):
 
     # ---- the condition -------------------------------------------------------------------
     def forward(self, vision_features: torch.Tensor | None, captions: list[str | None] | None = None,
-                drop: torch.Tensor | None = None, mask_ratio: float | None = None):
+                drop: torch.Tensor | None = None, mask_ratio: float | None = None, keep: torch.Tensor | None = None):
         """-> (cond [B, L, condition_dim], cond_mask [B, L] bool or None when nothing is padded).
 
         vision_features [B, T, hidden] (unmasked) are needed for image-only samples
         (caption None) and for dropped ones only as a shape; `drop` [B] bool selects samples
         that get the null condition. Random numbers are drawn in a fixed order (the keep mask
-        for every sample), so runs are reproducible whatever the mixture.
+        for every sample), so runs are reproducible whatever the mixture. `keep` [B, T] bool:
+        this MIM keep mask instead of a drawn one (held-out evaluation).
         """
         ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
         b = len(captions) if captions is not None else vision_features.shape[0]
@@ -300,7 +301,7 @@ class IOMMConditioner(nn.Module):
         aux = self.embed_ids(self.aux_ids)
         dtype = aux.dtype
         num_img = vision_features.shape[1] if vision_features is not None else self.num_image_tokens
-        keep = self.draw_keep_mask(b, num_img, ratio, device)
+        keep = self.draw_keep_mask(b, num_img, ratio, device) if keep is None else keep.to(device)
         if drop is not None:
             keep = keep & ~drop.to(device)[:, None]
 

@@ -83,6 +83,19 @@ def lora_launch_errors(cfg, pcfg: ParallelConfig) -> list[tuple[str, str]]:
             for k, v in (("tp", pcfg.tp), ("pp", pcfg.pp)) if v > 1]
 
 
+def eval_launch_errors(cfg, pcfg: ParallelConfig) -> list[tuple[str, str]]:
+    """What of the `eval` section the launchers cannot do: evaluation through the pipeline
+    schedule, and sample grids mid-run (rank 0 samples once, at the end, from the EMA export)."""
+    e = []
+    if cfg.eval.every and pcfg.pp > 1:
+        e.append(("eval.every", f"held-out evaluation does not run under pipeline parallelism (pp={pcfg.pp}): "
+                  "set eval.every: 0, or evaluate with tp x dp"))
+    if cfg.eval.sample_every:
+        e.append(("eval.sample_every", "the launchers write samples.png once, at the end, from the EMA export; "
+                  "for grids mid-run sample a checkpoint (iomm-sample --checkpoint) or set eval.sample_every: 0"))
+    return e
+
+
 def muon_launch_errors(cfg, pcfg: ParallelConfig) -> list[tuple[str, str]]:
     """Why `optim.name: muon` cannot run under this layout: (run-config key, message) pairs.
 
@@ -290,6 +303,15 @@ class DistributedTrainer:
             for note in self.rt.info.get("compile_notes", []):
                 print(f"[iomm] {note}", flush=True)
         self.loader = build_loader(cfg, rank=self.layout.dp_rank, world_size=self.layout.dp, feature_spec=feature_spec)
+        self.eval_set = None
+        if cfg.eval.every:  # every rank holds the whole held-out set; each DP replica evaluates its share
+            from ..train.evaluate import build_eval_set, describe_eval
+
+            self.eval_set = build_eval_set(cfg, feature_spec)
+            if self.is_logger:
+                note = "; live weights only (the EMA is evaluated by iomm-train)" if self.rt.ema and cfg.eval.ema else ""
+                print(f"[iomm] {describe_eval(cfg, self.eval_set)}{note}", flush=True)
+        self.eval_history: list[tuple[int, float]] = []
         self.history: list[tuple[int, float]] = []  # (step, loss) logged by this launch, for loss_curve.png
         self._stop = False
         self._on_disk: str | None = None  # tag of this run's engine checkpoint equal to the live state
@@ -373,7 +395,7 @@ class DistributedTrainer:
 
         if self.history:
             steps, losses = zip(*self.history)
-            save_loss_curve(list(steps), list(losses), self.run_dir / "loss_curve.png")
+            save_loss_curve(list(steps), list(losses), self.run_dir / "loss_curve.png", self.eval_history)
         if self.cfg.train.num_samples <= 0:
             return
         if exported is None:
@@ -468,6 +490,19 @@ class DistributedTrainer:
         self._stop = bool(flag[0])
         return self._stop
 
+    def evaluate(self) -> dict:
+        """Collective: the held-out metrics of the current weights (train/evaluate.py), the same
+        on every rank; micro-batches dealt out over the data-parallel replicas."""
+        from ..train.evaluate import evaluate
+        from ..train.trainer import to_device
+
+        group = self.layout.dp_group()
+        with torch.random.fork_rng(devices=[self.device.index] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.cfg.eval.seed)  # only a posterior-sampling VAE draws from it
+            return evaluate(self.eval_set, lambda b, d: self.rt.sample_losses(to_device(b, self.device), d),
+                            dp=self.layout.dp, dp_rank=self.layout.dp_rank,
+                            all_reduce=lambda t: dist.all_reduce(t, group=group))
+
     def next_batch(self) -> dict:
         from ..train.trainer import to_device
 
@@ -476,6 +511,7 @@ class DistributedTrainer:
     def fit(self) -> dict:
         from ..optim.builder import lr_factor
         from ..profiling.mfu import ThroughputLog
+        from ..train.evaluate import due, format_eval
         from ..train.trainer import flatten, init_wandb
 
         cfg = self.cfg
@@ -517,6 +553,15 @@ class DistributedTrainer:
                     self.history.append((out["step"], last["loss"]))
                     print(f"[iomm] step {out['step']} loss {last['loss']:.5f} grad_norm {out['grad_norm']:.4f}", flush=True)
                     t0 = time.perf_counter()
+                if self.eval_set is not None and due(self.rt.step, cfg.eval.every, cfg.train.steps):
+                    found = {"step": self.rt.step, **self.evaluate(), "time": time.time()}  # every rank
+                    if self.is_logger:
+                        metrics.write(json.dumps(found) + "\n")
+                        metrics.flush()
+                        if wandb_run is not None:
+                            wandb_run.log(found, step=self.rt.step)
+                        self.eval_history.append((self.rt.step, found["eval/loss"]))
+                        print(f"[iomm] {format_eval(found)}", flush=True)
                 if cfg.train.ckpt_every and self.rt.step % cfg.train.ckpt_every == 0:
                     self.save()
             tag = self.save()
@@ -563,7 +608,8 @@ def split_parallel_args(config_path: str | None, overrides: list[str]):
 
     # the launch's world size joins the layout checks (every problem in one message)
     cfg = load_config(config_path, overrides, world_size=launch_world_size())
-    errors = muon_launch_errors(cfg, cfg.parallel) + lora_launch_errors(cfg, cfg.parallel)
+    errors = muon_launch_errors(cfg, cfg.parallel) + lora_launch_errors(cfg, cfg.parallel) + \
+        eval_launch_errors(cfg, cfg.parallel)
     if errors:
         raise ConfigError(format_errors(cfg.source, errors))
     # one micro-batch count for the launchers: train.grad_accum feeds parallel.num_microbatches

@@ -96,8 +96,9 @@ class LossModule(_Adopt):
         super().__init__(model)
         object.__setattr__(self, "_loss_fn", loss_fn)
 
-    def forward(self, batch: dict):
-        return self._loss_fn(self._model, batch)
+    def forward(self, batch: dict, fn: Callable | None = None):
+        """loss_fn(model, batch), or fn(model, batch) (held-out evaluation: sample_losses)."""
+        return (fn or self._loss_fn)(self._model, batch)
 
 
 # --------------------------------------------------------------------------- batches
@@ -285,6 +286,19 @@ class ParallelRuntime:
         norm = self.engine.get_global_grad_norm()
         return {"step": self.step, "loss": float(loss[0]),
                 "grad_norm": float(norm) if norm is not None else float("nan")}
+
+    @torch.no_grad()
+    def sample_losses(self, batch: dict, draws) -> torch.Tensor:
+        """Per-sample losses [B] of an IOMM model on `batch` under fixed `draws` (held-out
+        evaluation, train/evaluate.py), through the engine: every rank of the replica calls it
+        (TP collectives, ZeRO-3's parameter gathering). Not under pipeline parallelism."""
+        if self.pipeline is not None:
+            raise ValueError("held-out evaluation does not run under pipeline parallelism (parallel.pp > 1)")
+        self.engine.eval()
+        try:
+            return self.engine(batch, fn=lambda model, b: model.sample_losses(b, draws))
+        finally:
+            self.engine.train()
 
     # ---- DeepSpeed engine checkpoints (same layout) ----------------------------------
     # Our Muon at ZeRO-0 keeps each matrix's momentum on its data-parallel owner only, while

@@ -27,14 +27,16 @@ def save_grid(rows: list[torch.Tensor], path, pad: int = 2, min_cell: int = 96) 
     grid.save(path)
 
 
-def save_loss_curve(steps: list[int], losses: list[float], path, size=(640, 400)) -> None:
+def save_loss_curve(steps: list[int], losses: list[float], path, eval_points=(), size=(640, 400)) -> None:
+    """The training loss per step (blue) and, when given, the held-out loss as dots (orange)."""
+    eval_points = [(s, v) for s, v in eval_points if steps and steps[0] <= s <= steps[-1]]
     width, height = size
     img = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(img)
     left, right, top, bottom = 60, 20, 20, 40
     draw.rectangle((left, top, width - right, height - bottom), outline=(0, 0, 0))
     if len(steps) >= 2:
-        lo, hi = min(losses), max(losses)
+        lo, hi = min([*losses, *(v for _, v in eval_points)]), max([*losses, *(v for _, v in eval_points)])
         hi = hi if hi > lo else lo + 1e-6
         s0, s1 = steps[0], steps[-1] if steps[-1] > steps[0] else steps[0] + 1
 
@@ -45,9 +47,14 @@ def save_loss_curve(steps: list[int], losses: list[float], path, size=(640, 400)
 
         bottom_y = height - bottom
         draw.line([xy(s, l) for s, l in zip(steps, losses)], fill=(30, 90, 200), width=2)
+        for s, v in eval_points:
+            x, y = xy(s, v)
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=(230, 120, 20))
         draw.text((4, top), f"{hi:.3f}", fill=(0, 0, 0))
         draw.text((4, bottom_y - 10), f"{lo:.3f}", fill=(0, 0, 0))
         draw.text((left, height - bottom + 8), f"step {s0}", fill=(0, 0, 0))
         draw.text((width - right - 80, height - bottom + 8), f"step {steps[-1]}", fill=(0, 0, 0))
-    draw.text((left + 8, top + 4), "training loss", fill=(0, 0, 0))
+    draw.text((left + 8, top + 4), "training loss", fill=(30, 90, 200))
+    if eval_points:
+        draw.text((left + 110, top + 4), "held-out loss", fill=(230, 120, 20))
     img.save(path)

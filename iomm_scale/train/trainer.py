@@ -27,6 +27,7 @@ from ..iomm import IOMMModel, build_iomm
 from ..optim.builder import EMA, build_optimizer, set_lr
 from ..profiling.mfu import ThroughputLog
 from . import checkpoint as ckpt
+from .evaluate import build_eval_set, describe_eval, due, evaluate_model, format_eval
 from .plots import save_grid, save_loss_curve
 
 
@@ -68,8 +69,11 @@ def check_feature_shards(cfg: RunConfig, model: IOMMModel):
                        latent_channels=model.vae.latent_channels,
                        vision_shape=(model.conditioner.num_image_tokens, model.conditioner.hidden_size))
     errors = []
-    for name in ("image_shards", "paired_shards"):
-        urls = expand_shards(getattr(w, name))
+    lists = [(f"data.webdataset.{name}", getattr(w, name)) for name in ("image_shards", "paired_shards")]
+    if cfg.eval.every:
+        lists += [(f"eval.{name}", getattr(cfg.eval, name)) for name in ("image_shards", "paired_shards")]
+    for key, specs in lists:
+        urls = expand_shards(specs)
         problem = first_sample_problem(urls[0], d.resolution, spec) if urls else None
         if problem == "unrecorded":
             import logging
@@ -78,7 +82,7 @@ def check_feature_shards(cfg: RunConfig, model: IOMMModel):
                 "%s: feature shards without a record of the encoders that made them (written before it was kept): "
                 "shapes and resolution are checked, the encoders cannot be", urls[0])
         elif problem:
-            errors.append((f"data.webdataset.{name}", f"{urls[0]}: {problem}"))
+            errors.append((key, f"{urls[0]}: {problem}"))
     if errors:
         hint = ("these feature shards were made for another model or resolution: train with the config that made "
                 "them, or re-run tools/precompute_features.py with this one")
@@ -95,6 +99,10 @@ def check_inputs(cfg: RunConfig, init_from: bool) -> None:
     errors = []
     if cfg.data.source == "webdataset":
         errors += [(f"data.webdataset.{k}", m) for k, m in cfg.data.webdataset.missing_shards()]
+        if cfg.eval.every:
+            from .evaluate import eval_webdataset_config
+
+            errors += [(f"eval.{k}", m) for k, m in eval_webdataset_config(cfg).missing_shards()]
     if init_from and cfg.train.init_from:
         try:
             ckpt.init_source(cfg.train.init_from)
@@ -170,9 +178,13 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.ema = EMA(self.model.trainable_state_dict(), cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         self.loader = build_loader(cfg, feature_spec=feature_spec)
+        self.eval_set = build_eval_set(cfg, feature_spec) if cfg.eval.every else None
+        if self.eval_set is not None:
+            print(describe_eval(cfg, self.eval_set, ema=self.ema is not None and cfg.eval.ema))
         self.throughput = ThroughputLog(cfg, self.device)  # FLOPs per sample, computed once
         self.step = 0
         self.history: list[tuple[int, float]] = []
+        self.eval_history: list[tuple[int, float]] = []  # (step, eval/loss), drawn on loss_curve.png
         self._stop_requested = False
         self._on_disk: tuple[int, Path] | None = None  # (step, dir) of this run's checkpoint equal to the live state
         self._maybe_resume()
@@ -204,7 +216,8 @@ class Trainer:
         state = {
             "step": self.step, "model": model_state, "frozen": frozen, "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None, "rng": ckpt.rng_state(),
-            "data": self.loader.state_dict(), "history": self.history, "config": self.cfg.to_dict(),
+            "data": self.loader.state_dict(), "history": self.history, "eval_history": self.eval_history,
+            "config": self.cfg.to_dict(),
         }
         if self.cfg.model.lora is not None:  # LoRA: the frozen base is not saved, its checksum is
             state["lora_base"] = self._lora_base()
@@ -240,6 +253,7 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.step = state["step"]
         self.history = list(state.get("history", []))
+        self.eval_history = list(state.get("eval_history", []))
 
     def _init_weights(self, path) -> None:
         """Fine-tuning start: weights from a (pre-training) checkpoint; fresh optimizer, step 0."""
@@ -301,6 +315,40 @@ class Trainer:
         self.history.append((self.step, total))
         return {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "samples": samples}
 
+    # ---- held-out evaluation -------------------------------------------------------------
+    def _rng_devices(self) -> list[int]:
+        if self.device.type != "cuda":
+            return []
+        return [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+
+    def evaluate(self) -> dict:
+        """eval/... metrics of the current weights (and eval_ema/... of the EMA's) on the
+        held-out set; draws nothing from the training run's random streams."""
+        bf16 = self.cfg.train.precision == "bf16"
+        out = evaluate_model(self.model, self.eval_set, self.device, bf16)
+        if self.ema is not None and self.cfg.eval.ema:
+            backup = self.ema.swap_into(self.model)
+            try:
+                out.update(evaluate_model(self.model, self.eval_set, self.device, bf16, prefix="eval_ema/"))
+            finally:
+                self.ema.restore(self.model, backup)
+        return {"step": self.step, **out}
+
+    def write_step_samples(self) -> Path:
+        """<run_dir>/samples/step_N.png (EMA weights when enabled), as samples.png at the end."""
+        path = self.run_dir / "samples" / f"step_{self.step}.png"
+        path.parent.mkdir(exist_ok=True)
+        backup = self.ema.swap_into(self.model) if self.ema else None
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=self._rng_devices()):  # the conditioner draws a (null) mask
+                write_sample_grid(self.model, self.cfg, self.device, path, self.loader)
+        finally:
+            self.model.train()
+            if backup is not None:
+                self.ema.restore(self.model, backup)
+        return path
+
     # ---- the run -----------------------------------------------------------------------
     def _on_signal(self, signum, frame):
         self._stop_requested = True
@@ -339,6 +387,17 @@ class Trainer:
                     if wandb_run is not None:
                         wandb_run.log(last, step=self.step)
                     window, window_samples, t0 = [], 0, time.perf_counter()
+                e = self.cfg.eval
+                if self.eval_set is not None and not self._stop_requested and due(self.step, e.every, cfg.steps):
+                    line = {**self.evaluate(), "time": time.time()}
+                    metrics_file.write(json.dumps(line) + "\n")
+                    metrics_file.flush()
+                    if wandb_run is not None:
+                        wandb_run.log(line, step=self.step)
+                    self.eval_history.append((self.step, line["eval/loss"]))
+                    (bar.write if bar else print)(format_eval(line))
+                if e.sample_every and self.step % e.sample_every == 0 and not self._stop_requested:
+                    (bar.write if bar else print)(f"step {self.step}: samples {self.write_step_samples()}")
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                     self.save()
             final = self.save()
@@ -366,7 +425,7 @@ class Trainer:
         when enabled) and loss_curve.png."""
         if self.history:
             steps, losses = zip(*self.history)
-            save_loss_curve(list(steps), list(losses), self.run_dir / "loss_curve.png")
+            save_loss_curve(list(steps), list(losses), self.run_dir / "loss_curve.png", self.eval_history)
         if self.cfg.train.num_samples <= 0:
             return
         backup = self.ema.swap_into(self.model) if self.ema else None

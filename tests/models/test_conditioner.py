@@ -161,9 +161,9 @@ def test_condition_dropout_drops_a_binomial_fraction(tiny_cfg, rate):
     seen = []
     real = model.conditioner.forward
 
-    def spy(feats, captions=None, drop=None, mask_ratio=None):
+    def spy(feats, captions=None, drop=None, **kw):
         seen.append(drop.clone())
-        return real(feats, captions, drop=drop, mask_ratio=mask_ratio)
+        return real(feats, captions, drop=drop, **kw)
 
     model.conditioner.forward = spy
     with torch.no_grad():

@@ -211,6 +211,27 @@ def compare(rt, losses, ref_losses, ref_params, init_params=None) -> dict:
             "ref_losses": ref_losses, "n_params_checked": int(n[0]), "ref_update_max": moved}
 
 
+def compare_eval(rt, model, ref_params: dict, micro: int, n: int) -> dict:
+    """Held-out evaluation (train/evaluate.py) through the runtime, micro-batches dealt out over
+    the DP replicas, against the single-process evaluation of the reference's final weights."""
+    from iomm_scale.train.evaluate import EvalSet, evaluate
+
+    batches = [iomm_batch(model, 1000 + k, micro) for k in range(-(-n // micro))]
+    eval_set = EvalSet.from_batches(batches, seed=5, limit=n)
+    group = rt.layout.dp_group()
+    got = evaluate(eval_set, rt.sample_losses, dp=rt.layout.dp, dp_rank=rt.layout.dp_rank,
+                   all_reduce=lambda v: dist.all_reduce(v, group=group))
+    single = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, prm in single.named_parameters():
+            if name in ref_params:
+                prm.copy_(ref_params[name])
+        want = evaluate(eval_set, single.sample_losses)
+    keys = [k for k in want if k.startswith("eval/loss")]
+    return {"eval_rel": max(abs(got[k] - want[k]) / abs(want[k]) for k in keys), "eval_keys": len(keys),
+            "eval_samples": got["eval/samples"], "eval_batches": len(eval_set.batches)}
+
+
 def compare_ema(rt, ref_ema: dict, init_params: dict, ref_params: dict | None = None) -> dict:
     """The runtime's EMA (gathered to single-device shapes, this rank's stage) against the
     single-process EMA: ema_rel = max |e - e_ref| / max |e_ref| (global, like param_rel);
@@ -323,6 +344,7 @@ def scenario_iomm(name: str, **p) -> dict:
     config, resolution = p.pop("config", "tiny.yaml"), p.pop("resolution", 16)
     ema_decay = p.pop("ema_decay", None)
     compile_backend, compile_mllm = p.pop("compile_backend", None), p.pop("compile_mllm", False)
+    eval_samples = p.pop("eval_samples", 0)
     pcfg = ParallelConfig(**p)
     model = build_iomm_model(config, resolution)
     make = lambda mdl, step: iomm_batch(model, step, dp * m * micro)  # noqa: E731
@@ -341,6 +363,8 @@ def scenario_iomm(name: str, **p) -> dict:
     if ema_decay:  # EMA parity, and what it holds per rank (the planner's `ema` term is checked in pytest)
         out.update(compare_ema(rt, ref_ema[-1], init, hist[-1]))
         out["ema_bytes"] = ema_bytes(rt)
+    if eval_samples:
+        out.update(compare_eval(rt, model, hist[-1], micro, eval_samples))
     # frozen parts: no optimizer state, not trained
     from iomm_scale.parallel.reshard import _inner_optimizer
 
@@ -859,7 +883,8 @@ SCENARIOS = {
     "qwen_tp2": lambda: scenario_generator("qwen_tp2", family="qwen_mmdit", tp=2, zero_stage=1),
     "s3dit_pp2": lambda: scenario_generator("s3dit_pp2", family="s3dit", pp=2, zero_stage=1, num_microbatches=4, micro=1),
     "qwen_pp2": lambda: scenario_generator("qwen_pp2", family="qwen_mmdit", pp=2, zero_stage=1, num_microbatches=4, micro=1),
-    "iomm_dp2_zero3": lambda: scenario_iomm("iomm_dp2_zero3", zero_stage=3, checkpoint_mllm=True, ema_decay=EMA_DECAY),
+    "iomm_dp2_zero3": lambda: scenario_iomm("iomm_dp2_zero3", zero_stage=3, checkpoint_mllm=True, ema_decay=EMA_DECAY,
+                                            eval_samples=5),
     # train.compile + train.compile_mllm: generator blocks and the frozen LLM's layers compiled (aot_eager)
     "iomm_dp2_zero1_compile_mllm": lambda: scenario_iomm("iomm_dp2_zero1_compile_mllm", zero_stage=1,
                                                          compile_backend="aot_eager", compile_mllm=True),

@@ -158,6 +158,10 @@ def test_iomm_zero3_frozen_mllm(world2):
     assert_parity(r)
     assert r["all_trainable_optimized"] and r["no_frozen_optimized"]
     assert r["frozen_params_on_rank0"] > 0
+    # held-out evaluation under ZeRO-3 (5 samples in micro-batches 2 + 2 + 1 over 2 replicas: the
+    # second repeats a micro-batch in the last round and discards it) = one process's, same weights
+    assert r["eval_samples"] == 5 and r["eval_batches"] == 3 and r["eval_keys"] >= 3
+    assert r["eval_rel"] < 1e-5, r["eval_rel"]
 
 
 def test_lora_qwen_dp2_zero2_matches_single_process(world2):
