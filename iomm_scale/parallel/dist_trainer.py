@@ -309,8 +309,8 @@ class DistributedTrainer:
 
             self.eval_set = build_eval_set(cfg, feature_spec)
             if self.is_logger:
-                note = "; live weights only (the EMA is evaluated by iomm-train)" if self.rt.ema and cfg.eval.ema else ""
-                print(f"[iomm] {describe_eval(cfg, self.eval_set)}{note}", flush=True)
+                print(f"[iomm] {describe_eval(cfg, self.eval_set, ema=self.rt.ema is not None and cfg.eval.ema)}",
+                      flush=True)
         self.eval_history: list[tuple[int, float]] = []
         self.history: list[tuple[int, float]] = []  # (step, loss) logged by this launch, for loss_curve.png
         self._stop = False
@@ -491,17 +491,29 @@ class DistributedTrainer:
         return self._stop
 
     def evaluate(self) -> dict:
-        """Collective: the held-out metrics of the current weights (train/evaluate.py), the same
-        on every rank; micro-batches dealt out over the data-parallel replicas."""
+        """Collective: the held-out metrics of the current weights and (eval.ema) of the EMA
+        (train/evaluate.py), the same on every rank; micro-batches dealt out over the
+        data-parallel replicas."""
         from ..train.evaluate import evaluate
         from ..train.trainer import to_device
 
         group = self.layout.dp_group()
-        with torch.random.fork_rng(devices=[self.device.index] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.cfg.eval.seed)  # only a posterior-sampling VAE draws from it
-            return evaluate(self.eval_set, lambda b, d: self.rt.sample_losses(to_device(b, self.device), d),
-                            dp=self.layout.dp, dp_rank=self.layout.dp_rank,
-                            all_reduce=lambda t: dist.all_reduce(t, group=group))
+
+        def run(prefix):
+            with torch.random.fork_rng(devices=[self.device.index] if self.device.type == "cuda" else []):
+                torch.manual_seed(self.cfg.eval.seed)  # only a posterior-sampling VAE draws from it
+                return evaluate(self.eval_set, lambda b, d: self.rt.sample_losses(to_device(b, self.device), d),
+                                dp=self.layout.dp, dp_rank=self.layout.dp_rank,
+                                all_reduce=lambda t: dist.all_reduce(t, group=group), prefix=prefix)
+
+        out = run("eval/")
+        if self.rt.ema is not None and self.cfg.eval.ema:  # the EMA swapped into the engine's weights
+            backup = self.rt.ema.swap_in()
+            try:
+                out.update(run("eval_ema/"))
+            finally:
+                self.rt.ema.restore(backup)
+        return out
 
     def next_batch(self) -> dict:
         from ..train.trainer import to_device

@@ -125,6 +125,44 @@ class DistributedEMA:
             "a slice of the whole parameters it holds, cut like ZeRO-3 partitions"
         return f"decay {self.decay}, fp32, {what}; each of the {self.dp} data-parallel ranks keeps 1/{self.dp}: {where}"
 
+    # ---- the EMA in place of the weights (held-out evaluation) -------------------------
+    @torch.no_grad()
+    def swap_in(self) -> dict[str, torch.Tensor]:
+        """Collective over DP: the module's trainable parameters := the EMA (in their dtype).
+        Returns this rank's 1/dp slice of the live values: all `restore` needs, since the other
+        slices are held by the other data-parallel ranks (no full copy of the weights is kept)."""
+        backup = {n: self._local(n).clone() for n in self.params}
+        for n in self.params:
+            self._write(n, self.shadow[n])
+        return backup
+
+    @torch.no_grad()
+    def restore(self, backup: dict[str, torch.Tensor]) -> None:
+        """Collective over DP: the live values back, bit for bit (undoes `swap_in`)."""
+        for n in self.params:
+            self._write(n, backup[n])
+
+    def _write(self, n: str, values: torch.Tensor) -> None:
+        """This rank's slice of parameter `n` := values, and every whole copy of it rebuilt from
+        the DP ranks' slices: under ZeRO 0-2 the rank's parameter; under ZeRO-3 the partition,
+        plus p.data where it holds the whole tensor (a persistent parameter, kept gathered)."""
+        p = self.params[n]
+        numel = self.shapes[n].numel()
+        if self.zero_stage == 3:
+            self._local(n).copy_(values)
+            if p.data.numel() != numel:
+                return  # gathered from the partitions at the next forward
+        size, _, valid = self.bounds[n]
+        if self.dp == 1:
+            flat = values
+        else:
+            padded = torch.zeros(size, dtype=values.dtype, device=p.device)
+            padded[:valid].copy_(values)
+            parts = [torch.empty_like(padded) for _ in range(self.dp)]
+            dist.all_gather(parts, padded, group=self.layout.dp_group())
+            flat = torch.cat(parts)
+        p.data.view(-1).copy_(flat[:numel])
+
     # ---- same-layout checkpoints -------------------------------------------------------
     def _layout_key(self) -> dict:
         lay = self.layout

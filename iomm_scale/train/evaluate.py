@@ -22,8 +22,9 @@ What is fixed, and why the figure is comparable between evaluations, runs and la
 
 Metrics (one metrics.jsonl line per evaluation, and wandb): `eval/loss` (mean over the
 samples), `eval/loss_t0.00-0.25` ... (mean over the samples whose t falls in each quarter:
-low t is near the data, high t near noise), `eval/samples`; with an EMA in iomm-train also
-`eval_ema/...` for the EMA weights. The built-in source has no held-out split: its evaluation
+low t is near the data, high t near noise), `eval/samples`; with an EMA (and eval.ema) also
+`eval_ema/...` for the EMA weights (the launchers swap their sharded EMA into the engine's
+weights for it and back: parallel/ema.DistributedEMA.swap_in). The built-in source has no held-out split: its evaluation
 reads the built-in images again (a check of fit, not of generalisation).
 """
 
@@ -45,7 +46,7 @@ class EvalConfig:
     paired_shards: list[str] = field(default_factory=list)  # (raw or feature) as data.webdataset's
     seed: int = 1234  # the eval set's noise, masks and timestep order
     buckets: int = 4  # eval/loss_t... over this many equal t ranges
-    ema: bool = True  # iomm-train: also evaluate the EMA weights (when optim.ema_decay is set)
+    ema: bool = True  # also evaluate the EMA weights (when optim.ema_decay is set): eval_ema/...
     sample_every: int = 0  # iomm-train: steps between sample grids <run_dir>/samples/step_N.png; 0 = never
 
     def validate(self) -> list[tuple[str, str]]:

@@ -163,10 +163,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_layout(model, make_batch, pcfg, micro_batch, steps=STEPS, batch_keys=None, opt_fn=optimizer_fn, clip=CLIP,
-               **build_kw):
+               persistence_threshold=0, **build_kw):
     lay = init_parallel_state(pcfg)
     rt = ParallelRuntime.build(copy.deepcopy(model), pcfg, opt_fn, micro_batch=micro_batch, grad_clip=clip,
-                               persistence_threshold=0, batch_keys=batch_keys, **build_kw)
+                               persistence_threshold=persistence_threshold, batch_keys=batch_keys, **build_kw)
     losses, rt.test_grad_norms = [], []
     for step in range(rt.step, rt.step + steps):
         batch = dp_slice(make_batch(model, step), lay.dp, lay.dp_rank)
@@ -211,25 +211,47 @@ def compare(rt, losses, ref_losses, ref_params, init_params=None) -> dict:
             "ref_losses": ref_losses, "n_params_checked": int(n[0]), "ref_update_max": moved}
 
 
-def compare_eval(rt, model, ref_params: dict, micro: int, n: int) -> dict:
+def compare_eval(rt, model, ref_params: dict, micro: int, n: int, ref_ema: dict | None = None) -> dict:
     """Held-out evaluation (train/evaluate.py) through the runtime, micro-batches dealt out over
-    the DP replicas, against the single-process evaluation of the reference's final weights."""
+    the DP replicas, against the single-process evaluation of the reference's final weights;
+    with `ref_ema`, also with the runtime's EMA swapped into the engine's weights (and the live
+    weights restored bit for bit afterwards)."""
+    from iomm_scale.parallel.reshard import full_state
     from iomm_scale.train.evaluate import EvalSet, evaluate
 
     batches = [iomm_batch(model, 1000 + k, micro) for k in range(-(-n // micro))]
     eval_set = EvalSet.from_batches(batches, seed=5, limit=n)
     group = rt.layout.dp_group()
-    got = evaluate(eval_set, rt.sample_losses, dp=rt.layout.dp, dp_rank=rt.layout.dp_rank,
-                   all_reduce=lambda v: dist.all_reduce(v, group=group))
-    single = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, prm in single.named_parameters():
-            if name in ref_params:
-                prm.copy_(ref_params[name])
-        want = evaluate(eval_set, single.sample_losses)
-    keys = [k for k in want if k.startswith("eval/loss")]
-    return {"eval_rel": max(abs(got[k] - want[k]) / abs(want[k]) for k in keys), "eval_keys": len(keys),
-            "eval_samples": got["eval/samples"], "eval_batches": len(eval_set.batches)}
+
+    def distributed(prefix):
+        return evaluate(eval_set, rt.sample_losses, dp=rt.layout.dp, dp_rank=rt.layout.dp_rank,
+                        all_reduce=lambda v: dist.all_reduce(v, group=group), prefix=prefix)
+
+    def single_process(weights, prefix):
+        single = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, prm in single.named_parameters():
+                if name in weights:
+                    prm.copy_(weights[name])
+            return evaluate(eval_set, single.sample_losses, prefix=prefix)
+
+    got, want = distributed("eval/"), single_process(ref_params, "eval/")
+    out = {"eval_samples": got["eval/samples"], "eval_batches": len(eval_set.batches)}
+    if ref_ema is not None:
+        before = full_state(rt, with_moments=False)["params"]
+        backup = rt.ema.swap_in()
+        got.update(distributed("eval_ema/"))
+        rt.ema.restore(backup)
+        after = full_state(rt, with_moments=False)["params"]
+        want.update(single_process(ref_ema, "eval_ema/"))
+        out["eval_live_restored"] = before.keys() == after.keys() and all(torch.equal(before[k], after[k])
+                                                                          for k in before)
+        out["eval_ema_vs_live"] = abs(want["eval_ema/loss"] - want["eval/loss"]) / want["eval/loss"]
+        persistent = [p for p in rt.module.parameters() if p.requires_grad and getattr(p, "ds_persist", False)]
+        out["persistent_trainable"] = len(persistent)
+    keys = [k for k in want if "/loss" in k]
+    out.update(eval_rel=max(abs(got[k] - want[k]) / abs(want[k]) for k in keys), eval_keys=len(keys))
+    return out
 
 
 def compare_ema(rt, ref_ema: dict, init_params: dict, ref_params: dict | None = None) -> dict:
@@ -345,6 +367,7 @@ def scenario_iomm(name: str, **p) -> dict:
     ema_decay = p.pop("ema_decay", None)
     compile_backend, compile_mllm = p.pop("compile_backend", None), p.pop("compile_mllm", False)
     eval_samples = p.pop("eval_samples", 0)
+    persistence = p.pop("persistence_threshold", 0)
     pcfg = ParallelConfig(**p)
     model = build_iomm_model(config, resolution)
     make = lambda mdl, step: iomm_batch(model, step, dp * m * micro)  # noqa: E731
@@ -355,7 +378,8 @@ def scenario_iomm(name: str, **p) -> dict:
     init = {n: q.detach().clone() for n, q in model.named_parameters()}
     with _compile_enabled(compile_backend is not None):
         rt, losses = run_layout(model, make, pcfg, micro, batch_keys=("pixels",), ema_decay=ema_decay,
-                                compile_backend=compile_backend, compile_mllm=compile_mllm)
+                                compile_backend=compile_backend, compile_mllm=compile_mllm,
+                                persistence_threshold=persistence)
         out = compare(rt, losses, ref_losses, hist[-1], init)
     out["compiled_blocks"] = rt.info.get("compiled_blocks", 0)
     out["compiled_mllm_layers"] = rt.info.get("compiled_mllm_layers", 0)
@@ -364,7 +388,7 @@ def scenario_iomm(name: str, **p) -> dict:
         out.update(compare_ema(rt, ref_ema[-1], init, hist[-1]))
         out["ema_bytes"] = ema_bytes(rt)
     if eval_samples:
-        out.update(compare_eval(rt, model, hist[-1], micro, eval_samples))
+        out.update(compare_eval(rt, model, hist[-1], micro, eval_samples, ref_ema[-1] if ema_decay else None))
     # frozen parts: no optimizer state, not trained
     from iomm_scale.parallel.reshard import _inner_optimizer
 
@@ -884,7 +908,7 @@ SCENARIOS = {
     "s3dit_pp2": lambda: scenario_generator("s3dit_pp2", family="s3dit", pp=2, zero_stage=1, num_microbatches=4, micro=1),
     "qwen_pp2": lambda: scenario_generator("qwen_pp2", family="qwen_mmdit", pp=2, zero_stage=1, num_microbatches=4, micro=1),
     "iomm_dp2_zero3": lambda: scenario_iomm("iomm_dp2_zero3", zero_stage=3, checkpoint_mllm=True, ema_decay=EMA_DECAY,
-                                            eval_samples=5),
+                                            eval_samples=5, persistence_threshold=20000),
     # train.compile + train.compile_mllm: generator blocks and the frozen LLM's layers compiled (aot_eager)
     "iomm_dp2_zero1_compile_mllm": lambda: scenario_iomm("iomm_dp2_zero1_compile_mllm", zero_stage=1,
                                                          compile_backend="aot_eager", compile_mllm=True),

@@ -159,9 +159,13 @@ def test_iomm_zero3_frozen_mllm(world2):
     assert r["all_trainable_optimized"] and r["no_frozen_optimized"]
     assert r["frozen_params_on_rank0"] > 0
     # held-out evaluation under ZeRO-3 (5 samples in micro-batches 2 + 2 + 1 over 2 replicas: the
-    # second repeats a micro-batch in the last round and discards it) = one process's, same weights
-    assert r["eval_samples"] == 5 and r["eval_batches"] == 3 and r["eval_keys"] >= 3
-    assert r["eval_rel"] < 1e-5, r["eval_rel"]
+    # second repeats a micro-batch in the last round and discards it) = one process's, same weights;
+    # and with the EMA swapped in (partitions, and the persistent parameters' gathered copies) =
+    # one process's EMA, the live weights restored bit for bit after
+    assert r["eval_samples"] == 5 and r["eval_batches"] == 3 and r["eval_keys"] >= 6
+    assert r["eval_rel"] < 1e-5, r["eval_rel"]  # observed 2.2e-7; 2.6e-2 with persistent copies left alone
+    assert r["eval_live_restored"] and r["persistent_trainable"] > 0
+    assert r["eval_ema_vs_live"] > 1e-3  # the EMA figure is another one (observed 2.5e-2)
 
 
 def test_lora_qwen_dp2_zero2_matches_single_process(world2):

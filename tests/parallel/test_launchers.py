@@ -25,23 +25,27 @@ def run(cmd):
 EVAL = ["eval.every=2", "eval.samples=3"]  # micro-batches of 2 and 1 held-out samples
 
 
-def single_process_eval(tmp_path, weights_from: str, use_ema: bool, *overrides) -> dict:
-    """iomm-train's held-out metrics for the weights of a launcher run (its --save-full copy or
-    EMA export), on the same config without the layout."""
+def single_process_eval(tmp_path, weights_from: str, *overrides) -> dict:
+    """iomm-train's held-out metrics (eval/ and eval_ema/) for the live and EMA weights of a
+    launcher run (its --save-full copy or EMA export), on the same config without the layout."""
     from iomm_scale.config import load_config
     from iomm_scale.train.checkpoint import apply_init_weights
+    from iomm_scale.train.evaluate import evaluate_model
     from iomm_scale.train.trainer import Trainer
 
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [*ARGS[2:-2], "train.progress_bar=false",
                                                                    "train.resume=never", *overrides])
     trainer = Trainer(cfg, run_dir=tmp_path / "single")
-    apply_init_weights(trainer.model, weights_from, use_ema)
-    return trainer.evaluate()
+    out = {}
+    for use_ema, prefix in ((False, "eval/"), (True, "eval_ema/")):
+        apply_init_weights(trainer.model, weights_from, use_ema)
+        out.update(evaluate_model(trainer.model, trainer.eval_set, trainer.device, prefix=prefix))
+    return out
 
 
 def assert_same_eval(line: dict, single: dict) -> None:
-    keys = [k for k in single if k.startswith("eval/loss")]
-    assert len(keys) >= 3 and line["eval/samples"] == single["eval/samples"] == 3
+    keys = [k for k in single if "/loss" in k]
+    assert len(keys) >= 6 and line["eval/samples"] == single["eval/samples"] == 3
     for k in keys:
         assert line[k] == pytest.approx(single[k], rel=1e-5), k
 
@@ -53,7 +57,7 @@ def test_torchrun_then_deepspeed_launcher_resume(tmp_path):
     out = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29633",
                "launchers/pretrain.py", *ARGS, *EVAL, "--run-dir", run_dir, "train.steps=2", "train.ckpt_every=2"])
     assert "tp 2 x pp 1 x dp 1" in out and "done at step 2" in out
-    assert "eval: 3 samples of the built-in images in 2 micro-batches, every 2 steps; live weights only" in out
+    assert "eval: 3 samples of the built-in images in 2 micro-batches, every 2 steps, live and EMA weights" in out
     assert out.count("[iomm] checkpoint ") == 1  # the periodic save at step 2; the final one does not re-write it
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     out = run([deepspeed, "--num_gpus", "2", "--master_port", "29634", "launchers/pretrain.py", *ARGS, *EVAL,
@@ -66,8 +70,9 @@ def test_torchrun_then_deepspeed_launcher_resume(tmp_path):
     lines = [x for x in lines if "loss" in x]
     assert [x["step"] for x in lines] == [1, 2, 3] and [x["step"] for x in evals] == [2, 3]  # every 2 and the last
     assert all(x["loss"] == x["loss"] and x["loss"] < 10 for x in lines)
-    # TP=2: the held-out figures of step 3 are iomm-train's for the --save-full weights
-    assert_same_eval(evals[-1], single_process_eval(tmp_path, os.path.join(run_dir, "full"), False, *EVAL))
+    # TP=2: the held-out figures of step 3 are iomm-train's for the --save-full weights and EMA
+    assert_same_eval(evals[-1], single_process_eval(tmp_path, os.path.join(run_dir, "full"), *EVAL))
+    assert abs(evals[-1]["eval_ema/loss"] - evals[-1]["eval/loss"]) > 1e-4  # the EMA really was swapped in
     # throughput as iomm-train logs it: the run's samples/s, per-device tokens and model TFLOP/s (no MFU on CPU)
     assert all(x["samples_per_s"] > 0 and x["tflops_per_device"] > 0 and x["image_tokens_per_s"] > 0 for x in lines)
     # rank 0 writes the single-process trainer's outputs, sampling from the EMA export
@@ -102,10 +107,11 @@ def test_torchrun_then_deepspeed_launcher_resume(tmp_path):
     assert source.keys() == started.keys()
     for name, value in source.items():
         torch.testing.assert_close(started[name], value, rtol=0, atol=1e-12, msg=name)
-    # DP=2 (ZeRO-2): one held-out micro-batch per replica; the figures are iomm-train's for those weights
+    # DP=2 (ZeRO-2): one held-out micro-batch per replica; the figures are iomm-train's for the
+    # weights and EMA of the run's export (the EMA gathered from both replicas' slices)
     line = [json.loads(x) for x in open(os.path.join(ft_dir, "metrics.jsonl"))][-1]
     assert line["step"] == 1
-    assert_same_eval(line, single_process_eval(tmp_path, f"{run_dir}/ema", True, *EVAL))
+    assert_same_eval(line, single_process_eval(tmp_path, os.path.join(ft_dir, "ema"), *EVAL))
     # resuming that tp=2 run under another layout is refused before anything is built, naming the way
     p = subprocess.run([sys.executable, "launchers/pretrain.py", *ARGS[:-2], "--run-dir", run_dir, "train.steps=4"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120,

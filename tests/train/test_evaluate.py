@@ -49,15 +49,21 @@ def test_eval_loss_is_the_training_objective(tiny_cfg):
     torch.testing.assert_close(per_sample.mean(), expected, rtol=1e-6, atol=0)
 
 
-def test_a_samples_loss_does_not_depend_on_its_micro_batch_or_the_ranks(tiny_cfg):
+@pytest.mark.parametrize("image_only_fraction", [1.0, 0.5])
+def test_a_samples_loss_does_not_depend_on_its_micro_batch_or_the_ranks(tiny_cfg, image_only_fraction):
     """7 held-out samples in micro-batches of 4 (4 + 3) and of 2 (2 + 2 + 2 + 1), and dealt out
     over 1, 2 and 3 "ranks" (their vectors summed as the all-reduce does): the same per-sample
-    losses and metrics. Draws tied to the micro-batch instead of the sample fail this."""
-    trainer = Trainer(tiny_cfg("eval.every=1", "eval.samples=7", "data.batch_size=4"))
+    losses and metrics; with captions too (the mixture: prompts of other lengths are left-padded
+    to their micro-batch's longest). Draws tied to the micro-batch instead of the sample fail this."""
+    mix = f"data.image_only_fraction={image_only_fraction}"
+    trainer = Trainer(tiny_cfg("eval.every=1", "eval.samples=7", "data.batch_size=4", mix))
     model = trainer.model
     by4 = trainer.eval_set
     assert [len(i) for i in by4.indices] == [4, 3] and by4.num_samples == 7
-    by2 = build_eval_set(tiny_cfg("eval.every=1", "eval.samples=7", "data.batch_size=2"))
+    by2 = build_eval_set(tiny_cfg("eval.every=1", "eval.samples=7", "data.batch_size=2", mix))
+    captions = [c for b in by2.batches for c in b["captions"]]
+    assert captions == [c for b in by4.batches for c in b["captions"]]
+    assert (image_only_fraction == 1.0) == all(c is None for c in captions)
     assert [len(i) for i in by2.indices] == [2, 2, 2, 1]
     assert torch.equal(by2.t, by4.t) and sorted(by4.t.tolist()) == [(j + 0.5) / 7 for j in range(7)]
     reference = evaluate(by4, model_losses(model))
