@@ -409,6 +409,47 @@ class PipelineStageModule(nn.Module):
     def _n_extras_in(self) -> int:
         return getattr(self, "n_extras_in", 0)
 
+    @torch.no_grad()
+    def sample_losses(self, batch: dict, draws, pp_group) -> torch.Tensor:
+        """Per-sample losses [B] of an IOMM model's micro-batch under fixed `draws` (held-out
+        evaluation), forward only and without the schedule: the first stage runs
+        `prepare_generator_inputs(batch, draws)` (any batch, captions too) and its blocks, each
+        stage hands (*state, target) to the next by send / recv (shapes sent ahead: a state's
+        shapes depend on the batch), the last computes the losses; every stage returns them."""
+        import torch.distributed as dist
+
+        ranks = dist.get_process_group_ranks(pp_group)
+        if self.first:
+            x_t, t, cond, cond_mask, target = self._model.prepare_generator_inputs(batch, draws)
+            state, target = tuple(self.adapter.embed(self._gen, x_t, t, cond, cond_mask)), target
+        else:
+            src = ranks[self.stage - 1]
+            meta = [None]
+            dist.recv_object_list(meta, src=src, group=pp_group)
+            received = []
+            for shape, dtype in meta[0]:
+                buf = torch.empty(shape, dtype=dtype, device=self._device())
+                dist.recv(buf, src=src, group=pp_group)
+                received.append(buf)
+            *state, target = received
+        state = tuple(self.adapter.run_blocks(self._gen, self.lo, self.hi, tuple(state)))
+        if not self.last:
+            out = [x.contiguous() for x in (*state, target)]
+            dst = ranks[self.stage + 1]
+            dist.send_object_list([[(tuple(x.shape), x.dtype) for x in out]], dst=dst, group=pp_group)
+            for x in out:
+                dist.send(x, dst=dst, group=pp_group)
+            losses = torch.empty(target.shape[0], dtype=torch.float32, device=target.device)
+        else:
+            err = self.adapter.head(self._gen, state).float() - target.float()
+            losses = err.pow(2).flatten(1).mean(1)
+        dist.broadcast(losses, src=ranks[-1], group=pp_group)  # the last stage's figures on every stage
+        return losses
+
+    def _device(self) -> torch.device:
+        p = next(iter(self.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
+
 
 def flow_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Flow-matching MSE, || v_pred - (z - x) ||^2 averaged, in float32."""

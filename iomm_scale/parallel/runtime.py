@@ -290,12 +290,13 @@ class ParallelRuntime:
     @torch.no_grad()
     def sample_losses(self, batch: dict, draws) -> torch.Tensor:
         """Per-sample losses [B] of an IOMM model on `batch` under fixed `draws` (held-out
-        evaluation, train/evaluate.py), through the engine: every rank of the replica calls it
-        (TP collectives, ZeRO-3's parameter gathering). Not under pipeline parallelism."""
-        if self.pipeline is not None:
-            raise ValueError("held-out evaluation does not run under pipeline parallelism (parallel.pp > 1)")
+        evaluation, train/evaluate.py): every rank of the replica calls it. Through the engine
+        (TP collectives, ZeRO-3's parameter gathering), or under pp > 1 stage by stage, forward
+        only (PipelineStageModule.sample_losses; pipelines run at ZeRO 0/1: whole weights)."""
         self.engine.eval()
         try:
+            if self.pipeline is not None:
+                return self.module.sample_losses(batch, draws, self.layout.pp_group())
             return self.engine(batch, fn=lambda model, b: model.sample_losses(b, draws))
         finally:
             self.engine.train()

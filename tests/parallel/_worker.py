@@ -213,13 +213,17 @@ def compare(rt, losses, ref_losses, ref_params, init_params=None) -> dict:
 
 def compare_eval(rt, model, ref_params: dict, micro: int, n: int, ref_ema: dict | None = None) -> dict:
     """Held-out evaluation (train/evaluate.py) through the runtime, micro-batches dealt out over
-    the DP replicas, against the single-process evaluation of the reference's final weights;
+    the DP replicas, against the single-process evaluation of the reference's final weights, on
+    a mixed set (image-only and captioned samples);
     with `ref_ema`, also with the runtime's EMA swapped into the engine's weights (and the live
     weights restored bit for bit afterwards)."""
     from iomm_scale.parallel.reshard import full_state
     from iomm_scale.train.evaluate import EvalSet, evaluate
 
     batches = [iomm_batch(model, 1000 + k, micro) for k in range(-(-n // micro))]
+    for k, b in enumerate(batches):  # a mixed set: every other sample captioned (prompts of other lengths)
+        b["captions"] = [None if (k * micro + j) % 2 == 0 else "a small red square" + " on blue" * (k + j)
+                         for j in range(micro)]
     eval_set = EvalSet.from_batches(batches, seed=5, limit=n)
     group = rt.layout.dp_group()
 
@@ -942,7 +946,7 @@ SCENARIOS = {
     "ema_tp2pp2": lambda: scenario_ema("ema_tp2pp2", export=True, tp=2, pp=2, zero_stage=1, num_microbatches=4,
                                        micro=1),
     "iomm_tp2pp2": lambda: scenario_iomm("iomm_tp2pp2", tp=2, pp=2, zero_stage=1, num_microbatches=4, micro=1,
-                                         ema_decay=EMA_DECAY),
+                                         ema_decay=EMA_DECAY, eval_samples=3),
     "reshard_tp2dp2_to_dp4": lambda: scenario_reshard("reshard", dict(tp=2, zero_stage=1, num_microbatches=2),
                                                       dict(zero_stage=3), ema_decay=EMA_DECAY),
     "native_ckpt_tp2dp2_zero3": lambda: scenario_native_ckpt("native", tp=2, zero_stage=3),

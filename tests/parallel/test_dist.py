@@ -407,3 +407,7 @@ def test_ema_tp2pp2_iomm_matches_single_process_and_planner(world4):
     planned, stage = _planned_ema(Layout(tp=2, pp=2, zero_stage=1, micro_batch=1, grad_accum=4))
     held = [b for b, _, _, pp in r["ema_bytes"] if pp == stage]
     assert held and held == [planned] * len(held)  # observed stage 0: 8080384 B per rank, exactly
+    # held-out evaluation through the stages (forward only, states sent on by send / recv), live
+    # and with each stage's EMA swapped in: one process's figures, the live weights back after
+    assert r["eval_samples"] == 3 and r["eval_batches"] == 3 and r["eval_keys"] >= 6
+    assert r["eval_rel"] < 1e-5 and r["eval_live_restored"] and r["eval_ema_vs_live"] > 1e-3, r
