@@ -285,12 +285,11 @@ class DistributedTrainer:
             what = apply_init_weights(model, init_from, cfg.train.init_from_ema)
             if self.is_logger:
                 print(f"[iomm] initialised weights from {what}", flush=True)
-        keys = ("pixels",) if cfg.data.source == "builtin" else None
         ds_extra = precision_extra(cfg, pcfg)
         if cfg.optim.name == "muon" and cfg.optim.muon.implementation == "deepspeed":
             ds_extra.update(deepspeed_muon_extra(cfg))
         self.rt = ParallelRuntime.build(model, pcfg, optimizer_factory(cfg), micro_batch=cfg.data.batch_size,
-                                        grad_clip=cfg.optim.grad_clip, seed=cfg.train.seed, batch_keys=keys,
+                                        grad_clip=cfg.optim.grad_clip, seed=cfg.train.seed,
                                         ds_extra=ds_extra, resume_full=resume_full,
                                         ema_decay=cfg.optim.ema_decay,
                                         compile_backend=cfg.train.compile_backend if cfg.train.compile else None,

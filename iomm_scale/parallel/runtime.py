@@ -145,7 +145,6 @@ class ParallelRuntime:
     micro_batch: int
     seed: int = 0
     pipeline: Any = None
-    batch_keys: tuple[str, ...] = ()
     step: int = 0
     info: dict = field(default_factory=dict)
     ema: Any = None           # parallel/ema.DistributedEMA when built with ema_decay
@@ -154,16 +153,15 @@ class ParallelRuntime:
     @classmethod
     def build(cls, model: nn.Module, pcfg: ParallelConfig, optimizer_fn: Callable, *, micro_batch: int,
               grad_clip: float = 1.0, seed: int = 0, loss_fn: Callable | None = None,
-              prologue: Callable | None = None, batch_keys: tuple[str, ...] | None = None,
+              prologue: Callable | None = None,
               ds_extra: dict | None = None, persistence_threshold: int | None = None,
               resume_full: str | None = None, layout: Layout | None = None,
               ema_decay: float | None = None, compile_backend: str | None = None,
               compile_mllm: bool = False) -> "ParallelRuntime":
         """`model`: an IOMMModel (with .generator) or a bare generator, built whole (or built
         sharded with `tensor_parallel.tp_linear_factory`). `micro_batch`: samples per
-        micro-batch per DP rank; pcfg.num_microbatches micro-batches make one step.
-        With pp > 1, `batch_keys` fixes the order of the (all-tensor) batch entries sent to
-        the first stage. `ema_decay`: keep an fp32 EMA of the trainable parameters (`rt.ema`,
+        micro-batch per DP rank; pcfg.num_microbatches micro-batches make one step (any batch
+        dict: tensors, captions; under pp > 1 too). `ema_decay`: keep an fp32 EMA of the trainable parameters (`rt.ema`,
         parallel/ema.py; restored from `resume_full` when the checkpoint has one).
         `compile_backend`: torch.compile each generator block with it (train/compile.py; any
         layout but ZeRO-3), and with `compile_mllm` each frozen LLM decoder layer."""
@@ -182,16 +180,16 @@ class ParallelRuntime:
             from .pipeline import PipelineStageModule
 
             prologue = prologue or default_prologue(model)
-            keys = tuple(batch_keys or ())
 
-            def stage0_prologue(m, *args):
-                # The last arg is the micro-batch index (see train_step): pipelining runs
-                # micro-batch 0 twice on its first step (metadata inference), so seeds
-                # come from the index, not from a call counter.
-                *values, index = args
-                mb = dict(zip(keys, values))
-                torch.manual_seed(pipeline_module.seeds(int(index[0])))
-                return prologue(m, mb)
+            def stage0_prologue(m, index):
+                # `index`: the micro-batch's number, the only thing the schedule hands over (see
+                # train_step); the micro-batches themselves wait on the stage module, whatever they
+                # hold (captions, feature arrays): pipelining chunks tensors only. It runs
+                # micro-batch 0 twice on its first step (metadata inference), so seeds come from
+                # the index, not from a call counter.
+                i = int(index[0])
+                torch.manual_seed(pipeline_module.seeds(i))
+                return prologue(m, pipeline_module.microbatches[i])
 
             pipeline_module = PipelineStageModule(model, layout.pp_rank, layout.pp, prologue=stage0_prologue)
             pipeline_module.seeds = _Seeds()
@@ -229,7 +227,7 @@ class ParallelRuntime:
         if engine.zero_optimization_stage() == 0:
             _record_zero0_grad_norm(engine)
         rt = cls(pcfg=pcfg, layout=layout, model=model, module=module, engine=engine, micro_batch=micro_batch,
-                 seed=seed, batch_keys=tuple(batch_keys or ()), info=info)
+                 seed=seed, info=info)
         if layout.pp > 1:
             from .pipeline import Pipeline
 
@@ -271,10 +269,10 @@ class ParallelRuntime:
             self.module.seeds.reset(self.seed, self.step, self.layout.dp_rank)
             args = ()
             if self.layout.is_first_stage:
-                args = tuple(batch[k] for k in self.batch_keys)
-                n = args[0].shape[0]
-                args += (torch.arange(m).repeat_interleave(n // m).float(),)
+                self.module.microbatches = split_batch(batch, m)
+                args = (torch.arange(m, dtype=torch.float32),)  # chunked into one index per micro-batch
             total = self.pipeline.step(args)
+            self.module.microbatches = None
         self.engine.step()
         if self.ema is not None and self.engine.was_step_applied():
             self.ema.update()

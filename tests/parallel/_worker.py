@@ -104,10 +104,16 @@ def build_iomm_model(config: str = "tiny.yaml", resolution: int = 16):
     return build_iomm(cfg)
 
 
-def iomm_batch(model, step: int, n: int) -> dict:
+def iomm_batch(model, step: int, n: int, captions: bool = False) -> dict:
+    """Random images; with `captions`, a mixed batch: every other sample captioned (prompts of
+    other lengths, left-padded to the micro-batch's longest)."""
     g = torch.Generator().manual_seed(SEED + step)
     res = model.cfg.data.resolution
-    return {"pixels": torch.rand(n, 3, res, res, generator=g) * 2 - 1}
+    batch = {"pixels": torch.rand(n, 3, res, res, generator=g) * 2 - 1}
+    if captions:
+        batch["captions"] = [None if j % 2 == 0 else "a small red square" + " on blue" * ((step + j) % 4)
+                             for j in range(n)]
+    return batch
 
 
 def optimizer_fn(params):
@@ -162,11 +168,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
-def run_layout(model, make_batch, pcfg, micro_batch, steps=STEPS, batch_keys=None, opt_fn=optimizer_fn, clip=CLIP,
+def run_layout(model, make_batch, pcfg, micro_batch, steps=STEPS, opt_fn=optimizer_fn, clip=CLIP,
                persistence_threshold=0, **build_kw):
     lay = init_parallel_state(pcfg)
     rt = ParallelRuntime.build(copy.deepcopy(model), pcfg, opt_fn, micro_batch=micro_batch, grad_clip=clip,
-                               persistence_threshold=persistence_threshold, batch_keys=batch_keys, **build_kw)
+                               persistence_threshold=persistence_threshold, **build_kw)
     losses, rt.test_grad_norms = [], []
     for step in range(rt.step, rt.step + steps):
         batch = dp_slice(make_batch(model, step), lay.dp, lay.dp_rank)
@@ -220,10 +226,7 @@ def compare_eval(rt, model, ref_params: dict, micro: int, n: int, ref_ema: dict 
     from iomm_scale.parallel.reshard import full_state
     from iomm_scale.train.evaluate import EvalSet, evaluate
 
-    batches = [iomm_batch(model, 1000 + k, micro) for k in range(-(-n // micro))]
-    for k, b in enumerate(batches):  # a mixed set: every other sample captioned (prompts of other lengths)
-        b["captions"] = [None if (k * micro + j) % 2 == 0 else "a small red square" + " on blue" * (k + j)
-                         for j in range(micro)]
+    batches = [iomm_batch(model, 1000 + k, micro, captions=True) for k in range(-(-n // micro))]
     eval_set = EvalSet.from_batches(batches, seed=5, limit=n)
     group = rt.layout.dp_group()
 
@@ -340,11 +343,10 @@ def scenario_generator(name: str, family="flux", **p) -> dict:
     ref_norms: list = []
     ref_losses, hist = reference(gen, make, dp, m, STEPS, clip=clip, ema_decay=ema_decay, ema_out=ref_ema,
                                  norms_out=ref_norms)
-    keys = ("x_t", "t", "cond", "cond_mask", "target")
     init = {n: q.detach().clone() for n, q in gen.named_parameters()}
     graphs_before = _dynamo_graphs()
     with _compile_enabled(compile_backend is not None):
-        rt, losses = run_layout(gen, make, pcfg, micro, batch_keys=keys, clip=clip, ema_decay=ema_decay,
+        rt, losses = run_layout(gen, make, pcfg, micro, clip=clip, ema_decay=ema_decay,
                                 compile_backend=compile_backend)
         out = compare(rt, losses, ref_losses, hist[-1], init)
     out["grad_norms"], out["ref_grad_norms"] = rt.test_grad_norms, ref_norms
@@ -371,17 +373,18 @@ def scenario_iomm(name: str, **p) -> dict:
     ema_decay = p.pop("ema_decay", None)
     compile_backend, compile_mllm = p.pop("compile_backend", None), p.pop("compile_mllm", False)
     eval_samples = p.pop("eval_samples", 0)
+    captions = p.pop("captions", False)
     persistence = p.pop("persistence_threshold", 0)
     pcfg = ParallelConfig(**p)
     model = build_iomm_model(config, resolution)
-    make = lambda mdl, step: iomm_batch(model, step, dp * m * micro)  # noqa: E731
+    make = lambda mdl, step: iomm_batch(model, step, dp * m * micro, captions)  # noqa: E731
     ref_ema: list = []
     ref_losses, hist = reference(model, make, dp, m, STEPS, ema_decay=ema_decay, ema_out=ref_ema)
     frozen_before = {n: t.clone() for n, t in model.conditioner.mllm.state_dict().items()}
     base_before = {n: q.detach().clone() for n, q in model.generator.named_parameters() if not q.requires_grad}
     init = {n: q.detach().clone() for n, q in model.named_parameters()}
     with _compile_enabled(compile_backend is not None):
-        rt, losses = run_layout(model, make, pcfg, micro, batch_keys=("pixels",), ema_decay=ema_decay,
+        rt, losses = run_layout(model, make, pcfg, micro, ema_decay=ema_decay,
                                 compile_backend=compile_backend, compile_mllm=compile_mllm,
                                 persistence_threshold=persistence)
         out = compare(rt, losses, ref_losses, hist[-1], init)
@@ -456,15 +459,12 @@ def scenario_reshard(name: str, save: dict, load: dict, native: dict | None = No
     make = lambda model, step: generator_batch(gen, step, dp_a * m_a * micro)  # noqa: E731
     ref_ema: list = []
     ref_losses, hist = reference(gen, make, dp_a, m_a, 4, ema_decay=ema_decay, ema_out=ref_ema, **ref_kw)
-    keys = ("x_t", "t", "cond", "cond_mask", "target")
     init = {n: q.detach().clone() for n, q in gen.named_parameters()}
-    rt, losses_a = run_layout(gen, make, ParallelConfig(**save), micro, steps=2, batch_keys=keys,
-                              ema_decay=ema_decay, **opt_kw)
+    rt, losses_a = run_layout(gen, make, ParallelConfig(**save), micro, steps=2, ema_decay=ema_decay, **opt_kw)
     ckpt_dir = _shared_tmpdir()
     rt.save_full(ckpt_dir)
     teardown(rt)
-    rt, losses_b = run_layout(gen, make, ParallelConfig(**load), micro, steps=2, batch_keys=keys,
-                              resume_full=ckpt_dir, ema_decay=ema_decay, **opt_kw)
+    rt, losses_b = run_layout(gen, make, ParallelConfig(**load), micro, steps=2, resume_full=ckpt_dir, ema_decay=ema_decay, **opt_kw)
     out = compare(rt, losses_a + losses_b, ref_losses, hist[-1], init)
     out["resumed_step"] = rt.step
     if muon:
@@ -485,7 +485,7 @@ def scenario_reshard(name: str, save: dict, load: dict, native: dict | None = No
         teardown(rt)
         # the same checkpoint into an AdamW run: refused (Muon momenta are no Adam moments)
         try:
-            run_layout(gen, make, ParallelConfig(**load), micro, steps=0, batch_keys=keys, resume_full=ckpt_dir)
+            run_layout(gen, make, ParallelConfig(**load), micro, steps=0, resume_full=ckpt_dir)
             out["adamw_resume_error"] = None
         except Exception as e:  # noqa: BLE001 - the message is the result
             out["adamw_resume_error"] = f"{type(e).__name__}: {e}"
@@ -517,9 +517,8 @@ def scenario_ema(name: str, export=False, flux_kw=None, **p) -> dict:
     make = lambda model, step: generator_batch(gen, step, dp * m * micro)  # noqa: E731
     ref_ema: list = []
     ref_losses, hist = reference(gen, make, dp, m, STEPS + 1, ema_decay=EMA_DECAY, ema_out=ref_ema)
-    keys = ("x_t", "t", "cond", "cond_mask", "target")
     init = {n: q.detach().clone() for n, q in gen.named_parameters()}
-    rt, losses = run_layout(gen, make, pcfg, micro, batch_keys=keys, ema_decay=EMA_DECAY)
+    rt, losses = run_layout(gen, make, pcfg, micro, ema_decay=EMA_DECAY)
     out = compare(rt, losses, ref_losses[:STEPS], hist[STEPS - 1], init)
     out.update(compare_ema(rt, ref_ema[STEPS - 1], init, hist[STEPS - 1]))
     out["ema_bytes"] = ema_bytes(rt)
@@ -536,7 +535,7 @@ def scenario_ema(name: str, export=False, flux_kw=None, **p) -> dict:
             prm.zero_()
     lay = init_parallel_state(pcfg)
     rt = ParallelRuntime.build(gen2, pcfg, optimizer_fn, micro_batch=micro, grad_clip=CLIP, persistence_threshold=0,
-                               batch_keys=keys, ema_decay=EMA_DECAY)
+                               ema_decay=EMA_DECAY)
     zeroed = all(float(t.abs().max()) == 0 for t in rt.ema.shadow.values() if t.numel())
     rt.load(ckpt_dir, tag="s")
     same = zeroed and rt.info.get("ema_restored") is True and set(saved) == set(rt.ema.shadow) and all(
@@ -588,7 +587,7 @@ def scenario_native_ckpt(name: str, **p) -> dict:
     model = build_iomm_model()
     make = lambda mdl, step: iomm_batch(model, step, dp * micro)  # noqa: E731
     ref_losses, hist = reference(model, make, dp, 1, 4)
-    rt, losses_a = run_layout(model, make, pcfg, micro, steps=2, batch_keys=("pixels",))
+    rt, losses_a = run_layout(model, make, pcfg, micro, steps=2)
     ckpt_dir = _shared_tmpdir()
     rt.save(ckpt_dir, tag="s2")
     teardown(rt)
@@ -603,8 +602,7 @@ def scenario_native_ckpt(name: str, **p) -> dict:
     lay = init_parallel_state(pcfg)
     from iomm_scale.parallel.runtime import ParallelRuntime as PR
 
-    rt = PR.build(model2, pcfg, optimizer_fn, micro_batch=micro, grad_clip=CLIP, persistence_threshold=0,
-                  batch_keys=("pixels",))
+    rt = PR.build(model2, pcfg, optimizer_fn, micro_batch=micro, grad_clip=CLIP, persistence_threshold=0)
     rt.load(ckpt_dir, tag="s2")
     losses_b = [rt.train_step(dp_slice(make(model, s), lay.dp, lay.dp_rank))["loss"] for s in (2, 3)]
     out = compare(rt, losses_a + losses_b, ref_losses, hist[-1])
@@ -727,11 +725,10 @@ def scenario_muon(name: str, shard_check=False, resume_after=None, bf16=False, c
     factory = per_shard(optimizer_factory(cfg)) if shard_check else optimizer_factory(cfg)
     extra = precision_extra(cfg, pcfg)
     if resume_after is None:
-        rt, losses = run_layout(model, make, pcfg, micro, batch_keys=("pixels",), opt_fn=factory, clip=clip,
+        rt, losses = run_layout(model, make, pcfg, micro, opt_fn=factory, clip=clip,
                                 ds_extra=extra)
     else:
-        rt, losses = run_layout(model, make, pcfg, micro, steps=resume_after, batch_keys=("pixels",),
-                                opt_fn=factory, clip=clip, ds_extra=extra)
+        rt, losses = run_layout(model, make, pcfg, micro, steps=resume_after, opt_fn=factory, clip=clip, ds_extra=extra)
         ckpt_dir = _shared_tmpdir()
         rt.save(ckpt_dir, tag="s")
         teardown(rt)
@@ -741,8 +738,7 @@ def scenario_muon(name: str, shard_check=False, resume_after=None, bf16=False, c
                 if prm.requires_grad:
                     prm.zero_()
         lay = init_parallel_state(pcfg)
-        rt = ParallelRuntime.build(model2, pcfg, factory, micro_batch=micro, grad_clip=clip, batch_keys=("pixels",),
-                                   ds_extra=extra)
+        rt = ParallelRuntime.build(model2, pcfg, factory, micro_batch=micro, grad_clip=clip, ds_extra=extra)
         rt.load(ckpt_dir, tag="s")
         losses += [rt.train_step(dp_slice(make(model, s_), lay.dp, lay.dp_rank))["loss"]
                    for s_ in range(resume_after, STEPS)]
@@ -800,7 +796,7 @@ def scenario_ds_muon(name: str, **p) -> dict:
     _, ours = _cached(("ours_ds_settings", dp), lambda: reference(
         model, make, dp, 1, STEPS, make_opt=lambda mdl: build_muon_optimizer(mdl, cfg), clip=0.0))
     init = {n: q.detach().clone() for n, q in model.named_parameters()}
-    rt, losses = run_layout(model, make, pcfg, micro, batch_keys=("pixels",), opt_fn=optimizer_factory(cfg), clip=0.0,
+    rt, losses = run_layout(model, make, pcfg, micro, opt_fn=optimizer_factory(cfg), clip=0.0,
                             ds_extra=deepspeed_muon_extra(cfg))
     out = compare(rt, losses, ref_losses, hist[-1], init)
     vs = compare(rt, losses, ref_losses, ours[-1], init)
@@ -828,11 +824,10 @@ def scenario_bf16_full(name: str) -> dict:
     from iomm_scale.parallel.reshard import OPT_KEYS, _inner_optimizer, _stage0_masters, full_state
 
     gen = build_generator()
-    keys = ("x_t", "t", "cond", "cond_mask", "target")
     make = lambda model, step: {k: v.bfloat16() if v.is_floating_point() else v  # noqa: E731
                                 for k, v in generator_batch(gen, step, 4).items()}
     bf16 = {"bf16": {"enabled": True}}
-    rt, _ = run_layout(gen, make, ParallelConfig(zero_stage=0), 2, steps=2, batch_keys=keys, ds_extra=bf16)
+    rt, _ = run_layout(gen, make, ParallelConfig(zero_stage=0), 2, steps=2, ds_extra=bf16)
     masters, inner = _stage0_masters(rt.engine), _inner_optimizer(rt.engine)
     saved = full_state(rt)
     out = {"wrapper": type(rt.engine.optimizer).__name__, "masters": len(masters), "save_vs_master": 0.0,
@@ -852,8 +847,7 @@ def scenario_bf16_full(name: str) -> dict:
     out["files_after_save"] = sorted(os.listdir(ckpt_dir))
     teardown(rt)
     for stage in (1, 0):  # resume under another ZeRO stage, then the saving one
-        rt, _ = run_layout(gen, make, ParallelConfig(zero_stage=stage), 2, steps=0, batch_keys=keys,
-                           resume_full=ckpt_dir, ds_extra=bf16)
+        rt, _ = run_layout(gen, make, ParallelConfig(zero_stage=stage), 2, steps=0, resume_full=ckpt_dir, ds_extra=bf16)
         masters, inner = _stage0_masters(rt.engine), _inner_optimizer(rt.engine)
         worst = 0.0
         for n, p in rt.module.named_parameters():
@@ -946,7 +940,7 @@ SCENARIOS = {
     "ema_tp2pp2": lambda: scenario_ema("ema_tp2pp2", export=True, tp=2, pp=2, zero_stage=1, num_microbatches=4,
                                        micro=1),
     "iomm_tp2pp2": lambda: scenario_iomm("iomm_tp2pp2", tp=2, pp=2, zero_stage=1, num_microbatches=4, micro=1,
-                                         ema_decay=EMA_DECAY, eval_samples=3),
+                                         ema_decay=EMA_DECAY, eval_samples=3, captions=True),
     "reshard_tp2dp2_to_dp4": lambda: scenario_reshard("reshard", dict(tp=2, zero_stage=1, num_microbatches=2),
                                                       dict(zero_stage=3), ema_decay=EMA_DECAY),
     "native_ckpt_tp2dp2_zero3": lambda: scenario_native_ckpt("native", tp=2, zero_stage=3),

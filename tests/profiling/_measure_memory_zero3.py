@@ -78,8 +78,7 @@ def measure(cfg, spec: str, warm_up: bool = False) -> dict | None:
     model = build_iomm(cfg, "cpu")
     # what DistributedTrainer does (persistence_threshold None = DeepSpeed's default)
     rt = ParallelRuntime.build(model, pcfg, optimizer_factory(cfg), micro_batch=cfg.data.batch_size,
-                               grad_clip=cfg.optim.grad_clip, seed=cfg.train.seed, batch_keys=("pixels",),
-                               ds_extra=ds_extra)
+                               grad_clip=cfg.optim.grad_clip, seed=cfg.train.seed, ds_extra=ds_extra)
     del model
     t0 = time.time()
     rt.train_step(_batch(cfg, 0, lay.dp_rank))
