@@ -298,21 +298,29 @@ class IOMMConditioner(nn.Module):
         b = len(captions) if captions is not None else vision_features.shape[0]
         captions = captions if captions is not None else [None] * b
         device = self.aux_ids.device
-        aux = self.embed_ids(self.aux_ids)
+        qwen = self.kind == "qwen2_5_vl"
+        # the prompts' token ids (None: image-only or dropped), then every id of the batch embedded
+        # in one call: the embedding runs once per forward whatever the mixture. (ZeRO-3 gathers a
+        # module's weights collectively on each call: a call per caption deadlocked data-parallel
+        # ranks whose batches held different numbers of captions.)
+        prompts = [None if caption is None or (drop is not None and bool(drop[i])) else self.prompt_ids(caption)
+                   for i, caption in enumerate(captions)]
+        pieces = [self.aux_ids, *([self.vision_delims] if qwen else []),
+                  *(torch.tensor(ids, device=device, dtype=self.aux_ids.dtype) for ids in prompts if ids is not None)]
+        embedded = list(self.embed_ids(torch.cat(pieces)).split([len(p) for p in pieces]))
+        aux = embedded.pop(0)
         dtype = aux.dtype
         num_img = vision_features.shape[1] if vision_features is not None else self.num_image_tokens
         keep = self.draw_keep_mask(b, num_img, ratio, device) if keep is None else keep.to(device)
         if drop is not None:
             keep = keep & ~drop.to(device)[:, None]
 
-        qwen = self.kind == "qwen2_5_vl"
         if qwen:
-            start, end = self.embed_ids(self.vision_delims)[:, None]
+            start, end = embedded.pop(0)[:, None]
             image_segments = [("text", aux.shape[0] + 1), ("image", self.vision_grid, self.vision_grid), ("text", 1)]
         sequences, positions = [], []
-        for i, caption in enumerate(captions):
-            dropped = drop is not None and bool(drop[i])
-            if caption is None or dropped:
+        for i, ids in enumerate(prompts):
+            if ids is None:
                 if vision_features is None:
                     img = torch.zeros(num_img, aux.shape[-1], device=device, dtype=dtype)
                 else:
@@ -321,8 +329,7 @@ class IOMMConditioner(nn.Module):
                 if qwen:
                     positions.append(mrope_positions(image_segments, device))
             else:
-                ids = torch.tensor(self.prompt_ids(caption), device=device)
-                sequences.append(self.embed_ids(ids))
+                sequences.append(embedded.pop(0))
                 if qwen:
                     positions.append(mrope_positions([("text", len(ids))], device))
         c, c_mask = left_pad(sequences)
