@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast launcher-matrix clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not dist"
+
+# every layout x data source x optimizer, 2 steps each under torchrun (~8 min; not in `test`)
+launcher-matrix: setup
+	PYTHON=$(PY) bash tests/parallel/launcher_matrix.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -300,10 +300,11 @@ class DistributedTrainer:
                 print(f"[iomm] {note}", flush=True)
         self.loader = build_loader(cfg, rank=self.layout.dp_rank, world_size=self.layout.dp, feature_spec=feature_spec)
         self.eval_set = None
-        if cfg.eval.every:  # every rank holds the whole held-out set; each DP replica evaluates its share
+        if cfg.eval.every:  # every rank reads the held-out set and keeps its replica's share
             from ..train.evaluate import build_eval_set, describe_eval
 
             self.eval_set = build_eval_set(cfg, feature_spec)
+            self.eval_set.keep_share(self.layout.dp, self.layout.dp_rank)
             if self.is_logger:
                 print(f"[iomm] {describe_eval(cfg, self.eval_set, ema=self.rt.ema is not None and cfg.eval.ema)}",
                       flush=True)

@@ -140,6 +140,12 @@ class EvalSet:
         t = (order.double() + 0.5) / n  # an even grid on (0, 1), dealt out in a fixed random order
         return cls(kept, indices, t, seed, buckets)
 
+    def keep_share(self, dp: int, dp_rank: int) -> None:
+        """Drop the micro-batches another data-parallel replica evaluates (`evaluate` deals
+        batch k to replica k % dp), keeping batch 0, which every replica may repeat as a filler:
+        a rank then holds ~1/dp of the set. Indices and timesteps stay whole."""
+        self.batches = [b if k % dp == dp_rank or k == 0 else None for k, b in enumerate(self.batches)]
+
     def draws(self, k: int) -> "SampleDraws":
         return SampleDraws(self.indices[k], self.t[self.indices[k]], self.seed)
 
@@ -208,13 +214,13 @@ def evaluate(eval_set: EvalSet, sample_losses: Callable[[dict, SampleDraws], tor
     """Per-sample losses of the whole set -> metrics. With dp > 1, micro-batch k is evaluated
     by data-parallel rank k % dp, and `all_reduce` sums the per-sample vector over the ranks.
     Every rank runs the same number of forwards (a rank without a batch in the last round
-    repeats one and discards it): ZeRO-3 gathers its parameters collectively."""
+    repeats batch 0 and discards it): ZeRO-3 gathers its parameters collectively."""
     n_batches = len(eval_set.batches)
     losses = torch.zeros(eval_set.num_samples, dtype=torch.float64)
     for first in range(0, n_batches, dp):
         k = first + dp_rank
         real = k < n_batches
-        out = sample_losses(eval_set.batches[k if real else first], eval_set.draws(k if real else first))
+        out = sample_losses(eval_set.batches[k if real else 0], eval_set.draws(k if real else 0))
         if real:
             losses[eval_set.indices[k]] = out.detach().double().cpu()
     if all_reduce is not None and dp > 1:

@@ -229,10 +229,12 @@ def compare_eval(rt, model, ref_params: dict, micro: int, n: int, ref_ema: dict 
 
     batches = [iomm_batch(model, 1000 + k, micro, captions=True) for k in range(-(-n // micro))]
     eval_set = EvalSet.from_batches(batches, seed=5, limit=n)
+    share = copy.copy(eval_set)  # what a launcher's rank keeps: its replica's micro-batches (and batch 0)
+    share.keep_share(rt.layout.dp, rt.layout.dp_rank)
     group = rt.layout.dp_group()
 
     def distributed(prefix):
-        return evaluate(eval_set, rt.sample_losses, dp=rt.layout.dp, dp_rank=rt.layout.dp_rank,
+        return evaluate(share, rt.sample_losses, dp=rt.layout.dp, dp_rank=rt.layout.dp_rank,
                         all_reduce=lambda v: dist.all_reduce(v, group=group), prefix=prefix)
 
     def single_process(weights, prefix):

@@ -4,6 +4,7 @@ of data-parallel ranks), raw and feature shards give the same figure, and a run 
 evaluation on trains bit for bit as one with it off. The multi-process layouts are checked
 against these figures in tests/parallel (DP2 ZeRO-3 in the worker, TP2 / DP2 in the launchers)."""
 
+import copy
 import json
 import os
 
@@ -71,8 +72,11 @@ def test_a_samples_loss_does_not_depend_on_its_micro_batch_or_the_ranks(tiny_cfg
     for eval_set in (by4, by2):
         for dp in (1, 2, 3):
             parts = []  # each rank's vector: the all-reduce sums them
-            got = [evaluate(eval_set, model_losses(model), dp=dp, dp_rank=r, all_reduce=parts.append)
-                   for r in range(dp)][0]
+            shares = [copy.copy(eval_set) for _ in range(dp)]
+            for r, share in enumerate(shares):  # what a launcher's rank keeps
+                share.keep_share(dp, r)
+            got = [evaluate(share, model_losses(model), dp=dp, dp_rank=r, all_reduce=parts.append)
+                   for r, share in enumerate(shares)][0]
             if dp > 1:
                 got = metrics(sum(parts), eval_set.t, eval_set.buckets)
             for key, value in reference.items():
