@@ -79,8 +79,8 @@ def config_errors(cfg) -> list[tuple[str, str]]:
                      "source evaluates on its own images)")]
         return []
     if not e.image_shards and not e.paired_shards:
-        return [("eval.image_shards", "eval.every > 0 on webdataset data needs held-out shards: set "
-                 "eval.image_shards and/or eval.paired_shards (written like the training shards)")]
+        return [("eval.image_shards", "held-out evaluation (eval.every > 0, iomm-eval) on webdataset data needs "
+                 "held-out shards: set eval.image_shards and/or eval.paired_shards (written like the training shards)")]
     from ..data.shards import expand_shards
 
     w = cfg.data.webdataset
@@ -116,6 +116,7 @@ class EvalSet:
     t: torch.Tensor
     seed: int
     buckets: int = 4
+    data_stats: dict = field(default_factory=dict)  # the held-out loader's counters (bad samples skipped)
 
     @property
     def num_samples(self) -> int:
@@ -265,7 +266,7 @@ def metrics(losses: torch.Tensor, t: torch.Tensor, buckets: int, prefix: str = "
 def describe_eval(cfg, eval_set: EvalSet, ema: bool = False) -> str:
     where = "the built-in images" if cfg.data.source == "builtin" else "the held-out shards"
     short = f" (asked for {cfg.eval.samples}: that is all there is)" if eval_set.num_samples < cfg.eval.samples else ""
-    stats = getattr(eval_set, "data_stats", None) or {}
+    stats = eval_set.data_stats
     bad = {k: v for k, v in stats.get("reasons", {}).items() if v}
     skipped = ""
     if bad or stats.get("shard_errors"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from iomm_scale.config import ConfigError, load_config
-from iomm_scale.train.evaluate import EvalSet, build_eval_set, evaluate, metrics
+from iomm_scale.train.evaluate import EvalSet, build_eval_set, evaluate, evaluate_model, metrics
 from iomm_scale.train.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -187,7 +187,7 @@ def test_raw_and_feature_held_out_shards_give_the_same_figure(tmp_path):
 
 def test_eval_config_errors_name_the_key(tiny_cfg, tmp_path):
     shards = ["data.source=webdataset", f'data.webdataset.image_shards=["{tmp_path}/img-{{000000..000001}}.tar"]']
-    with pytest.raises(ConfigError, match=r"eval.image_shards: eval.every > 0 on webdataset data needs held-out"):
+    with pytest.raises(ConfigError, match=r"eval.image_shards: held-out evaluation \(eval.every > 0, iomm-eval\) on webdataset data needs"):
         load_config(TINY, [*shards, "eval.every=10"])
     with pytest.raises(ConfigError, match=r"eval.image_shards: 1 held-out shards are also training shards: "
                                           + f"{tmp_path}/img-000001.tar"):
@@ -210,3 +210,45 @@ def test_eval_config_errors_name_the_key(tiny_cfg, tmp_path):
     split_parallel_args(TINY, pipeline)
     with pytest.raises(ConfigError, match="eval.sample_every: the launchers write samples.png once"):
         split_parallel_args(TINY, [*pipeline, "eval.sample_every=5"])
+
+
+def test_bad_held_out_samples_are_skipped_and_said(tmp_path):
+    """A truncated JPEG in the held-out shard is skipped like in training (the set holds the
+    next good sample instead) and the start-up line says so."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "tests", "data"))
+    from data_shardkit import good_jpeg, truncated_jpeg, write_shard
+
+    from iomm_scale.train.evaluate import describe_eval
+
+    write_shard(str(tmp_path / "img-000000.tar"), [{"__key__": f"t{i}", "jpg": good_jpeg(i)} for i in range(4)])
+    write_shard(str(tmp_path / "val-000000.tar"), [{"__key__": "v0", "jpg": good_jpeg(10)},
+                                                   {"__key__": "bad", "jpg": truncated_jpeg(0)},
+                                                   *({"__key__": f"v{i}", "jpg": good_jpeg(10 + i)} for i in (1, 2, 3))])
+    cfg = load_config(TINY, ["data.source=webdataset", f'data.webdataset.image_shards=["{tmp_path}/img-000000.tar"]',
+                             "data.webdataset.min_image_size=12", "data.resolution=16", "data.batch_size=2",
+                             "eval.every=5", "eval.samples=3", f'eval.image_shards=["{tmp_path}/val-000000.tar"]'])
+    eval_set = build_eval_set(cfg)
+    assert [k for b in eval_set.batches for k in b["keys"]] == ["v0", "v1", "v2"]
+    line = describe_eval(cfg, eval_set)
+    assert "eval: 3 samples of the held-out shards (1 bad samples skipped: truncated_image 1" in line, line
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_evaluation_on_cuda_in_bf16_matches_cpu(tiny_cfg, tmp_path):
+    """On a GPU (bf16 autocast): the draws move to the device, the CUDA generator is forked and
+    left alone, and the figures equal the CPU fp32 ones for the same weights within bf16 rounding."""
+    cuda = Trainer(tiny_cfg("train.device=cuda", "train.precision=bf16", "eval.every=2", "eval.samples=8",
+                            "train.steps=2"), run_dir=tmp_path / "cuda")
+    cuda.fit()
+    before = torch.cuda.get_rng_state()
+    on_gpu = cuda.evaluate()
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+    cpu = Trainer(tiny_cfg("train.device=cpu", "eval.every=2", "eval.samples=8"), run_dir=tmp_path / "cpu")
+    cpu.model.load_state_dict({k: v.cpu() for k, v in cuda.model.state_dict().items()})
+    on_cpu = evaluate_model(cpu.model, cpu.eval_set, torch.device("cpu"))
+    for key, value in on_cpu.items():
+        if key.startswith("eval/loss"):
+            assert on_gpu[key] == pytest.approx(value, rel=3e-2), key
