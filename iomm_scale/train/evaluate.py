@@ -7,7 +7,8 @@ fixed noise, timesteps and MIM masks, so that its curve moves only when the weig
       image_shards: ["data/val/img-{000000..000003}.tar"]   # webdataset runs: held-out shards
       sample_every: 2000         # iomm-train: a sample grid, <run_dir>/samples/step_N.png
 
-What is fixed, and why the figure is comparable between evaluations, runs and layouts:
+What is fixed, and why the figure is comparable between evaluations, layouts and runs with the
+same `eval` section (samples, seed and shards decide the set, its timestep grid and draws):
 - the samples: the first `samples` of the held-out stream read in shard order (no shuffle, one
   process), on every rank, whatever the layout;
 - per sample j, its own numbers from a generator seeded by (eval.seed, j): Gaussian noise and
