@@ -62,6 +62,9 @@ run 2 configs/tiny.yaml "parallel.zero_stage=3" raw optim.name=muon optim.muon.i
 run 2 configs/tiny.yaml "parallel.zero_stage=1 parallel.checkpoint_mllm=true" builtin train.compile=true train.compile_backend=aot_eager
 run 4 configs/tiny.yaml "parallel.tp=2 parallel.zero_stage=1" raw
 run 4 configs/tiny.yaml "parallel.tp=2 parallel.pp=2 parallel.zero_stage=1 train.grad_accum=2" features
+run 2 configs/tiny_s3dit.yaml "parallel.tp=2 parallel.zero_stage=0" raw
+run 2 configs/tiny_s3dit.yaml "parallel.pp=2 parallel.zero_stage=1 train.grad_accum=2" features optim.name=adamw
+run 2 configs/tiny_qwen_lora.yaml "model.lora=null parallel.zero_stage=3" raw
 run 2 configs/tiny_qwen_lora.yaml "parallel.zero_stage=3" builtin
 run 2 configs/tiny_qwen_lora.yaml "parallel.zero_stage=2" raw
 exit $failed
