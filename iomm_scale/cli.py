@@ -161,7 +161,7 @@ def eval_main(argv=None) -> None:
         eval_set = build_eval_set(cfg, check_feature_shards(cfg, model))
     except ConfigError as e:
         _fail("config", e)
-    print(describe_eval(cfg, eval_set).replace(f", every {cfg.eval.every} steps", ""), file=sys.stderr)
+    print(describe_eval(cfg, eval_set, every=False), file=sys.stderr)
     for path in args.checkpoint:
         try:
             what = apply_init_weights(model, path, not args.no_ema, "--checkpoint")

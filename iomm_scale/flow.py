@@ -62,6 +62,13 @@ def velocity_target(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x
 
 
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Each sample's flow-matching loss [B]: the mean of (pred - target)^2 over all but the
+    batch dimension, in float32 (or float64 when the target is), returned as float32."""
+    err = (pred.float() if pred.dtype in (torch.float16, torch.bfloat16) else pred) - target
+    return err.pow(2).flatten(1).mean(1).float()
+
+
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     if shift == 1.0:
         return t

@@ -75,8 +75,7 @@ class IOMMModel(nn.Module):
     def sample_losses(self, batch: dict, draws) -> torch.Tensor:
         """Each sample's loss [B] (float32) under the given draws (see prepare_generator_inputs)."""
         x_t, t, cond, cond_mask, target = self.prepare_generator_inputs(batch, draws)
-        err = upcast(self.generator(x_t, t, cond, cond_mask)) - target
-        return err.pow(2).flatten(1).mean(1).float()
+        return flow.per_sample_loss(self.generator(x_t, t, cond, cond_mask), target)
 
     @torch.no_grad()
     def null_condition(self, batch_size: int):

@@ -491,13 +491,13 @@ class DistributedTrainer:
         """Collective: the held-out metrics of the current weights and (eval.ema) of the EMA
         (train/evaluate.py), the same on every rank; micro-batches dealt out over the
         data-parallel replicas."""
-        from ..train.evaluate import evaluate
+        from ..train.evaluate import evaluate, rng_devices
         from ..train.trainer import to_device
 
         group = self.layout.dp_group()
 
         def run(prefix):
-            with torch.random.fork_rng(devices=[self.device.index] if self.device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=rng_devices(self.device)):
                 torch.manual_seed(self.cfg.eval.seed)  # only a posterior-sampling VAE draws from it
                 return evaluate(self.eval_set, lambda b, d: self.rt.sample_losses(to_device(b, self.device), d),
                                 dp=self.layout.dp, dp_rank=self.layout.dp_rank,

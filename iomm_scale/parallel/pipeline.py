@@ -441,8 +441,9 @@ class PipelineStageModule(nn.Module):
                 dist.send(x, dst=dst, group=pp_group)
             losses = torch.empty(target.shape[0], dtype=torch.float32, device=target.device)
         else:
-            err = self.adapter.head(self._gen, state).float() - target.float()
-            losses = err.pow(2).flatten(1).mean(1)
+            from ..flow import per_sample_loss
+
+            losses = per_sample_loss(self.adapter.head(self._gen, state), target)
         dist.broadcast(losses, src=ranks[-1], group=pp_group)  # the last stage's figures on every stage
         return losses
 

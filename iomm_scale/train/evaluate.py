@@ -230,13 +230,20 @@ def evaluate(eval_set: EvalSet, sample_losses: Callable[[dict, SampleDraws], tor
     return metrics(losses, eval_set.t, eval_set.buckets, prefix)
 
 
+def rng_devices(device: torch.device) -> list[int]:
+    """What torch.random.fork_rng must fork besides the CPU generator for work on `device`."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
 def evaluate_model(model, eval_set: EvalSet, device: torch.device, bf16: bool = False, prefix: str = "eval/") -> dict:
     """One process: the metrics of `model`'s current weights (eval mode, no gradients, bf16
     autocast on CUDA when asked). The caller's random streams are left as they were: the
     evaluation draws from its own generators (and a posterior-sampling VAE from a forked,
     eval.seed-seeded global one)."""
     device = torch.device(device)
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
 
     def sample_losses(batch, draws):
@@ -247,7 +254,7 @@ def evaluate_model(model, eval_set: EvalSet, device: torch.device, bf16: bool = 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        with torch.no_grad(), torch.random.fork_rng(devices=rng_devices(device)):
             torch.manual_seed(eval_set.seed)
             return evaluate(eval_set, sample_losses, prefix=prefix)
     finally:
@@ -264,7 +271,7 @@ def metrics(losses: torch.Tensor, t: torch.Tensor, buckets: int, prefix: str = "
     return out
 
 
-def describe_eval(cfg, eval_set: EvalSet, ema: bool = False) -> str:
+def describe_eval(cfg, eval_set: EvalSet, ema: bool = False, every: bool = True) -> str:
     where = "the built-in images" if cfg.data.source == "builtin" else "the held-out shards"
     short = f" (asked for {cfg.eval.samples}: that is all there is)" if eval_set.num_samples < cfg.eval.samples else ""
     stats = eval_set.data_stats
@@ -273,8 +280,9 @@ def describe_eval(cfg, eval_set: EvalSet, ema: bool = False) -> str:
     if bad or stats.get("shard_errors"):
         what = ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
         skipped = f" ({stats.get('bad', 0)} bad samples skipped: {what}; {stats.get('shard_errors', 0)} unreadable shards)"
-    return (f"eval: {eval_set.num_samples} samples of {where}{short}{skipped} in {len(eval_set.batches)} micro-batches, "
-            f"every {cfg.eval.every} steps{', live and EMA weights' if ema else ''}")
+    when = f", every {cfg.eval.every} steps" if every else ""
+    return (f"eval: {eval_set.num_samples} samples of {where}{short}{skipped} in {len(eval_set.batches)} micro-batches"
+            f"{when}{', live and EMA weights' if ema else ''}")
 
 
 def format_eval(line: dict) -> str:

@@ -27,7 +27,7 @@ from ..iomm import IOMMModel, build_iomm
 from ..optim.builder import EMA, build_optimizer, set_lr
 from ..profiling.mfu import ThroughputLog
 from . import checkpoint as ckpt
-from .evaluate import build_eval_set, describe_eval, due, evaluate_model, format_eval
+from .evaluate import build_eval_set, describe_eval, due, evaluate_model, format_eval, rng_devices
 from .plots import save_grid, save_loss_curve
 
 
@@ -316,11 +316,6 @@ class Trainer:
         return {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "samples": samples}
 
     # ---- held-out evaluation -------------------------------------------------------------
-    def _rng_devices(self) -> list[int]:
-        if self.device.type != "cuda":
-            return []
-        return [self.device.index if self.device.index is not None else torch.cuda.current_device()]
-
     def evaluate(self) -> dict:
         """eval/... metrics of the current weights (and eval_ema/... of the EMA's) on the
         held-out set; draws nothing from the training run's random streams."""
@@ -341,7 +336,7 @@ class Trainer:
         backup = self.ema.swap_into(self.model) if self.ema else None
         self.model.eval()
         try:
-            with torch.random.fork_rng(devices=self._rng_devices()):  # the conditioner draws a (null) mask
+            with torch.random.fork_rng(devices=rng_devices(self.device)):  # the conditioner draws a (null) mask
                 write_sample_grid(self.model, self.cfg, self.device, path, self.loader)
         finally:
             self.model.train()
