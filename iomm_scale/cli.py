@@ -61,10 +61,14 @@ def train_main(argv=None) -> None:
         _fail("checkpoint", e)
     from .data.errors import DataErrorBudgetExceeded
 
+    from .train.nonfinite import NonFiniteError
+
     try:
         last = trainer.fit()
     except DataErrorBudgetExceeded as e:  # the configured stop: the message names the worst shards
         _fail("data", e, 3)
+    except NonFiniteError as e:  # too many NaN / inf steps in a row: checkpointed, then stopped
+        _fail("training", e, 4)
     if trainer.stopped_by_signal:
         return  # fit() said where the checkpoint is
     if not last:  # resumed at (or past) train.steps: nothing was trained in this launch
@@ -73,8 +77,10 @@ def train_main(argv=None) -> None:
         return
     first = trainer.history[0][1] if trainer.history else float("nan")
     window = last.get("loss_steps", cfg.train.log_every)
-    print(f"done: step {trainer.step}, loss {first:.4f} (first step) -> {last['loss']:.4f} "
-          f"(mean of the last {window} step{'s' if window > 1 else ''}); outputs in {trainer.run_dir}")
+    final = float("nan") if last["loss"] is None else last["loss"]
+    skipped = f"; {trainer.nonfinite.total} non-finite steps skipped" if trainer.nonfinite.total else ""
+    print(f"done: step {trainer.step}, loss {first:.4f} (first step) -> {final:.4f} "
+          f"(mean of the last {window} step{'s' if window != 1 else ''}){skipped}; outputs in {trainer.run_dir}")
 
 
 def sample_main(argv=None) -> None:

@@ -117,6 +117,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 5  # steps in a row with a NaN / inf loss or gradient norm skipped before the run stops (0: stop at the first)
     resume: str = "auto"  # "auto" (latest in the run dir), "never", or a checkpoint directory
     resume_data_exact: bool = True  # false: a changed data setup restarts the stream at the saved epoch
     init_from: str | None = None  # stage 2: start from a checkpoint's weights (not its optimizer/step)
@@ -405,6 +406,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> list[tuple[str, s
         errors.append(("train.ckpt_every", f"must be >= 0 (0: only at the end), got {t.ckpt_every}"))
     if t.keep_checkpoints < 1:
         errors.append(("train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}"))
+    if t.max_nonfinite_steps < 0:
+        errors.append(("train.max_nonfinite_steps", f"must be >= 0 (0: stop at the first), got {t.max_nonfinite_steps}"))
     if t.wandb.mode not in ("offline", "online", "disabled"):
         errors.append(("train.wandb.mode", f"must be offline, online or disabled, got {t.wandb.mode!r}"))
     sub("eval", cfg.eval.validate())

@@ -10,7 +10,9 @@ from the environment). A bad config, layout or input (missing shards, an unusabl
 train.init_from) exits with status 2 before any process group exists, with one message
 (from the first rank) naming the file and key; torchrun / deepspeed then report the failed
 child and exit 1 themselves. Feature shards made by other encoders than the run's are found
-(and exit the same way) once the model is built, before the first step.
+(and exit the same way) once the model is built, before the first step. More than
+train.max_nonfinite_steps steps in a row with a NaN / inf gradient norm checkpoint the
+(untouched) weights and exit with status 4 on every rank (train/nonfinite.py).
 """
 
 from __future__ import annotations
@@ -64,9 +66,17 @@ def main(description: str, default_config: str | None = None, argv=None) -> None
         _config_error(str(e))
     except CheckpointError as e:  # a checkpoint that does not fit (layout, model config, data setup)
         _config_error(str(e), "checkpoint")
-    trainer.fit()
     import torch.distributed as dist
 
+    from iomm_scale.train.nonfinite import NonFiniteError
+
+    try:
+        trainer.fit()
+    except NonFiniteError as e:  # every rank stops at the same step (the skip is decided globally)
+        if dist.get_rank() == 0:
+            print(f"training error: {e}", file=sys.stderr, flush=True)
+        dist.destroy_process_group()
+        raise SystemExit(4) from None
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

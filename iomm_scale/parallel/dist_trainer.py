@@ -166,7 +166,9 @@ def precision_extra(cfg, pcfg: ParallelConfig) -> dict:
     bf16 = cfg.train.precision == "bf16"
     if cfg.optim.name == "muon" and cfg.optim.muon.implementation == "iomm" and bf16:
         return {"bf16": {"enabled": False}, "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
-    return {"bf16": {"enabled": bf16}}
+    if bf16:  # skip a step whose gradient norm is not finite (without it ZeRO-1 / 2 apply it; train/nonfinite.py)
+        return {"bf16": {"enabled": True, "check_grad_overflow": True}}
+    return {"bf16": {"enabled": False}}
 
 
 def untag_replicated(module, optimizer) -> int:
@@ -310,6 +312,9 @@ class DistributedTrainer:
                       flush=True)
         self.eval_history: list[tuple[int, float]] = []
         self.history: list[tuple[int, float]] = []  # (step, loss) logged by this launch, for loss_curve.png
+        from ..train.nonfinite import NonFiniteGuard
+
+        self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)  # steps skipped for NaN / inf
         self._stop = False
         self._on_disk: str | None = None  # tag of this run's engine checkpoint equal to the live state
         if resume_full is None:
@@ -368,7 +373,7 @@ class DistributedTrainer:
             (self.ckpt_root / tag).mkdir(parents=True, exist_ok=True)
             (self.ckpt_root / tag / LAYOUT_FILE).write_text(json.dumps(self._layout_record(dist.get_world_size())))
         dist.barrier()
-        self.rt.save(str(self.ckpt_root), tag=tag)
+        self.rt.save(str(self.ckpt_root), tag=tag, client_state={"nonfinite": self.nonfinite.state_dict()})
         self._on_disk = tag
         dist.barrier()
         if self.is_logger:
@@ -461,7 +466,8 @@ class DistributedTrainer:
         if target is None:
             return
         root, tag = target
-        self.rt.load(str(root), tag=tag)
+        client = self.rt.load(str(root), tag=tag)
+        self.nonfinite.load_state_dict(client.get("nonfinite"))
         if root.resolve() == self.ckpt_root.resolve() and tag == f"step_{self.rt.step:08d}":
             self._on_disk = tag
         data = root / tag / f"data_dp{self.layout.dp_rank}.pt"
@@ -512,6 +518,14 @@ class DistributedTrainer:
                 self.rt.ema.restore(backup)
         return out
 
+    def _batch_keys(self, batch: dict) -> list:
+        """Collective: the sample keys of this step's batch over all data-parallel replicas (for the
+        warning about a skipped step; every rank skips alike, so every rank calls it)."""
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (self.layout.dp_rank, list(batch.get("keys", []))))
+        replicas = dict(gathered[::-1])  # one entry per DP rank (its TP / PP peers read the same samples)
+        return [k for r in sorted(replicas) for k in replicas[r]]
+
     def next_batch(self) -> dict:
         from ..train.trainer import to_device
 
@@ -541,17 +555,26 @@ class DistributedTrainer:
                     break
                 lr = cfg.optim.lr * lr_factor(self.rt.step, cfg)
                 self.rt.set_lr(lr)
-                out = self.rt.train_step(self.next_batch())
-                window.append(out["loss"])
-                log_now = self.rt.step % cfg.train.log_every == 0 or self.rt.step == cfg.train.steps
+                batch = self.next_batch()
+                out = self.rt.train_step(batch)
+                keys = self._batch_keys(batch) if not out["applied"] else ()  # the runtime checked all agree
+                warning = self.nonfinite.record(out["step"], out["applied"], out["loss"], out["grad_norm"], keys)
+                if warning:
+                    if self.is_logger:
+                        print(f"[iomm] {warning}", flush=True)
+                else:
+                    window.append(out["loss"])
+                log_now = (self.rt.step % cfg.train.log_every == 0 or self.rt.step == cfg.train.steps
+                           or self.nonfinite.exceeded)
                 data_stats = self._data_stats() if log_now else {}  # collective: every rank, same steps
                 if self.is_logger and log_now:
                     dt = time.perf_counter() - t0
                     samples_per_s = (self.rt.step - logged_step) * global_batch / dt  # all ranks together
                     logged_step = self.rt.step
                     # per device: the run's rate split over its `world` devices (TP / PP ranks share samples)
-                    last = {**out, "loss": sum(window) / len(window), "loss_steps": len(window),
-                            "loss_last": out["loss"], "lr": lr, "time": time.time(), "seconds": dt,
+                    last = {**out, "loss": sum(window) / len(window) if window else None, "loss_steps": len(window),
+                            "loss_last": out["loss"] if out["applied"] else None,
+                            "nonfinite_steps": self.nonfinite.total, "lr": lr, "time": time.time(), "seconds": dt,
                             "samples_per_s": samples_per_s, **throughput(samples_per_s / world),
                             **flatten(data_stats, "data/")}
                     window = []
@@ -559,9 +582,13 @@ class DistributedTrainer:
                     metrics.flush()
                     if wandb_run is not None:
                         wandb_run.log(last, step=self.rt.step)
-                    self.history.append((out["step"], last["loss"]))
-                    print(f"[iomm] step {out['step']} loss {last['loss']:.5f} grad_norm {out['grad_norm']:.4f}", flush=True)
+                    if last["loss"] is not None:  # None: every step since the last line was skipped
+                        self.history.append((out["step"], last["loss"]))
+                        print(f"[iomm] step {out['step']} loss {last['loss']:.5f} grad_norm {out['grad_norm']:.4f}",
+                              flush=True)
                     t0 = time.perf_counter()
+                if self.nonfinite.exceeded:  # no update since the streak began: keep those weights, stop
+                    raise self.nonfinite.error(self.ckpt_root / self.save())
                 if self.eval_set is not None and due(self.rt.step, cfg.eval.every, cfg.train.steps):
                     found = {"step": self.rt.step, **self.evaluate(), "time": time.time()}  # every rank
                     if self.is_logger:

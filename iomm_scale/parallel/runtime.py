@@ -19,6 +19,7 @@ the same order reproduces the run exactly (that is how the parity tests compare)
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -225,7 +226,7 @@ class ParallelRuntime:
         engine = initialize_engine(module, optimizer_fn, ds_cfg)
         assert_unmanaged_accumulation(engine)
         if engine.zero_optimization_stage() == 0:
-            _record_zero0_grad_norm(engine)
+            _guard_zero0_step(engine)
         rt = cls(pcfg=pcfg, layout=layout, model=model, module=module, engine=engine, micro_batch=micro_batch,
                  seed=seed, info=info)
         if layout.pp > 1:
@@ -273,16 +274,18 @@ class ParallelRuntime:
                 args = (torch.arange(m, dtype=torch.float32),)  # chunked into one index per micro-batch
             total = self.pipeline.step(args)
             self.module.microbatches = None
-        self.engine.step()
-        if self.ema is not None and self.engine.was_step_applied():
+        self.engine.step()  # skips (applies nothing) when the global gradient norm is not finite
+        applied = bool(self.engine.was_step_applied())
+        if self.ema is not None and applied:
             self.ema.update()
         loss = total.detach().float().reshape(1).clone()
         if self.layout.dp > 1:
             dist.all_reduce(loss, group=self.layout.dp_group())
             loss /= self.layout.dp
+        _check_agreement(applied, loss.device, self.step + 1)
         self.step += 1
         norm = self.engine.get_global_grad_norm()
-        return {"step": self.step, "loss": float(loss[0]),
+        return {"step": self.step, "loss": float(loss[0]), "applied": applied,
                 "grad_norm": float(norm) if norm is not None else float("nan")}
 
     @torch.no_grad()
@@ -354,29 +357,48 @@ class ParallelRuntime:
         save_full(self, save_dir)
 
 
-def _record_zero0_grad_norm(engine) -> None:
-    """DeepSpeed's fp32 ZeRO-0 step clips with `clip_grad_norm_(mpu=...)` (global over TP, shards
-    counted once) but drops the norm it computed, so `get_global_grad_norm()` stays None: keep it
-    (the only ZeRO stage our Muon runs at; the logs' grad_norm)."""
+def _guard_zero0_step(engine) -> None:
+    """DeepSpeed's fp32 ZeRO-0 step (the only ZeRO stage our Muon runs at) clips with
+    `clip_grad_norm_(mpu=...)` (global over TP and PP, shards counted once) but drops the norm it
+    computed, so `get_global_grad_norm()` stays None, and applies whatever the gradients hold,
+    NaN included. Keep the norm (the logs' grad_norm) and skip an optimizer step whose norm is
+    not finite: DeepSpeed reads `optimizer.overflow`, then counts the step as not applied and
+    clears the gradients (train/nonfinite.py). Its own bf16 / fp16 wrappers (`fp16_groups`)
+    compute the norm and skip by themselves."""
     from deepspeed.runtime.utils import clip_grad_norm_
+
+    if hasattr(engine.optimizer, "fp16_groups"):
+        return
+    clipping = engine.gradient_clipping() > 0
 
     def clip_and_record():
         norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
                                mpu=engine.mpu)
         engine._global_grad_norm = float(norm)
 
-    engine.clip_fp32_gradients = clip_and_record
-    if not engine.gradient_clipping() and not hasattr(engine.optimizer, "fp16_groups"):
-        # no clipping: DeepSpeed computes no norm at all; measure it right before the optimizer
-        # step (gradients all-reduced by then; an infinite bound scales nothing)
-        optimizer, inner_step = engine.optimizer, engine.optimizer.step
+    engine.clip_fp32_gradients = clip_and_record  # called right before the optimizer step when clipping
+    optimizer, inner_step = engine.optimizer, engine.optimizer.step
 
-        def record_and_step(*args, **kwargs):
+    def guarded_step(*args, **kwargs):
+        if not clipping:  # DeepSpeed computes no norm at all: measure it (an infinite bound scales nothing)
             engine._global_grad_norm = float(clip_grad_norm_(parameters=engine.module.parameters(),
                                                              max_norm=float("inf"), mpu=engine.mpu))
-            return inner_step(*args, **kwargs)
+        optimizer.overflow = not math.isfinite(engine._global_grad_norm)
+        if optimizer.overflow:
+            return None
+        return inner_step(*args, **kwargs)
 
-        optimizer.step = record_and_step
+    optimizer.step = guarded_step
+
+
+def _check_agreement(applied: bool, device, step: int) -> None:
+    """Every rank applied its optimizer step, or none did: the skip decision rests on the global
+    gradient norm, so a split would mean replicas (or stages) drifting apart silently."""
+    counts = torch.tensor([float(applied), float(not applied)], device=device)
+    dist.all_reduce(counts)
+    if counts[0] and counts[1]:
+        raise RuntimeError(f"step {step}: {int(counts[0])} ranks applied the optimizer step and {int(counts[1])} "
+                           "skipped it (non-finite gradient norm): the replicas would drift apart")
 
 
 def our_muon(engine):

@@ -1,7 +1,8 @@
 """The single-process training loop (CPU or one GPU).
 
 One step: for each of `grad_accum` micro-batches, loss / grad_accum backward; clip the
-global grad norm; set the learning rate; optimizer step; EMA update. Every `log_every`
+global grad norm; set the learning rate; optimizer step; EMA update. A step whose loss or
+gradient norm is not finite updates nothing and is counted (train/nonfinite.py). Every `log_every`
 steps a line goes to <run_dir>/metrics.jsonl (and wandb when enabled); checkpoints every
 `ckpt_every` steps and at the end; SIGTERM/SIGINT (preemption) saves a checkpoint at the
 next step boundary and stops. At the end: samples.png (reference | generated rows) and
@@ -28,6 +29,7 @@ from ..optim.builder import EMA, build_optimizer, set_lr
 from ..profiling.mfu import ThroughputLog
 from . import checkpoint as ckpt
 from .evaluate import build_eval_set, describe_eval, due, evaluate_model, format_eval, rng_devices
+from .nonfinite import NonFiniteGuard, is_finite
 from .plots import save_grid, save_loss_curve
 
 
@@ -185,6 +187,7 @@ class Trainer:
         self.step = 0
         self.history: list[tuple[int, float]] = []
         self.eval_history: list[tuple[int, float]] = []  # (step, eval/loss), drawn on loss_curve.png
+        self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         self._stop_requested = False
         self._on_disk: tuple[int, Path] | None = None  # (step, dir) of this run's checkpoint equal to the live state
         self._maybe_resume()
@@ -217,7 +220,7 @@ class Trainer:
             "step": self.step, "model": model_state, "frozen": frozen, "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None, "rng": ckpt.rng_state(),
             "data": self.loader.state_dict(), "history": self.history, "eval_history": self.eval_history,
-            "config": self.cfg.to_dict(),
+            "nonfinite": self.nonfinite.state_dict(), "config": self.cfg.to_dict(),
         }
         if self.cfg.model.lora is not None:  # LoRA: the frozen base is not saved, its checksum is
             state["lora_base"] = self._lora_base()
@@ -254,6 +257,7 @@ class Trainer:
         self.step = state["step"]
         self.history = list(state.get("history", []))
         self.eval_history = list(state.get("eval_history", []))
+        self.nonfinite.load_state_dict(state.get("nonfinite"))
 
     def _init_weights(self, path) -> None:
         """Fine-tuning start: weights from a (pre-training) checkpoint; fresh optimizer, step 0."""
@@ -293,27 +297,31 @@ class Trainer:
         accum = cfg.micro_batches  # train.grad_accum (or the same count as parallel.num_microbatches)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
         total = 0.0
-        samples = 0
+        keys = []
         for _ in range(accum):
             batch = to_device(next(self.loader), self.device)
             with autocast:
                 loss = self.model.loss(batch)
             (loss / accum).backward()
             total += loss.item() / accum
-            samples += len(batch["keys"])  # every loader (built-in, raw or feature shards) gives keys
+            keys += batch["keys"]  # every loader (built-in, raw or feature shards) gives keys
         params = self.model.trainable_parameters()
         if cfg.optim.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip).item()
         else:
             grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
         lr = set_lr(self.optimizer, self.step, cfg)
-        self.optimizer.step()
+        applied = is_finite(total, grad_norm)  # else weights, optimizer state and EMA stay as they are
+        if applied:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema:
+        if self.ema and applied:
             self.ema.update(self.model.trainable_state_dict())
         self.step += 1
-        self.history.append((self.step, total))
-        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "samples": samples}
+        if applied:
+            self.history.append((self.step, total))
+        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "samples": len(keys),
+                "applied": applied, "keys": keys}
 
     # ---- held-out evaluation -------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -363,17 +371,23 @@ class Trainer:
         try:
             while self.step < cfg.steps and not self._stop_requested:
                 out = self.train_step()
-                window.append(out["loss"])
+                warning = self.nonfinite.record(out["step"], out["applied"], out["loss"], out["grad_norm"], out["keys"])
+                if warning:
+                    (bar.write if bar else print)(warning)
+                else:
+                    window.append(out["loss"])
                 window_samples += out["samples"]
                 if bar:
                     bar.update(1)
                     bar.set_postfix(loss=f"{out['loss']:.4f}")
                 # a line per log_every steps, at the end, and before a stop on a signal (the resumed
                 # run's windows then start where this one's stopped, no step left out)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps or self._stop_requested:
+                if (self.step % cfg.log_every == 0 or self.step == cfg.steps or self._stop_requested
+                        or self.nonfinite.exceeded):
                     dt = time.perf_counter() - t0
-                    last = {"step": self.step, "loss": sum(window) / len(window), "loss_steps": len(window),
-                            "loss_last": out["loss"],
+                    last = {"step": self.step, "loss": sum(window) / len(window) if window else None,
+                            "loss_steps": len(window), "loss_last": out["loss"] if out["applied"] else None,
+                            "nonfinite_steps": self.nonfinite.total,
                             "lr": out["lr"], "grad_norm": out["grad_norm"], "samples_per_s": window_samples / dt,
                             **self.throughput(window_samples / dt),
                             "time": time.time(), **flatten(self.loader.stats(), "data/")}
@@ -382,6 +396,8 @@ class Trainer:
                     if wandb_run is not None:
                         wandb_run.log(last, step=self.step)
                     window, window_samples, t0 = [], 0, time.perf_counter()
+                if self.nonfinite.exceeded:  # no update since the streak began: keep those weights, stop
+                    raise self.nonfinite.error(self.save())
                 e = self.cfg.eval
                 if self.eval_set is not None and not self._stop_requested and due(self.step, e.every, cfg.steps):
                     line = {**self.evaluate(), "time": time.time()}

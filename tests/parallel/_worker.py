@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import sys
 import tempfile
 import time
 import traceback
+import types
 import warnings
 
 warnings.filterwarnings("ignore")
@@ -125,13 +127,14 @@ def optimizer_fn(params):
 
 # --------------------------------------------------------------------------- reference
 def reference(model, make_batch, dp: int, m: int, steps: int, loss_fn=default_loss_fn, start_state=None,
-              make_opt=None, clip=None, ema_decay=None, ema_out=None, norms_out=None):
+              make_opt=None, clip=None, ema_decay=None, ema_out=None, norms_out=None, skip_steps=()):
     """Single process: walks the same (dp rank, micro-batch) slices with the same seeds.
     `make_opt(model)` builds the optimizer (default: AdamW over the trainable parameters).
     `ema_decay`: the single-process trainer's EMA (optim/builder.EMA) after every step, its
     shadow appended to the list `ema_out` per step. `norms_out`: the global gradient norm
     before clipping appended per step (what the runtime reports: clip and AdamW undo a uniform
-    gradient scale in the parameters, the norm shows it)."""
+    gradient scale in the parameters, the norm shows it). `skip_steps`: steps that apply no update
+    (what a non-finite step does, train/nonfinite.py); their batches and seeds are still used up."""
     from iomm_scale.optim.builder import EMA
 
     model = copy.deepcopy(model)
@@ -153,6 +156,11 @@ def reference(model, make_batch, dp: int, m: int, steps: int, loss_fn=default_lo
         if norms_out is not None:
             norms_out.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params
                                                                           if p.grad is not None]))))
+        if step in skip_steps:
+            opt.zero_grad(set_to_none=True)
+            losses.append(total)
+            history.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+            continue
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
@@ -165,21 +173,31 @@ def reference(model, make_batch, dp: int, m: int, steps: int, loss_fn=default_lo
     return losses, history
 
 
+def absmax(t: torch.Tensor) -> float:
+    """max |t| as a float, NaN read as inf: Python's max() drops a NaN in second place
+    (max(0.0, nan) == 0.0), which would let NaN weights pass every comparison below."""
+    v = float(t.abs().max())
+    return math.inf if math.isnan(v) else v
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+    return absmax(a - b) / max(absmax(b), 1e-12)
 
 
 def run_layout(model, make_batch, pcfg, micro_batch, steps=STEPS, opt_fn=optimizer_fn, clip=CLIP,
-               persistence_threshold=0, **build_kw):
+               persistence_threshold=0, after_build=None, **build_kw):
     lay = init_parallel_state(pcfg)
     rt = ParallelRuntime.build(copy.deepcopy(model), pcfg, opt_fn, micro_batch=micro_batch, grad_clip=clip,
                                persistence_threshold=persistence_threshold, **build_kw)
-    losses, rt.test_grad_norms = [], []
+    if after_build is not None:
+        after_build(rt)
+    losses, rt.test_grad_norms, rt.test_applied = [], [], []
     for step in range(rt.step, rt.step + steps):
         batch = dp_slice(make_batch(model, step), lay.dp, lay.dp_rank)
         out = rt.train_step(batch)
         losses.append(out["loss"])
         rt.test_grad_norms.append(out["grad_norm"])
+        rt.test_applied.append(out["applied"])
     return rt, losses
 
 
@@ -195,16 +213,16 @@ def compare(rt, losses, ref_losses, ref_params, init_params=None) -> dict:
     for name, v in full.items():
         ref = ref_params[name]
         if init_params is not None:
-            moved = max(moved, float((ref - init_params[name]).abs().max()))
-        d = float((v - ref).abs().max())
-        scale = max(scale, float(ref.abs().max()))
+            moved = max(moved, absmax(ref - init_params[name]))
+        d = absmax(v - ref)
+        scale = max(scale, absmax(ref))
         if d > worst_abs:
             worst_abs, worst_name = d, name
         if init_params is not None:
             du, dr = v - init_params[name], ref - init_params[name]
-            worst_upd = max(worst_upd, float((du - dr).abs().max()) / max(float(dr.abs().max()), LR / 100))
+            worst_upd = max(worst_upd, absmax(du - dr) / max(absmax(dr), LR / 100))
             if os.environ.get("IOMM_TEST_DEBUG"):
-                print(f"[rank {dist.get_rank()}] {name} upd_rel={float((du - dr).abs().max()) / max(float(dr.abs().max()), LR / 100):.3g}", flush=True)
+                print(f"[rank {dist.get_rank()}] {name} upd_rel={absmax(du - dr) / max(absmax(dr), LR / 100):.3g}", flush=True)
     t = torch.tensor([worst_abs, worst_upd])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     sc = torch.tensor([scale])
@@ -212,7 +230,8 @@ def compare(rt, losses, ref_losses, ref_params, init_params=None) -> dict:
     t[0] = t[0] / sc[0]
     n = torch.tensor([len(full)])
     dist.all_reduce(n)
-    loss_diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, ref_losses))
+    loss_diff = max(math.inf if math.isnan(a - b) else abs(a - b) / max(abs(b), 1e-12)
+                    for a, b in zip(losses, ref_losses))
     return {"loss_rel": loss_diff, "param_rel": float(t[0]), "update_rel": float(t[1]), "worst_param": worst_name,
             "losses": losses,
             "ref_losses": ref_losses, "n_params_checked": int(n[0]), "ref_update_max": moved}
@@ -274,12 +293,12 @@ def compare_ema(rt, ref_ema: dict, init_params: dict, ref_params: dict | None = 
     worst_abs, scale, worst_upd, vs_live = 0.0, 0.0, 0.0, 0.0
     for name, v in full.items():
         ref, e0 = ref_ema[name], init_params[name]
-        worst_abs = max(worst_abs, float((v - ref).abs().max()))
-        scale = max(scale, float(ref.abs().max()))
-        moved = max(float((ref - e0).abs().max()), LR / 100)
-        worst_upd = max(worst_upd, float(((v - e0) - (ref - e0)).abs().max()) / moved)
+        worst_abs = max(worst_abs, absmax(v - ref))
+        scale = max(scale, absmax(ref))
+        moved = max(absmax(ref - e0), LR / 100)
+        worst_upd = max(worst_upd, absmax((v - e0) - (ref - e0)) / moved)
         if ref_params is not None:
-            vs_live = max(vs_live, float((ref - ref_params[name]).abs().max()) / moved)
+            vs_live = max(vs_live, absmax(ref - ref_params[name]) / moved)
     t = torch.tensor([worst_abs, worst_upd, vs_live, scale])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     n = torch.tensor([len(full)])
@@ -364,6 +383,93 @@ def scenario_generator(name: str, family="flux", **p) -> dict:
     out["offload"] = [bool(rt.engine.zero_offload_optimizer()), bool(rt.engine.zero_offload_param())]
     teardown(rt)
     return out
+
+
+def poison_first_linear(model, when) -> str:
+    """A forward hook making the output of this rank's first linear layer NaN while `when()`
+    holds (a real NaN through the real backward, optimizer and collectives); returns its name."""
+    gen = getattr(model, "generator", model)
+    name, layer = next((n, m) for n, m in gen.named_modules()
+                       if isinstance(m, torch.nn.Linear) or type(m).__name__.endswith("ParallelLinear"))
+
+    def hook(module, args, output):
+        if not when():
+            return None
+        if isinstance(output, tuple):  # megatron's parallel linears return (output, bias)
+            return (output[0] * float("nan"),) + tuple(output[1:])
+        return output * float("nan")
+
+    layer.register_forward_hook(hook)
+    return name
+
+
+def scenario_nonfinite(name: str, nan_step: int = 1, steps: int = 4, **p) -> dict:
+    """A NaN in one rank's forward at step `nan_step` (on the last DP replica, in the first pipeline
+    stage): every rank skips that step's update (train/nonfinite.py: DeepSpeed's overflow check at
+    ZeRO 1-3, our optimizer-step guard at ZeRO-0) and the later steps apply as usual, so the final
+    weights equal the single-process run that skipped that step (and its losses the reference's).
+    Without the skip the weights would be NaN."""
+    world = dist.get_world_size()
+    tp, pp = p.get("tp", 1), p.get("pp", 1)
+    dp = world // (tp * pp)
+    m = p.get("num_microbatches", 1)
+    micro = p.pop("micro", 2)
+    clip = p.pop("clip", CLIP)
+    pcfg = ParallelConfig(**p)
+    gen = build_generator()
+    make = lambda model, step: generator_batch(gen, step, dp * m * micro)  # noqa: E731
+    ref_losses, hist = reference(gen, make, dp, m, steps, clip=clip, skip_steps=(nan_step,))
+    init = {n: q.detach().clone() for n, q in gen.named_parameters()}
+    poisoned = []
+
+    def poison(rt):
+        if rt.layout.dp_rank == rt.layout.dp - 1 and rt.layout.pp_rank == 0:
+            poisoned.append(poison_first_linear(rt.model, lambda: rt.step == nan_step))
+
+    rt, losses = run_layout(gen, make, pcfg, micro, steps=steps, clip=clip, after_build=poison)
+    kept = [i for i in range(steps) if i != nan_step]
+    out = compare(rt, [losses[i] for i in kept], [ref_losses[i] for i in kept], hist[-1], init)
+    out["applied"] = rt.test_applied
+    out["skipped_loss"], out["skipped_grad_norm"] = losses[nan_step], rt.test_grad_norms[nan_step]
+    n = torch.tensor([len(poisoned)])
+    dist.all_reduce(n)
+    out["poisoned_ranks"] = int(n[0])
+    teardown(rt)
+    return out
+
+
+def scenario_nonfinite_bf16(name: str, zero_stage: int, nan_step: int = 1, steps: int = 4) -> dict:
+    """DeepSpeed's bf16 mode (`train.precision: bf16` with AdamW under the launchers, with
+    `precision_extra`'s check_grad_overflow): a NaN on DP rank 1 at step `nan_step` leaves the
+    fp32 master weights (gathered by `full_state`) bit for bit as the step before left them, and
+    the later steps move them again. Per ZeRO stage DeepSpeed uses another wrapper (ZeRO-0
+    FP16_UnfusedOptimizer, ZeRO-1 BF16_Optimizer, ZeRO-2 / 3 the ZeRO optimizers)."""
+    from iomm_scale.parallel.dist_trainer import precision_extra
+    from iomm_scale.parallel.reshard import full_state
+
+    gen = build_generator()
+    make = lambda model, step: {k: v.bfloat16() if v.is_floating_point() else v  # noqa: E731
+                                for k, v in generator_batch(gen, step, 4).items()}
+    cfg = types.SimpleNamespace(train=types.SimpleNamespace(precision="bf16"), optim=types.SimpleNamespace(name="adamw"))
+    extra = precision_extra(cfg, None)
+    pcfg = ParallelConfig(zero_stage=zero_stage)
+    lay = init_parallel_state(pcfg)
+    rt = ParallelRuntime.build(copy.deepcopy(gen), pcfg, optimizer_fn, micro_batch=2, grad_clip=CLIP, ds_extra=extra)
+    poison_first_linear(rt.model, lambda: rt.step == nan_step and lay.dp_rank == 1)
+    states, applied, losses = [], [], []
+    for step in range(steps):
+        out = rt.train_step(dp_slice(make(gen, step), lay.dp, lay.dp_rank))
+        applied.append(out["applied"])
+        losses.append(out["loss"])
+        # cloned: at ZeRO-0 on CPU full_state hands out the fp32 masters themselves
+        states.append({n: v.clone() for n, v in full_state(rt, with_moments=False)["params"].items()})
+    before, skipped, last = states[nan_step - 1], states[nan_step], states[-1]
+    res = {"wrapper": type(rt.engine.optimizer).__name__, "applied": applied, "losses": losses,
+           "skipped_step_unchanged": all(torch.equal(skipped[n], before[n]) for n in before),
+           "moved_after": max(absmax(last[n] - skipped[n]) for n in before),
+           "finite": all(bool(torch.isfinite(v).all()) for v in last.values())}
+    teardown(rt)
+    return res
 
 
 def scenario_iomm(name: str, **p) -> dict:
@@ -539,7 +645,7 @@ def scenario_ema(name: str, export=False, flux_kw=None, **p) -> dict:
     lay = init_parallel_state(pcfg)
     rt = ParallelRuntime.build(gen2, pcfg, optimizer_fn, micro_batch=micro, grad_clip=CLIP, persistence_threshold=0,
                                ema_decay=EMA_DECAY)
-    zeroed = all(float(t.abs().max()) == 0 for t in rt.ema.shadow.values() if t.numel())
+    zeroed = all(absmax(t) == 0 for t in rt.ema.shadow.values() if t.numel())
     rt.load(ckpt_dir, tag="s")
     same = zeroed and rt.info.get("ema_restored") is True and set(saved) == set(rt.ema.shadow) and all(
         torch.equal(saved[n], t.cpu()) for n, t in rt.ema.shadow.items())
@@ -563,16 +669,16 @@ def scenario_ema(name: str, export=False, flux_kw=None, **p) -> dict:
             tensors = load_file(os.path.join(out_dir, "ema.safetensors"))
             state = torch.load(os.path.join(out_dir, "state.pt"), map_location="cpu", weights_only=False)
             ref, live = ref_ema[STEPS], hist[STEPS]
-            scale = max(float(v.abs().max()) for v in ref.values())
+            scale = max(absmax(v) for v in ref.values())
             out["export"] = {
                 "dir_returned": wrote == out_dir,
                 "names_equal": set(tensors) == set(ref) and set(state["ema"]["shadow"]) == set(ref)
                 and set(state["model"]) == set(live),
                 "shapes_equal": all(tensors[n].shape == ref[n].shape for n in ref),
-                "ema_rel": max(float((tensors[n] - ref[n]).abs().max()) for n in ref) / scale,
+                "ema_rel": max(absmax(tensors[n] - ref[n]) for n in ref) / scale,
                 "state_matches_file": all(torch.equal(state["ema"]["shadow"][n], tensors[n]) for n in ref),
-                "model_rel": max(float((state["model"][n] - live[n]).abs().max()) for n in live) /
-                max(float(v.abs().max()) for v in live.values()),
+                "model_rel": max(absmax(state["model"][n] - live[n]) for n in live) /
+                max(absmax(v) for v in live.values()),
                 "step": state["step"], "decay": state["ema"]["decay"],
                 "leftover": sorted(f for f in os.listdir(out_dir) if f not in ("ema.safetensors", "state.pt")),
             }
@@ -837,11 +943,11 @@ def scenario_bf16_full(name: str) -> dict:
            "save_vs_state": 0.0, "moment_max": 0.0, "beyond_bf16": 0}
     for n, p in rt.module.named_parameters():
         m = masters[id(p)]
-        out["save_vs_master"] = max(out["save_vs_master"], float((saved["params"][n] - m).abs().max()))
+        out["save_vs_master"] = max(out["save_vs_master"], absmax(saved["params"][n] - m))
         out["beyond_bf16"] += int(not torch.equal(m, m.bfloat16().float()))
         for k in OPT_KEYS:
-            out["save_vs_state"] = max(out["save_vs_state"], float((saved[k][n] - inner.state[m][k]).abs().max()))
-            out["moment_max"] = max(out["moment_max"], float(saved[k][n].abs().max()))
+            out["save_vs_state"] = max(out["save_vs_state"], absmax(saved[k][n] - inner.state[m][k]))
+            out["moment_max"] = max(out["moment_max"], absmax(saved[k][n]))
     ckpt_dir = _shared_tmpdir()
     if dist.get_rank() == 0:  # an earlier pp=2 save's second stage, left in the directory
         torch.save({"params": {}, "iomm_step": 99, "layout": {"pp": 2}}, os.path.join(ckpt_dir, "full_pp1.pt"))
@@ -858,8 +964,8 @@ def scenario_bf16_full(name: str) -> dict:
                 value, moments = masters[id(p)], {k: inner.state[masters[id(p)]][k] for k in OPT_KEYS}
             else:
                 value, moments = safe_get_full_fp32_param(p), {k: safe_get_full_optimizer_state(p, k) for k in OPT_KEYS}
-            worst = max(worst, float((value.float() - saved["params"][n]).abs().max()),
-                        *(float((moments[k].float() - saved[k][n]).abs().max()) for k in OPT_KEYS))
+            worst = max(worst, absmax(value.float() - saved["params"][n]),
+                        *(absmax(moments[k].float() - saved[k][n]) for k in OPT_KEYS))
         out[f"resumed_zero{stage}_max_diff"] = worst
         out[f"resumed_zero{stage}_step"] = rt.step
         teardown(rt)
@@ -924,6 +1030,16 @@ SCENARIOS = {
     "lora_dp2_zero2": lambda: scenario_iomm("lora_dp2_zero2", zero_stage=2, config="tiny_qwen_lora.yaml",
                                             resolution=32),
     "managed_refused": lambda: scenario_managed_refused("managed_refused"),
+    # a NaN on one rank at step 1: skipped on every rank, later steps as the reference that skipped it
+    "nonfinite_dp2_zero0_noclip": lambda: scenario_nonfinite("nonfinite_dp2_zero0_noclip", zero_stage=0, clip=0.0),
+    "nonfinite_dp2_zero2": lambda: scenario_nonfinite("nonfinite_dp2_zero2", zero_stage=2),
+    "nonfinite_dp2_zero3": lambda: scenario_nonfinite("nonfinite_dp2_zero3", zero_stage=3),
+    "nonfinite_tp2_zero0": lambda: scenario_nonfinite("nonfinite_tp2_zero0", tp=2, zero_stage=0),
+    "nonfinite_bf16_zero0": lambda: scenario_nonfinite_bf16("nonfinite_bf16_zero0", 0),
+    "nonfinite_bf16_zero1": lambda: scenario_nonfinite_bf16("nonfinite_bf16_zero1", 1),
+    "nonfinite_bf16_zero2": lambda: scenario_nonfinite_bf16("nonfinite_bf16_zero2", 2),
+    "nonfinite_bf16_zero3": lambda: scenario_nonfinite_bf16("nonfinite_bf16_zero3", 3),
+    "nonfinite_pp2": lambda: scenario_nonfinite("nonfinite_pp2", pp=2, zero_stage=1, num_microbatches=2, micro=2),
     "muon_dp2_zero0": lambda: scenario_muon("muon_dp2_zero0", zero_stage=0),
     "muon_tp2_zero0": lambda: scenario_muon("muon_tp2_zero0", tp=2, zero_stage=0),
     "muon_tp2_per_shard": lambda: scenario_muon("muon_tp2_per_shard", shard_check=True, tp=2, zero_stage=0),

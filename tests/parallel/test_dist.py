@@ -23,6 +23,7 @@ this is the sharper check); same-layout resume restores every rank's EMA bit for
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -41,7 +42,9 @@ WORLD2 = ["dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "dp2_zero3_ckpt", 
           "lora_dp2_zero2", "managed_refused",
           "bf16_full_zero0", "dp2_zero0_noclip", "pp2_mb2", "s3dit_pp2_mb2", "qwen_pp2_mb2",
           "muon_dp2_zero0", "muon_tp2_zero0", "muon_tp2_per_shard", "muon_dp2_bf16_autocast", "ds_muon_dp2_zero1",
-          "ds_muon_dp2_zero3"]
+          "ds_muon_dp2_zero3", "nonfinite_dp2_zero0_noclip", "nonfinite_dp2_zero2", "nonfinite_dp2_zero3",
+          "nonfinite_tp2_zero0", "nonfinite_pp2", "nonfinite_bf16_zero0", "nonfinite_bf16_zero1", "nonfinite_bf16_zero2",
+          "nonfinite_bf16_zero3"]
 WORLD4 = ["tp2dp2_zero1", "tp2pp2", "iomm_tp2pp2", "ema_tp2pp2", "reshard_tp2dp2_to_dp4", "muon_full_tp2dp2_to_dp4",
           "native_ckpt_tp2dp2_zero3",
           "muon_tp2dp2_zero0", "muon_tp2dp2_resume", "muon_dp4_zero0"]
@@ -116,6 +119,37 @@ def test_two_process_layouts_match_single_process(world2, name):
     if "ema_rel" in r:  # dp2_zero3_offload keeps an EMA of its host-side ZeRO-3 partitions
         assert_ema_parity(r)
         assert_ema_per_rank(r, dp=2)
+
+
+@pytest.mark.parametrize("name", ["nonfinite_dp2_zero0_noclip", "nonfinite_dp2_zero2", "nonfinite_dp2_zero3",
+                                  "nonfinite_tp2_zero0", "nonfinite_pp2"])
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(world2, name):
+    """train/nonfinite.py under the launchers: a NaN made in the forward of one rank (the last DP
+    replica's, the first stage's) at step 1 of 4. ZeRO-0 (our guard of the optimizer step, without
+    clipping: the norm measured for it), ZeRO-2 / ZeRO-3 (DeepSpeed's overflow check), TP2, PP2.
+    Every rank skips that update, and the weights after step 4 and the losses of steps 0, 2, 3 equal
+    the single-process run that skipped step 1 (same tolerances). Without the skip the weights
+    turn NaN and this fails (checked by disabling the ZeRO-0 guard: param_rel inf)."""
+    r = check(world2, name)
+    assert r["poisoned_ranks"] == (2 if "tp2" in name else 1)  # TP peers both hold the first linear
+    assert r["applied"] == [True, False, True, True]
+    assert r["skipped_loss"] != r["skipped_loss"]  # NaN: the poison reached the loss
+    assert not math.isfinite(r["skipped_grad_norm"])
+    assert_parity(r, steps=3)
+
+
+@pytest.mark.parametrize("stage,wrapper", [(0, "FP16_UnfusedOptimizer"), (1, "DeepSpeedZeroOptimizer"),
+                                           (2, "DeepSpeedZeroOptimizer"), (3, "DeepSpeedZeroOptimizer_Stage3")])
+def test_a_nan_in_deepspeed_bf16_mode_leaves_the_masters_untouched(world2, stage, wrapper):
+    """`train.precision: bf16` with AdamW under the launchers (DeepSpeed's bf16 mode, DP=2): after a
+    NaN on rank 1 at step 1 the fp32 masters are bit for bit those of step 0, and steps 2-3 move
+    them again. At ZeRO-1 / 2 this rests on `bf16.check_grad_overflow`, which precision_extra sets:
+    with it false, DeepSpeed 0.19.8 applies the NaN step there (checked by hand: weights NaN)."""
+    r = check(world2, f"nonfinite_bf16_zero{stage}")
+    assert r["wrapper"] == wrapper
+    assert r["applied"] == [True, False, True, True]
+    assert r["losses"][1] != r["losses"][1] and all(math.isfinite(x) for i, x in enumerate(r["losses"]) if i != 1)
+    assert r["skipped_step_unchanged"] and r["finite"] and r["moved_after"] > 1e-4
 
 
 @pytest.mark.parametrize("name,blocks", [("dp2_zero3_ckpt", [0, 1, 2]), ("tp2_ckpt_every2", [0, 2]),

@@ -218,3 +218,34 @@ def test_launcher_data_counters_and_exact_data_resume(tmp_path):
     assert [x["loss"] for x in resumed[2:]] == [x["loss"] for x in straight[2:]]  # bitwise
     data = {k: v for k, v in straight[-1].items() if k.startswith("data/")}
     assert {k: v for k, v in resumed[-1].items() if k.startswith("data/")} == data
+
+
+def test_a_diverging_launch_checkpoints_and_stops_every_rank(tmp_path):
+    """train/nonfinite.py under launchers/pretrain.py (DP=2, ZeRO-2): lr 1e30 overflows the weights
+    at step 1, so steps 2 and 3 have NaN losses. DeepSpeed skips both updates on both ranks, the
+    warnings name the samples of both replicas, and with train.max_nonfinite_steps 1 the run saves
+    a checkpoint at step 3 and every rank exits with status 4 (torchrun then reports the failure)."""
+    run_dir = tmp_path / "run"
+    args = [a for a in ARGS if not a.startswith("parallel.")] + ["parallel.zero_stage=2", "optim.lr=1e30",
+                                                                 "optim.warmup_steps=0", "train.steps=10",
+                                                                 "train.max_nonfinite_steps=1", "optim.ema_decay=0.9"]
+    env = {**os.environ, "DS_BUILD_OPS": "0", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29637", "launchers/pretrain.py", *args, "--run-dir", str(run_dir)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out[-3000:]
+    assert "exitcode  : 4" in out, out[-3000:]  # torchrun's failure report names the children's status
+    assert out.count("training error: steps 2-3: 2 steps in a row with a non-finite loss or gradient norm "
+                     "(train.max_nonfinite_steps: 1); stopped. No update was applied since step 1") == 1  # rank 0
+    warning = next(line for line in out.splitlines() if "step 2: loss nan" in line)
+    assert warning.count("photo") == 2 * 2  # micro-batch 2 on each of the two replicas
+    lines = [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
+    assert [(x["step"], x["nonfinite_steps"], x["applied"]) for x in lines] == [(1, 0, True), (2, 1, False),
+                                                                                 (3, 2, False)]
+    tag = run_dir / "checkpoints" / "step_00000003"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    import torch
+
+    client = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert client["nonfinite"] == {"total": 2, "streak": [2, 3]} and client["iomm_step"] == 3

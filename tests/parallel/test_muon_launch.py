@@ -55,7 +55,7 @@ def test_precision_and_factory():
                                                       "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
     assert getattr(optimizer_factory(cfg), "wants_module", False)
     adamw = load_config(TINY, ["train.precision=bf16"])
-    assert precision_extra(adamw, ParallelConfig()) == {"bf16": {"enabled": True}}
+    assert precision_extra(adamw, ParallelConfig()) == {"bf16": {"enabled": True, "check_grad_overflow": True}}
 
 
 def test_bad_implementation_value_and_layout_are_config_errors():

@@ -81,14 +81,21 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path):
     bindir = _bin(tmp_path)
     log = tmp_path / "first.log"
     with open(log, "w") as out:
+        # its own session: a failed assertion below kills the whole job (tasks of 100,000 steps,
+        # which would hold the port and both cores long after the test)
         job = subprocess.Popen(["bash", "launchers/slurm/pretrain.sbatch"], cwd=ROOT, stdout=out,
-                               stderr=subprocess.STDOUT, env=_env(tmp_path, bindir, steps=100_000))
-        deadline = time.time() + 300
-        while "[iomm] step 2 " not in log.read_text():  # training is under way
-            assert job.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
-        job.send_signal(signal.SIGUSR1)
-        rc = job.wait(timeout=300)
+                               stderr=subprocess.STDOUT, env=_env(tmp_path, bindir, steps=100_000),
+                               start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while "[iomm] step 2 " not in log.read_text():  # training is under way
+                assert job.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            job.send_signal(signal.SIGUSR1)
+            rc = job.wait(timeout=300)
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
     text = log.read_text()
     assert rc == 0, text[-3000:]
     stopped = re.search(r"stopped by signal at step (\d+)", text)
