@@ -318,7 +318,7 @@ class DistributedTrainer:
         self._stop = False
         self._on_disk: str | None = None  # tag of this run's engine checkpoint equal to the live state
         if resume_full is None:
-            self._maybe_resume()
+            self._maybe_resume()  # (--resume-full's weights were checked finite as they were read)
         if self.is_logger:  # once the run has started: a failed launch leaves the run's own config
             from ..train.trainer import write_run_config
 
@@ -363,6 +363,11 @@ class DistributedTrainer:
         tag = f"step_{self.rt.step:08d}"
         if self._on_disk == tag:
             return tag
+        bad = self._nonfinite_weights()
+        if bad:  # never over good checkpoints (keep_checkpoints would prune them)
+            from ..train.nonfinite import weights_error
+
+            raise weights_error(self.rt.step, bad, self._newest_checkpoint())
         if self.layout.tp_rank == 0 and self.layout.pp_rank == 0:
             # before the engine's save, which writes `latest` last: `latest` never names a tag
             # without the loader positions (or the EMA, which rt.save writes first too)
@@ -467,6 +472,7 @@ class DistributedTrainer:
             return
         root, tag = target
         client = self.rt.load(str(root), tag=tag)
+        self._check_finite(f"resuming from {root / tag}")
         self.nonfinite.load_state_dict(client.get("nonfinite"))
         if root.resolve() == self.ckpt_root.resolve() and tag == f"step_{self.rt.step:08d}":
             self._on_disk = tag
@@ -481,6 +487,31 @@ class DistributedTrainer:
             note = "" if ema is None else ("; EMA restored" if ema else "; checkpoint has no EMA: it restarts from "
                                            "the loaded weights")
             print(f"[iomm] resumed from {root / tag} at step {self.rt.step}{note}", flush=True)
+
+    def _newest_checkpoint(self) -> Path | None:
+        latest = self.ckpt_root / "latest"  # DeepSpeed's, written last
+        return self.ckpt_root / latest.read_text().strip() if latest.is_file() else None
+
+    def _nonfinite_weights(self) -> list[str]:
+        """Collective: names of the trainable parameters holding NaN / inf on any rank (each rank
+        checks what it holds: its TP shard, its ZeRO-3 partition)."""
+        from ..train.nonfinite import nonfinite_names
+
+        local = nonfinite_names((n, getattr(p, "ds_tensor", p)) for n, p in self.rt.module.named_parameters()
+                                if p.requires_grad)
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        return sorted({n for rank_names in gathered for n in rank_names})
+
+    def _check_finite(self, source: str) -> None:
+        """Collective, after a load: refuse NaN / inf in the loaded weights (checkpoint.check_finite)."""
+        from ..train.checkpoint import CheckpointError
+
+        bad = self._nonfinite_weights()
+        if bad:
+            raise CheckpointError(f"{source}: its weights are not finite (NaN / inf in {len(bad)} "
+                                  f"parameter{'s' if len(bad) > 1 else ''}, e.g. {', '.join(bad[:3])}): written after "
+                                  "the run diverged? Start from an earlier checkpoint")
 
     # ---- loop ----------------------------------------------------------------------
     def _on_signal(self, signum, frame):
@@ -588,7 +619,9 @@ class DistributedTrainer:
                               flush=True)
                     t0 = time.perf_counter()
                 if self.nonfinite.exceeded:  # no update since the streak began: keep those weights, stop
-                    raise self.nonfinite.error(self.ckpt_root / self.save())
+                    bad = self._nonfinite_weights()
+                    raise self.nonfinite.error(None if bad else self.ckpt_root / self.save(), bad,
+                                               self._newest_checkpoint())
                 if self.eval_set is not None and due(self.rt.step, cfg.eval.every, cfg.train.steps):
                     found = {"step": self.rt.step, **self.evaluate(), "time": time.time()}  # every rank
                     if self.is_logger:

@@ -221,9 +221,10 @@ def _local(module, name, full, specs):
 def load_full_params(module: nn.Module, load_dir: str) -> int:
     """Write the checkpoint's parameters (sharded for this rank) into `module` before the
     engine is built. Returns how many were loaded; missing trainable ones are an error."""
-    from ..train.checkpoint import CheckpointError
+    from ..train.checkpoint import CheckpointError, check_finite
 
     data = _read_all(load_dir)
+    check_finite(data["params"], f"layout-free checkpoint {load_dir}")
     specs = _tp_info(module)
     n, missing = 0, []
     with torch.no_grad():

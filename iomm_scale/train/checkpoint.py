@@ -255,12 +255,22 @@ def check_lora_base(saved: str, mine: str, source: str) -> None:
                               f"checksum {saved} != {mine}): check model.generator.path / train.seed")
 
 
+def check_finite(tensors: dict[str, torch.Tensor], source: str, what: str = "weights") -> None:
+    """Refuse NaN / inf in loaded `tensors` (a checkpoint written after a run diverged, before
+    train/nonfinite.py kept such steps out), naming the first tensor that holds any."""
+    for n, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise CheckpointError(f"{source}: its {what} are not finite ({n} holds {bad} NaN / inf values of "
+                                  f"{v.numel()}): written after the run diverged? Start from an earlier checkpoint")
+
+
 @torch.no_grad()
 def copy_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
     """Copy `weights` (single-device names) into `model`'s parameters, strictly: every trainable
     parameter must be there, every name must be one of the model's parameters, every shape must
-    match (`copy_` would broadcast a [1, d] tensor into [16, d] without a word). `source` starts
-    each error message (e.g. "train.init_from=runs/x")."""
+    match (`copy_` would broadcast a [1, d] tensor into [16, d] without a word), every value
+    finite. `source` starts each error message (e.g. "train.init_from=runs/x")."""
     params = dict(model.named_parameters())
     missing = sorted(n for n, p in params.items() if p.requires_grad and n not in weights)
     if missing:
@@ -274,6 +284,7 @@ def copy_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
         if v.shape != params[n].shape:
             raise CheckpointError(f"{source}: {n} has shape {tuple(v.shape)} in the checkpoint, "
                              f"{tuple(params[n].shape)} in this model (another model config?)")
+    check_finite(weights, source)
     for n, v in weights.items():
         params[n].copy_(v)
 

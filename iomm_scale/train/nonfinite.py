@@ -7,6 +7,8 @@ data move on (its batch is consumed, the learning-rate schedule follows the step
 step is logged with its samples' keys, and counted (`nonfinite_steps` in metrics.jsonl, kept in
 checkpoints). `train.max_nonfinite_steps` such steps in a row are tolerated; one more stops the
 run with `NonFiniteError` after a checkpoint of the (untouched) weights, naming the steps.
+No checkpoint is ever written with non-finite weights (an applied update can still overflow
+them): the save is refused with `weights_error` and the newest good checkpoint stays.
 
 Who skips: iomm-train checks the loss and the global gradient norm itself (train/trainer.py).
 Under the launchers DeepSpeed's optimizers skip a step whose global gradient norm is not finite
@@ -20,6 +22,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 
 class NonFiniteError(RuntimeError):
     """More than train.max_nonfinite_steps steps in a row had a non-finite loss or gradient norm."""
@@ -27,6 +31,23 @@ class NonFiniteError(RuntimeError):
 
 def is_finite(*values: float) -> bool:
     return all(v is not None and math.isfinite(v) for v in values)
+
+
+def nonfinite_names(named) -> list[str]:
+    """Names of the (name, tensor) pairs holding any NaN / inf."""
+    return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _some(names: list[str]) -> str:
+    return f"{len(names)} tensor{'s' if len(names) > 1 else ''}, e.g. {', '.join(names[:3])}"
+
+
+def weights_error(step: int, bad: list[str], newest) -> NonFiniteError:
+    """Why a checkpoint was not written: it would have stored non-finite weights over good ones."""
+    return NonFiniteError(
+        f"step {step}: the weights are not finite ({_some(bad)}), so no checkpoint was written (the newest, "
+        f"{newest or 'none'}, is kept): an update overflowed them. Lower optim.lr (or raise optim.warmup_steps) and "
+        f"resume from {newest or 'the start'}.")
 
 
 @dataclass
@@ -52,15 +73,22 @@ class NonFiniteGuard:
     def exceeded(self) -> bool:
         return len(self.streak) > self.limit
 
-    def error(self, checkpoint) -> NonFiniteError:
+    def error(self, checkpoint, bad_weights=(), newest=None) -> NonFiniteError:
+        """The stop: `checkpoint` holds the untouched weights; or, when those weights are not finite
+        themselves (`bad_weights`: an applied update overflowed them), none was written and
+        `newest` is the run's newest (finite) checkpoint."""
         first, last, n = self.streak[0], self.streak[-1], len(self.streak)
         what = f"step {first}: a non-finite" if n == 1 else f"steps {first}-{last}: {n} steps in a row with a non-finite"
+        if bad_weights:
+            where = (f"The weights themselves are not finite ({_some(bad_weights)}: an update before step {first} "
+                     f"overflowed them), so no checkpoint was written; the newest is {newest or 'none'}.")
+        else:
+            where = (f"No update was applied since step {first - 1}: checkpoint {checkpoint} holds those weights, past "
+                     f"the data of these steps.")
         return NonFiniteError(
-            f"{what} loss or gradient norm "
-            f"(train.max_nonfinite_steps: {self.limit}); stopped. No update was applied since step {first - 1}: "
-            f"checkpoint {checkpoint} holds those weights, past the data of these steps. Usual causes: a learning "
-            f"rate too high for the batch (optim.lr, optim.warmup_steps), bf16 overflow, or bad samples (the "
-            f"warnings above name each step's). Resume from it, or from an earlier checkpoint, after changing that.")
+            f"{what} loss or gradient norm (train.max_nonfinite_steps: {self.limit}); stopped. {where} Usual causes: "
+            f"a learning rate too high for the batch (optim.lr, optim.warmup_steps), bf16 overflow, or bad samples "
+            f"(the warnings above name each step's). Resume from a checkpoint after changing that.")
 
     def state_dict(self) -> dict:
         return {"total": self.total, "streak": list(self.streak)}

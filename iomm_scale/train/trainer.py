@@ -29,7 +29,7 @@ from ..optim.builder import EMA, build_optimizer, set_lr
 from ..profiling.mfu import ThroughputLog
 from . import checkpoint as ckpt
 from .evaluate import build_eval_set, describe_eval, due, evaluate_model, format_eval, rng_devices
-from .nonfinite import NonFiniteGuard, is_finite
+from .nonfinite import NonFiniteGuard, is_finite, nonfinite_names, weights_error
 from .plots import save_grid, save_loss_curve
 
 
@@ -248,6 +248,7 @@ class Trainer:
             raise ckpt.CheckpointError(f"{source}: its optimizer state does not fit this run's (checkpoint written "
                                        f"with optim.name={saved}, this run has {self.cfg.optim.name}): {e}") from None
         if self.ema and state.get("ema"):
+            ckpt.check_finite(state["ema"]["shadow"], source, "EMA weights")
             self.ema.load_state_dict(state["ema"])
         elif self.ema:  # saved without an EMA (optim.ema_decay was null then): start it from these weights
             self.ema.reset(self.model.trainable_state_dict())
@@ -272,6 +273,9 @@ class Trainer:
         this step, or resumed from it): re-writing it would only open a window for a crash."""
         if self._on_disk is not None and self._on_disk[0] == self.step and (self._on_disk[1] / "state.pt").exists():
             return self._on_disk[1]
+        bad = nonfinite_names(self.model.trainable_state_dict().items())
+        if bad:  # never over good checkpoints (keep_checkpoints would prune them)
+            raise weights_error(self.step, bad, ckpt.find_latest(self.ckpt_root))
         path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
         self._on_disk = (self.step, path)
         return path
@@ -397,7 +401,8 @@ class Trainer:
                         wandb_run.log(last, step=self.step)
                     window, window_samples, t0 = [], 0, time.perf_counter()
                 if self.nonfinite.exceeded:  # no update since the streak began: keep those weights, stop
-                    raise self.nonfinite.error(self.save())
+                    bad = nonfinite_names(self.model.trainable_state_dict().items())
+                    raise self.nonfinite.error(None if bad else self.save(), bad, ckpt.find_latest(self.ckpt_root))
                 e = self.cfg.eval
                 if self.eval_set is not None and not self._stop_requested and due(self.step, e.every, cfg.steps):
                     line = {**self.evaluate(), "time": time.time()}

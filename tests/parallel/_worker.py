@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -470,6 +471,69 @@ def scenario_nonfinite_bf16(name: str, zero_stage: int, nan_step: int = 1, steps
            "finite": all(bool(torch.isfinite(v).all()) for v in last.values())}
     teardown(rt)
     return res
+
+
+def _dist_trainer(run_dir: str, *overrides):
+    """launchers/pretrain.py's DistributedTrainer on configs/tiny.yaml, built inside this process
+    group (what the launcher does after its argument parsing)."""
+    from iomm_scale.parallel.dist_trainer import DistributedTrainer, split_parallel_args
+
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.yaml")
+    cfg, pcfg = split_parallel_args(config, ["train.log_every=1", "data.batch_size=2", "data.resolution=16",
+                                             "data.builtin.crops_per_photo=1", "train.num_samples=0",
+                                             "train.progress_bar=false", *overrides])
+    return DistributedTrainer(cfg, pcfg, run_dir=run_dir)
+
+
+def _raised(fn) -> str:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the test reads its type and message
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
+def scenario_nonfinite_checkpoints(name: str) -> dict:
+    """DistributedTrainer never writes non-finite weights and refuses to resume from them.
+    ZeRO-3: a weight of rank 1's partition overflowed to inf after step 2 (written there: what an
+    applied update with an lr far too high does), so the periodic save at step 2 is refused on every
+    rank, naming the newest good checkpoint (step 1), which stays. ZeRO-0: a DeepSpeed checkpoint
+    holding NaN (written by the runtime's own save, past the trainer's check) is refused on resume."""
+    run_dir = _shared_tmpdir()
+    out = {}
+    trainer = _dist_trainer(run_dir, "parallel.zero_stage=3", "train.steps=1")
+    trainer.fit()
+    teardown(trainer.rt)
+    trainer = _dist_trainer(run_dir, "parallel.zero_stage=3", "train.steps=3", "train.ckpt_every=2")
+    step = trainer.rt.train_step
+
+    def overflowing(batch):
+        res = step(batch)
+        if res["step"] == 2 and dist.get_rank() == 1:
+            p = next(q for q in trainer.rt.module.parameters() if q.requires_grad and q.ds_tensor.numel())
+            p.ds_tensor.data[0] = float("inf")
+        return res
+
+    trainer.rt.train_step = overflowing
+    out["save_error"] = _raised(trainer.fit)
+    out["checkpoints"] = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+    out["newest"] = os.path.join(run_dir, "checkpoints", "step_00000001")
+    teardown(trainer.rt)
+
+    run_dir = _shared_tmpdir()
+    trainer = _dist_trainer(run_dir, "parallel.zero_stage=0", "train.steps=1")
+    trainer.fit()
+    with torch.no_grad():
+        next(q for q in trainer.rt.module.parameters() if q.requires_grad)[0].fill_(float("nan"))
+    trainer.rt.step = 2
+    trainer.rt.save(str(trainer.ckpt_root), tag="step_00000002")  # the engine's save: no check
+    teardown(trainer.rt)
+    out["resume_error"] = _raised(lambda: _dist_trainer(run_dir, "parallel.zero_stage=0", "train.steps=3"))
+    out["corrupt"] = os.path.join(run_dir, "checkpoints", "step_00000002")
+    from iomm_scale.parallel.groups import destroy_parallel_state
+
+    destroy_parallel_state()  # the refused trainer's layout
+    return out
 
 
 def scenario_iomm(name: str, **p) -> dict:
@@ -972,9 +1036,13 @@ def scenario_bf16_full(name: str) -> dict:
     return out
 
 
+_TMPDIRS: list[str] = []  # removed at the end of the launch
+
+
 def _shared_tmpdir() -> str:
     obj = [tempfile.mkdtemp(prefix="iomm_ckpt_") if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(obj, src=0)
+    _TMPDIRS.append(obj[0])
     return obj[0]
 
 
@@ -1039,6 +1107,7 @@ SCENARIOS = {
     "nonfinite_bf16_zero1": lambda: scenario_nonfinite_bf16("nonfinite_bf16_zero1", 1),
     "nonfinite_bf16_zero2": lambda: scenario_nonfinite_bf16("nonfinite_bf16_zero2", 2),
     "nonfinite_bf16_zero3": lambda: scenario_nonfinite_bf16("nonfinite_bf16_zero3", 3),
+    "nonfinite_checkpoints": lambda: scenario_nonfinite_checkpoints("nonfinite_checkpoints"),
     "nonfinite_pp2": lambda: scenario_nonfinite("nonfinite_pp2", pp=2, zero_stage=1, num_microbatches=2, micro=2),
     "muon_dp2_zero0": lambda: scenario_muon("muon_dp2_zero0", zero_stage=0),
     "muon_tp2_zero0": lambda: scenario_muon("muon_tp2_zero0", tp=2, zero_stage=0),
@@ -1102,6 +1171,9 @@ def main():
             with open(out_path, "w") as f:  # after every scenario: partial results survive a crash
                 json.dump(results, f, indent=1)
         dist.barrier()
+    if dist.get_rank() == 0:
+        for d in _TMPDIRS:
+            shutil.rmtree(d, ignore_errors=True)
     dist.destroy_process_group()
 
 

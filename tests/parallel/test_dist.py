@@ -43,7 +43,7 @@ WORLD2 = ["dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "dp2_zero3_ckpt", 
           "bf16_full_zero0", "dp2_zero0_noclip", "pp2_mb2", "s3dit_pp2_mb2", "qwen_pp2_mb2",
           "muon_dp2_zero0", "muon_tp2_zero0", "muon_tp2_per_shard", "muon_dp2_bf16_autocast", "ds_muon_dp2_zero1",
           "ds_muon_dp2_zero3", "nonfinite_dp2_zero0_noclip", "nonfinite_dp2_zero2", "nonfinite_dp2_zero3",
-          "nonfinite_tp2_zero0", "nonfinite_pp2", "nonfinite_bf16_zero0", "nonfinite_bf16_zero1", "nonfinite_bf16_zero2",
+          "nonfinite_tp2_zero0", "nonfinite_pp2", "nonfinite_checkpoints", "nonfinite_bf16_zero0", "nonfinite_bf16_zero1", "nonfinite_bf16_zero2",
           "nonfinite_bf16_zero3"]
 WORLD4 = ["tp2dp2_zero1", "tp2pp2", "iomm_tp2pp2", "ema_tp2pp2", "reshard_tp2dp2_to_dp4", "muon_full_tp2dp2_to_dp4",
           "native_ckpt_tp2dp2_zero3",
@@ -136,6 +136,23 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(world2, name):
     assert r["skipped_loss"] != r["skipped_loss"]  # NaN: the poison reached the loss
     assert not math.isfinite(r["skipped_grad_norm"])
     assert_parity(r, steps=3)
+
+
+def test_the_launchers_never_write_nor_resume_non_finite_weights(world2):
+    """DistributedTrainer (what launchers/pretrain.py runs), in the 2-process group: under ZeRO-3 a
+    weight of rank 1's partition overflowed to inf after step 2, so the periodic save at step 2
+    is refused on every rank and the newest good checkpoint (step 1) stays; under ZeRO-0 a
+    DeepSpeed checkpoint holding NaN (written by the engine's own save, past the check) is refused
+    on resume, naming the parameter."""
+    r = check(world2, "nonfinite_checkpoints")
+    assert r["save_error"] == (f"NonFiniteError: step 2: the weights are not finite (1 tensor, e.g. "
+                               f"generator.x_embedder.weight), so no checkpoint was written (the newest, {r['newest']}, "
+                               f"is kept): an update overflowed them. Lower optim.lr (or raise optim.warmup_steps) and "
+                               f"resume from {r['newest']}.")
+    assert [c for c in r["checkpoints"] if c.startswith("step_") or c == "latest"] == ["latest", "step_00000001"]
+    assert r["resume_error"] == (f"CheckpointError: resuming from {r['corrupt']}: its weights are not finite (NaN / "
+                                 f"inf in 1 parameter, e.g. generator.x_embedder.weight): written after the run "
+                                 f"diverged? Start from an earlier checkpoint")
 
 
 @pytest.mark.parametrize("stage,wrapper", [(0, "FP16_UnfusedOptimizer"), (1, "DeepSpeedZeroOptimizer"),
