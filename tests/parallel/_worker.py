@@ -871,10 +871,13 @@ def _gather_ints(values: list[int]) -> list[list[int]]:
     return [o.tolist() for o in out]
 
 
-def scenario_muon(name: str, shard_check=False, resume_after=None, bf16=False, clip=CLIP, **p) -> dict:
+def scenario_muon(name: str, shard_check=False, resume_after=None, bf16=False, clip=CLIP, nan_step=None,
+                  **p) -> dict:
     """Our Muon (DistributedMuon) as DeepSpeed's client optimizer at ZeRO-0. resume_after=k: save
     a DeepSpeed checkpoint after k steps, rebuild from a corrupted model, load, finish. bf16: the
-    run config's train.precision bf16 (fp32 weights + bf16 torch autocast, `precision_extra`)."""
+    run config's train.precision bf16 (fp32 weights + bf16 torch autocast, `precision_extra`).
+    nan_step=k: a NaN in the last DP replica's forward at step k: every rank skips that update
+    (momenta untouched too), the reference skips it as well."""
     from iomm_scale.optim.muon import build_muon_optimizer
     from iomm_scale.parallel.dist_trainer import optimizer_factory, precision_extra
     from iomm_scale.parallel.runtime import our_muon
@@ -892,14 +895,20 @@ def scenario_muon(name: str, shard_check=False, resume_after=None, bf16=False, c
         def loss_fn(mdl, mb):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return default_loss_fn(mdl, mb)
-    ref_losses, hist = _cached(("ours", dp, bf16, clip), lambda: reference(
-        model, make, dp, 1, STEPS, loss_fn=loss_fn, clip=clip, make_opt=lambda mdl: build_muon_optimizer(mdl, cfg)))
+    skip = () if nan_step is None else (nan_step,)
+    ref_losses, hist = _cached(("ours", dp, bf16, clip, skip), lambda: reference(
+        model, make, dp, 1, STEPS, loss_fn=loss_fn, clip=clip, make_opt=lambda mdl: build_muon_optimizer(mdl, cfg),
+        skip_steps=skip))
     init = {n: q.detach().clone() for n, q in model.named_parameters()}
     factory = per_shard(optimizer_factory(cfg)) if shard_check else optimizer_factory(cfg)
     extra = precision_extra(cfg, pcfg)
+    def poison(rt):
+        if nan_step is not None and rt.layout.dp_rank == rt.layout.dp - 1:
+            poison_first_linear(rt.model, lambda: rt.step == nan_step)
+
     if resume_after is None:
         rt, losses = run_layout(model, make, pcfg, micro, opt_fn=factory, clip=clip,
-                                ds_extra=extra)
+                                ds_extra=extra, after_build=poison)
     else:
         rt, losses = run_layout(model, make, pcfg, micro, steps=resume_after, opt_fn=factory, clip=clip, ds_extra=extra)
         ckpt_dir = _shared_tmpdir()
@@ -915,7 +924,12 @@ def scenario_muon(name: str, shard_check=False, resume_after=None, bf16=False, c
         rt.load(ckpt_dir, tag="s")
         losses += [rt.train_step(dp_slice(make(model, s_), lay.dp, lay.dp_rank))["loss"]
                    for s_ in range(resume_after, STEPS)]
+    if nan_step is not None:
+        losses, ref_losses = losses[:nan_step] + losses[nan_step + 1:], ref_losses[:nan_step] + ref_losses[nan_step + 1:]
+        out_applied = rt.test_applied
     out = compare(rt, losses, ref_losses, hist[-1], init)
+    if nan_step is not None:
+        out["applied"] = out_applied
     opt = our_muon(rt.engine)
     out["optimizer"] = type(opt).__name__
     out["engine_optimizer"] = type(rt.engine.optimizer).__name__
@@ -1114,6 +1128,7 @@ SCENARIOS = {
     "muon_tp2_per_shard": lambda: scenario_muon("muon_tp2_per_shard", shard_check=True, tp=2, zero_stage=0),
     # clip 0: DeepSpeed's and torch's clip coefficients differ in the last bit (the ~1e-7 of the fp32
     # runs), which bf16 autocast rounding would amplify; clipping is proved by the fp32 runs.
+    "nonfinite_muon_dp2_zero0": lambda: scenario_muon("nonfinite_muon_dp2_zero0", nan_step=1, zero_stage=0),
     "muon_dp2_bf16_autocast": lambda: scenario_muon("muon_dp2_bf16_autocast", bf16=True, clip=0.0, zero_stage=0),
     "bf16_full_zero0": lambda: scenario_bf16_full("bf16_full_zero0"),
     "ds_muon_dp2_zero1": lambda: scenario_ds_muon("ds_muon_dp2_zero1", zero_stage=1),

@@ -43,7 +43,7 @@ WORLD2 = ["dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "dp2_zero3_ckpt", 
           "bf16_full_zero0", "dp2_zero0_noclip", "pp2_mb2", "s3dit_pp2_mb2", "qwen_pp2_mb2",
           "muon_dp2_zero0", "muon_tp2_zero0", "muon_tp2_per_shard", "muon_dp2_bf16_autocast", "ds_muon_dp2_zero1",
           "ds_muon_dp2_zero3", "nonfinite_dp2_zero0_noclip", "nonfinite_dp2_zero2", "nonfinite_dp2_zero3",
-          "nonfinite_tp2_zero0", "nonfinite_pp2", "nonfinite_checkpoints", "nonfinite_bf16_zero0", "nonfinite_bf16_zero1", "nonfinite_bf16_zero2",
+          "nonfinite_tp2_zero0", "nonfinite_pp2", "nonfinite_checkpoints", "nonfinite_muon_dp2_zero0", "nonfinite_bf16_zero0", "nonfinite_bf16_zero1", "nonfinite_bf16_zero2",
           "nonfinite_bf16_zero3"]
 WORLD4 = ["tp2dp2_zero1", "tp2pp2", "iomm_tp2pp2", "ema_tp2pp2", "reshard_tp2dp2_to_dp4", "muon_full_tp2dp2_to_dp4",
           "native_ckpt_tp2dp2_zero3",
@@ -136,6 +136,16 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(world2, name):
     assert r["skipped_loss"] != r["skipped_loss"]  # NaN: the poison reached the loss
     assert not math.isfinite(r["skipped_grad_norm"])
     assert_parity(r, steps=3)
+
+
+def test_a_nan_under_our_distributed_muon_skips_the_step_and_its_momenta(world2):
+    """Our DistributedMuon at ZeRO-0 (DP=2, the tiny IOMM model): a NaN in rank 1's forward at step
+    1 of 3; the optimizer-step guard skips it on both ranks (Newton-Schulz, momenta and the
+    owners' broadcast included), and the weights after step 2 equal single-process MuonWithAdamW
+    skipping step 1."""
+    r = check(world2, "nonfinite_muon_dp2_zero0")
+    assert r["optimizer"] == "DistributedMuon" and r["applied"] == [True, False, True]
+    assert_parity(r, steps=2)
 
 
 def test_the_launchers_never_write_nor_resume_non_finite_weights(world2):
