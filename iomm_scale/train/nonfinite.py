@@ -11,7 +11,8 @@ No checkpoint is ever written with non-finite weights (an applied update can sti
 them): the save is refused with `weights_error` and the newest good checkpoint stays.
 
 Who skips: iomm-train checks the loss and the global gradient norm itself (train/trainer.py).
-Under the launchers DeepSpeed's optimizers skip a step whose global gradient norm is not finite
+Under the launchers the gradient norm decides alone (a NaN loss makes it NaN): DeepSpeed's
+optimizers skip a step whose global gradient norm is not finite
 (ZeRO-1/2 in fp32, bf16 with `check_grad_overflow`, ZeRO-3 in any precision); at ZeRO-0 our
 wrapper of the optimizer's step does (parallel/runtime.py). The norm is global over DP, TP and
 PP, so every rank decides alike; the runtime checks that they did.

@@ -350,12 +350,14 @@ def _dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def _layout(p: dict) -> tuple[int, int, int]:
+    """(dp, micro-batches per step, micro-batch size) of a scenario's layout keywords (pops `micro`)."""
+    dp = dist.get_world_size() // (p.get("tp", 1) * p.get("pp", 1))
+    return dp, p.get("num_microbatches", 1), p.pop("micro", 2)
+
+
 def scenario_generator(name: str, family="flux", **p) -> dict:
-    world = dist.get_world_size()
-    tp, pp = p.get("tp", 1), p.get("pp", 1)
-    dp = world // (tp * pp)
-    m = p.get("num_microbatches", 1)
-    micro = p.pop("micro", 2)
+    dp, m, micro = _layout(p)
     ema_decay = p.pop("ema_decay", None)
     compile_backend = p.pop("compile_backend", None)
     clip = p.pop("clip", CLIP)
@@ -410,11 +412,7 @@ def scenario_nonfinite(name: str, nan_step: int = 1, steps: int = 4, **p) -> dic
     ZeRO 1-3, our optimizer-step guard at ZeRO-0) and the later steps apply as usual, so the final
     weights equal the single-process run that skipped that step (and its losses the reference's).
     Without the skip the weights would be NaN."""
-    world = dist.get_world_size()
-    tp, pp = p.get("tp", 1), p.get("pp", 1)
-    dp = world // (tp * pp)
-    m = p.get("num_microbatches", 1)
-    micro = p.pop("micro", 2)
+    dp, m, micro = _layout(p)
     clip = p.pop("clip", CLIP)
     pcfg = ParallelConfig(**p)
     gen = build_generator()
@@ -537,11 +535,7 @@ def scenario_nonfinite_checkpoints(name: str) -> dict:
 
 
 def scenario_iomm(name: str, **p) -> dict:
-    world = dist.get_world_size()
-    tp, pp = p.get("tp", 1), p.get("pp", 1)
-    dp = world // (tp * pp)
-    m = p.get("num_microbatches", 1)
-    micro = p.pop("micro", 2)
+    dp, m, micro = _layout(p)
     config, resolution = p.pop("config", "tiny.yaml"), p.pop("resolution", 16)
     ema_decay = p.pop("ema_decay", None)
     compile_backend, compile_mllm = p.pop("compile_backend", None), p.pop("compile_mllm", False)
@@ -588,7 +582,7 @@ def scenario_iomm(name: str, **p) -> dict:
     out["all_trainable_optimized"], out["no_frozen_optimized"] = bool(flags[0]), bool(flags[1])
     out["frozen_params_on_rank0"] = int(flags[2])
     out["dp"] = dp
-    out["tp"] = tp
+    out["tp"] = pcfg.tp
     out["trainable_numel"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rt.layout.is_first_stage and rt.layout.rank == 0 and pcfg.zero_stage < 3:
         after = rt.model.conditioner.mllm.state_dict()
@@ -680,11 +674,7 @@ def scenario_ema(name: str, export=False, flux_kw=None, **p) -> dict:
     run; DeepSpeed checkpoint + per-rank EMA files, rebuilt from zeroed weights, loaded: every
     rank's EMA tensors bit-identical to the saved ones; 1 more step, against the reference's
     4th. `export`: export_ema after that, rank 0 reads ema.safetensors / state.pt back."""
-    world = dist.get_world_size()
-    tp, pp = p.get("tp", 1), p.get("pp", 1)
-    dp = world // (tp * pp)
-    m = p.get("num_microbatches", 1)
-    micro = p.pop("micro", 2)
+    dp, m, micro = _layout(p)
     pcfg = ParallelConfig(**p)
     gen = build_generator(**(flux_kw or {}))
     make = lambda model, step: generator_batch(gen, step, dp * m * micro)  # noqa: E731

@@ -206,3 +206,18 @@ def test_weights_an_update_overflowed_are_never_checkpointed(tiny_cfg, tmp_path)
                                              rf"overflowed them\), so no checkpoint was written; the newest is {newest}\."):
         t.fit()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000001"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_nan_step_on_cuda_in_bf16_applies_nothing(tiny_cfg, tmp_path):
+    """The same skip on a GPU under bf16 autocast (the loss and norm read back from the device)."""
+    t = Trainer(tiny_cfg("train.device=cuda", "train.precision=bf16", "train.steps=3", "optim.ema_decay=0.9"),
+                run_dir=tmp_path)
+    snaps: dict = {}
+    poison(t, {2}, snaps)
+    t.train_step()
+    out = t.train_step()
+    assert not out["applied"] and math.isnan(out["loss"])
+    assert same(t.model.trainable_state_dict(), snaps[2]["weights"]) and same(t.ema.shadow, snaps[2]["ema"])
+    assert t.train_step()["applied"]
