@@ -1112,6 +1112,7 @@ SCENARIOS = {
     "nonfinite_bf16_zero2": lambda: scenario_nonfinite_bf16("nonfinite_bf16_zero2", 2),
     "nonfinite_bf16_zero3": lambda: scenario_nonfinite_bf16("nonfinite_bf16_zero3", 3),
     "nonfinite_checkpoints": lambda: scenario_nonfinite_checkpoints("nonfinite_checkpoints"),
+    "nonfinite_tp2dp2_zero1": lambda: scenario_nonfinite("nonfinite_tp2dp2_zero1", tp=2, zero_stage=1),
     "nonfinite_pp2": lambda: scenario_nonfinite("nonfinite_pp2", pp=2, zero_stage=1, num_microbatches=2, micro=2),
     "muon_dp2_zero0": lambda: scenario_muon("muon_dp2_zero0", zero_stage=0),
     "muon_tp2_zero0": lambda: scenario_muon("muon_tp2_zero0", tp=2, zero_stage=0),

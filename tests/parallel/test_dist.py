@@ -47,7 +47,7 @@ WORLD2 = ["dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "dp2_zero3_ckpt", 
           "nonfinite_bf16_zero3"]
 WORLD4 = ["tp2dp2_zero1", "tp2pp2", "iomm_tp2pp2", "ema_tp2pp2", "reshard_tp2dp2_to_dp4", "muon_full_tp2dp2_to_dp4",
           "native_ckpt_tp2dp2_zero3",
-          "muon_tp2dp2_zero0", "muon_tp2dp2_resume", "muon_dp4_zero0"]
+          "muon_tp2dp2_zero0", "muon_tp2dp2_resume", "muon_dp4_zero0", "nonfinite_tp2dp2_zero1"]
 
 LOSS_TOL, PARAM_TOL, UPDATE_TOL = 1e-5, 1e-5, 2e-3
 
@@ -121,16 +121,18 @@ def test_two_process_layouts_match_single_process(world2, name):
         assert_ema_per_rank(r, dp=2)
 
 
-@pytest.mark.parametrize("name", ["nonfinite_dp2_zero0_noclip", "nonfinite_dp2_zero2", "nonfinite_dp2_zero3",
-                                  "nonfinite_tp2_zero0", "nonfinite_pp2"])
-def test_a_nan_on_one_rank_skips_the_step_on_every_rank(world2, name):
+@pytest.mark.parametrize("world,name", [("world2", "nonfinite_dp2_zero0_noclip"), ("world2", "nonfinite_dp2_zero2"),
+                                        ("world2", "nonfinite_dp2_zero3"), ("world2", "nonfinite_tp2_zero0"),
+                                        ("world2", "nonfinite_pp2"), ("world4", "nonfinite_tp2dp2_zero1")])
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(world, name, request):
     """train/nonfinite.py under the launchers: a NaN made in the forward of one rank (the last DP
     replica's, the first stage's) at step 1 of 4. ZeRO-0 (our guard of the optimizer step, without
     clipping: the norm measured for it), ZeRO-2 / ZeRO-3 (DeepSpeed's overflow check), TP2, PP2.
     Every rank skips that update, and the weights after step 4 and the losses of steps 0, 2, 3 equal
     the single-process run that skipped step 1 (same tolerances). Without the skip the weights
-    turn NaN and this fails (checked by disabling the ZeRO-0 guard: param_rel inf)."""
-    r = check(world2, name)
+    turn NaN and this fails (checked by disabling the ZeRO-0 guard: param_rel inf). With 4
+    processes, TP2 x DP2 at ZeRO-1: the NaN in replica 1's two TP ranks."""
+    r = check(request.getfixturevalue(world), name)
     assert r["poisoned_ranks"] == (2 if "tp2" in name else 1)  # TP peers both hold the first linear
     assert r["applied"] == [True, False, True, True]
     assert r["skipped_loss"] != r["skipped_loss"]  # NaN: the poison reached the loss
