@@ -367,7 +367,9 @@ class DistributedTrainer:
         if bad:  # never over good checkpoints (keep_checkpoints would prune them)
             from ..train.nonfinite import weights_error
 
-            raise weights_error(self.rt.step, bad, self._newest_checkpoint())
+            latest = self.ckpt_root / "latest"  # DeepSpeed's, naming the newest tag
+            raise weights_error(self.rt.step, bad, self.ckpt_root / latest.read_text().strip() if latest.is_file()
+                                else None)
         if self.layout.tp_rank == 0 and self.layout.pp_rank == 0:
             # before the engine's save, which writes `latest` last: `latest` never names a tag
             # without the loader positions (or the EMA, which rt.save writes first too)
@@ -488,10 +490,6 @@ class DistributedTrainer:
                                            "the loaded weights")
             print(f"[iomm] resumed from {root / tag} at step {self.rt.step}{note}", flush=True)
 
-    def _newest_checkpoint(self) -> Path | None:
-        latest = self.ckpt_root / "latest"  # DeepSpeed's, written last
-        return self.ckpt_root / latest.read_text().strip() if latest.is_file() else None
-
     def _nonfinite_weights(self) -> list[str]:
         """Collective: names of the trainable parameters holding NaN / inf on any rank (each rank
         checks what it holds: its TP shard, its ZeRO-3 partition)."""
@@ -504,14 +502,10 @@ class DistributedTrainer:
         return sorted({n for rank_names in gathered for n in rank_names})
 
     def _check_finite(self, source: str) -> None:
-        """Collective, after a load: refuse NaN / inf in the loaded weights (checkpoint.check_finite)."""
-        from ..train.checkpoint import CheckpointError
+        """Collective, after a load: refuse NaN / inf in the loaded weights."""
+        from ..train.checkpoint import refuse_nonfinite
 
-        bad = self._nonfinite_weights()
-        if bad:
-            raise CheckpointError(f"{source}: its weights are not finite (NaN / inf in {len(bad)} "
-                                  f"parameter{'s' if len(bad) > 1 else ''}, e.g. {', '.join(bad[:3])}): written after "
-                                  "the run diverged? Start from an earlier checkpoint")
+        refuse_nonfinite(source, self._nonfinite_weights())
 
     # ---- loop ----------------------------------------------------------------------
     def _on_signal(self, signum, frame):
@@ -619,9 +613,7 @@ class DistributedTrainer:
                               flush=True)
                     t0 = time.perf_counter()
                 if self.nonfinite.exceeded:  # no update since the streak began: keep those weights, stop
-                    bad = self._nonfinite_weights()
-                    raise self.nonfinite.error(None if bad else self.ckpt_root / self.save(), bad,
-                                               self._newest_checkpoint())
+                    raise self.nonfinite.error(self.ckpt_root / self.save())
                 if self.eval_set is not None and due(self.rt.step, cfg.eval.every, cfg.train.steps):
                     found = {"step": self.rt.step, **self.evaluate(), "time": time.time()}  # every rank
                     if self.is_logger:

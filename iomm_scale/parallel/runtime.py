@@ -282,7 +282,6 @@ class ParallelRuntime:
         if self.layout.dp > 1:
             dist.all_reduce(loss, group=self.layout.dp_group())
             loss /= self.layout.dp
-        _check_agreement(applied, loss.device, self.step + 1)
         self.step += 1
         norm = self.engine.get_global_grad_norm()
         return {"step": self.step, "loss": float(loss[0]), "applied": applied,
@@ -389,16 +388,6 @@ def _guard_zero0_step(engine) -> None:
         return inner_step(*args, **kwargs)
 
     optimizer.step = guarded_step
-
-
-def _check_agreement(applied: bool, device, step: int) -> None:
-    """Every rank applied its optimizer step, or none did: the skip decision rests on the global
-    gradient norm, so a split would mean replicas (or stages) drifting apart silently."""
-    counts = torch.tensor([float(applied), float(not applied)], device=device)
-    dist.all_reduce(counts)
-    if counts[0] and counts[1]:
-        raise RuntimeError(f"step {step}: {int(counts[0])} ranks applied the optimizer step and {int(counts[1])} "
-                           "skipped it (non-finite gradient norm): the replicas would drift apart")
 
 
 def our_muon(engine):

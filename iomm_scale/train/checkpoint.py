@@ -255,14 +255,20 @@ def check_lora_base(saved: str, mine: str, source: str) -> None:
                               f"checksum {saved} != {mine}): check model.generator.path / train.seed")
 
 
+def refuse_nonfinite(source: str, bad: list[str], what: str = "weights") -> None:
+    """A loaded checkpoint whose `bad` tensors hold NaN / inf (written after a run diverged, before
+    train/nonfinite.py kept such steps out) is refused, naming them."""
+    if bad:
+        from .nonfinite import some_names
+
+        raise CheckpointError(f"{source}: its {what} are not finite (NaN / inf in {some_names(bad)}): written after "
+                              "the run diverged? Start from an earlier checkpoint")
+
+
 def check_finite(tensors: dict[str, torch.Tensor], source: str, what: str = "weights") -> None:
-    """Refuse NaN / inf in loaded `tensors` (a checkpoint written after a run diverged, before
-    train/nonfinite.py kept such steps out), naming the first tensor that holds any."""
-    for n, v in tensors.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            bad = int((~torch.isfinite(v)).sum())
-            raise CheckpointError(f"{source}: its {what} are not finite ({n} holds {bad} NaN / inf values of "
-                                  f"{v.numel()}): written after the run diverged? Start from an earlier checkpoint")
+    from .nonfinite import nonfinite_names
+
+    refuse_nonfinite(source, nonfinite_names(tensors.items()), what)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ Under the launchers the gradient norm decides alone (a NaN loss makes it NaN): D
 optimizers skip a step whose global gradient norm is not finite
 (ZeRO-1/2 in fp32, bf16 with `check_grad_overflow`, ZeRO-3 in any precision); at ZeRO-0 our
 wrapper of the optimizer's step does (parallel/runtime.py). The norm is global over DP, TP and
-PP, so every rank decides alike; the runtime checks that they did.
+PP, so every rank decides alike (the parity tests would see a split as diverging weights).
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ def nonfinite_names(named) -> list[str]:
     return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def _some(names: list[str]) -> str:
+def some_names(names: list[str]) -> str:
     return f"{len(names)} tensor{'s' if len(names) > 1 else ''}, e.g. {', '.join(names[:3])}"
 
 
 def weights_error(step: int, bad: list[str], newest) -> NonFiniteError:
     """Why a checkpoint was not written: it would have stored non-finite weights over good ones."""
     return NonFiniteError(
-        f"step {step}: the weights are not finite ({_some(bad)}), so no checkpoint was written (the newest, "
+        f"step {step}: the weights are not finite ({some_names(bad)}), so no checkpoint was written (the newest, "
         f"{newest or 'none'}, is kept): an update overflowed them. Lower optim.lr (or raise optim.warmup_steps) and "
         f"resume from {newest or 'the start'}.")
 
@@ -74,22 +74,16 @@ class NonFiniteGuard:
     def exceeded(self) -> bool:
         return len(self.streak) > self.limit
 
-    def error(self, checkpoint, bad_weights=(), newest=None) -> NonFiniteError:
-        """The stop: `checkpoint` holds the untouched weights; or, when those weights are not finite
-        themselves (`bad_weights`: an applied update overflowed them), none was written and
-        `newest` is the run's newest (finite) checkpoint."""
+    def error(self, checkpoint) -> NonFiniteError:
+        """The stop, after `checkpoint` saved the untouched weights (a save of weights that are
+        not finite themselves raises `weights_error` instead)."""
         first, last, n = self.streak[0], self.streak[-1], len(self.streak)
         what = f"step {first}: a non-finite" if n == 1 else f"steps {first}-{last}: {n} steps in a row with a non-finite"
-        if bad_weights:
-            where = (f"The weights themselves are not finite ({_some(bad_weights)}: an update before step {first} "
-                     f"overflowed them), so no checkpoint was written; the newest is {newest or 'none'}.")
-        else:
-            where = (f"No update was applied since step {first - 1}: checkpoint {checkpoint} holds those weights, past "
-                     f"the data of these steps.")
         return NonFiniteError(
-            f"{what} loss or gradient norm (train.max_nonfinite_steps: {self.limit}); stopped. {where} Usual causes: "
-            f"a learning rate too high for the batch (optim.lr, optim.warmup_steps), bf16 overflow, or bad samples "
-            f"(the warnings above name each step's). Resume from a checkpoint after changing that.")
+            f"{what} loss or gradient norm (train.max_nonfinite_steps: {self.limit}); stopped. No update was applied "
+            f"since step {first - 1}: checkpoint {checkpoint} holds those weights, past the data of these steps. Usual "
+            f"causes: a learning rate too high for the batch (optim.lr, optim.warmup_steps), bf16 overflow, or bad "
+            f"samples (the warnings above name each step's). Resume from it after changing that.")
 
     def state_dict(self) -> dict:
         return {"total": self.total, "streak": list(self.streak)}

@@ -401,8 +401,7 @@ class Trainer:
                         wandb_run.log(last, step=self.step)
                     window, window_samples, t0 = [], 0, time.perf_counter()
                 if self.nonfinite.exceeded:  # no update since the streak began: keep those weights, stop
-                    bad = nonfinite_names(self.model.trainable_state_dict().items())
-                    raise self.nonfinite.error(None if bad else self.save(), bad, ckpt.find_latest(self.ckpt_root))
+                    raise self.nonfinite.error(self.save())
                 e = self.cfg.eval
                 if self.eval_set is not None and not self._stop_requested and due(self.step, e.every, cfg.steps):
                     line = {**self.evaluate(), "time": time.time()}

@@ -163,7 +163,7 @@ def test_the_launchers_never_write_nor_resume_non_finite_weights(world2):
                                f"resume from {r['newest']}.")
     assert [c for c in r["checkpoints"] if c.startswith("step_") or c == "latest"] == ["latest", "step_00000001"]
     assert r["resume_error"] == (f"CheckpointError: resuming from {r['corrupt']}: its weights are not finite (NaN / "
-                                 f"inf in 1 parameter, e.g. generator.x_embedder.weight): written after the run "
+                                 f"inf in 1 tensor, e.g. generator.x_embedder.weight): written after the run "
                                  f"diverged? Start from an earlier checkpoint")
 
 

@@ -160,28 +160,28 @@ def test_a_checkpoint_holding_nan_is_refused_by_resume_init_from_and_sampling(ti
     name = "generator.x_embedder.weight"
     state["model"][name][0, :3] = float("nan")
     torch.save(state, path / "state.pt")
-    with pytest.raises(CheckpointError, match=rf"^resuming from {path}: its weights are not finite \({name} holds 3 "
-                                              r"NaN / inf values of \d+\)"):
+    with pytest.raises(CheckpointError, match=rf"^resuming from {path}: its weights are not finite \(NaN / inf in 1 "
+                                              rf"tensor, e.g. {name}\): written after the run diverged\?"):
         Trainer(tiny_cfg("train.steps=2", "optim.ema_decay=0.9", "train.resume=auto"), run_dir=tmp_path / "a")
     cfg = tiny_cfg("train.steps=2", f"train.init_from={path}", "train.init_from_ema=false")
-    with pytest.raises(CheckpointError, match=rf"^train.init_from={path}: its weights are not finite \({name}"):
+    with pytest.raises(CheckpointError, match=rf"^train.init_from={path}: its weights are not finite \(NaN / inf in 1 tensor, e.g. {name}\)"):
         Trainer(cfg, run_dir=tmp_path / "b")
-    with pytest.raises(CheckpointError, match=rf"its weights are not finite \({name}"):
+    with pytest.raises(CheckpointError, match=rf"its weights are not finite \(NaN / inf in 1 tensor, e.g. {name}\)"):
         load_trained(cfg, str(path), use_ema=False)
     # the EMA alone
     state = torch.load(path / "state.pt", weights_only=False)
     state["model"][name].nan_to_num_(0.0)
     state["ema"]["shadow"][name][1, 1] = float("inf")
     torch.save(state, path / "state.pt")
-    with pytest.raises(CheckpointError, match=rf"its EMA weights are not finite \({name} holds 1 NaN / inf"):
+    with pytest.raises(CheckpointError, match=rf"its EMA weights are not finite \(NaN / inf in 1 tensor, e.g. {name}\)"):
         Trainer(tiny_cfg("train.steps=2", "optim.ema_decay=0.9", "train.resume=auto"), run_dir=tmp_path / "a")
 
 
 def test_weights_an_update_overflowed_are_never_checkpointed(tiny_cfg, tmp_path):
     """An applied update that overflows a weight to inf (here an optimizer step hook writes the
     inf, as an lr far too high would: its gradients were finite, so the step applied). A periodic
-    save then is refused, keeping the newest good checkpoint; without one, the stop after the NaN
-    streak that follows writes no checkpoint either and says why."""
+    save then is refused, keeping the newest good checkpoint; without one, so is the save of the
+    stop after the NaN streak that follows."""
     good = Trainer(tiny_cfg("train.steps=1"), run_dir=tmp_path)
     good.fit()
     newest = tmp_path / "checkpoints" / "step_00000001"
@@ -201,9 +201,9 @@ def test_weights_an_update_overflowed_are_never_checkpointed(tiny_cfg, tmp_path)
         t.fit()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000001"]
     t = overflowing(Trainer(tiny_cfg("train.steps=9", *over), run_dir=tmp_path), 2)
-    with pytest.raises(NonFiniteError, match=r"^steps 3-4: 2 steps in a row .* The weights themselves are not finite "
-                                             r"\(1 tensor, e.g. generator.x_embedder.weight: an update before step 3 "
-                                             rf"overflowed them\), so no checkpoint was written; the newest is {newest}\."):
+    with pytest.raises(NonFiniteError, match=r"^step 4: the weights are not finite \(1 tensor, e.g. "
+                                             rf"generator.x_embedder.weight\), so no checkpoint was written \(the newest, "
+                                             rf"{newest}, is kept\)"):
         t.fit()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000001"]
 
