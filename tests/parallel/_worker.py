@@ -914,12 +914,11 @@ def scenario_muon(name: str, shard_check=False, resume_after=None, bf16=False, c
         rt.load(ckpt_dir, tag="s")
         losses += [rt.train_step(dp_slice(make(model, s_), lay.dp, lay.dp_rank))["loss"]
                    for s_ in range(resume_after, STEPS)]
-    if nan_step is not None:
+    if nan_step is not None:  # the skipped step's loss is NaN here, finite in the reference
         losses, ref_losses = losses[:nan_step] + losses[nan_step + 1:], ref_losses[:nan_step] + ref_losses[nan_step + 1:]
-        out_applied = rt.test_applied
     out = compare(rt, losses, ref_losses, hist[-1], init)
     if nan_step is not None:
-        out["applied"] = out_applied
+        out["applied"] = rt.test_applied
     opt = our_muon(rt.engine)
     out["optimizer"] = type(opt).__name__
     out["engine_optimizer"] = type(rt.engine.optimizer).__name__
