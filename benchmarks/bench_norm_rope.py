@@ -13,9 +13,9 @@ apply_complex_rope, rms_norm_complex_rope), and the effective bandwidth over the
 backward: read x and the output gradient, write dL/dx). Prints a table; --out writes normrope.md.
 
 --sweep also times the kernels alone (the custom ops, no autograd) for head vectors per program
-x warps per program, forward and backward, to choose FWD_ROWS / FWD_WARPS / BWD_ROWS / BWD_WARPS
-in models/fused_norm_rope.py (the shipped 16 x 4 for both; on an H200 the backward ran at about
-half the forward's bandwidth in the whole model, ninth session). The gradient is a sequence
+(8-64) x warps per program (2-16), forward and backward, to choose FWD_ROWS / FWD_WARPS /
+BWD_ROWS / BWD_WARPS in models/fused_norm_rope.py (shipped: its fastest on an H200, forward
+8 x 2, backward 64 x 8, fourteenth session). The gradient is a sequence
 slice of a longer one, as a double block's is. With --out it writes the fastest forward and
 backward choice as `IOMM_NORM_ROPE_CONFIG=fr,fw,br,bw` to OUT/normrope_best.env (gpu_check's
 later stages run with it).
@@ -131,19 +131,20 @@ def sweep(x, norm, cos, sin, g, fwd_bytes, bwd_bytes, do_bench) -> tuple[list[st
     lines = ["", "kernels alone (no autograd), per call:", "",
              "| rows x warps | fwd ms | fwd TB/s | bwd ms | bwd TB/s |", "|---|---|---|---|---|"]
     try:
-        for rows in (8, 16, 32):  # each pair is one more Triton compilation of both kernels (~1-2 s)
-            for warps in (2, 4, 8):
-                f.FWD_ROWS = f.BWD_ROWS = rows
-                f.FWD_WARPS = f.BWD_WARPS = warps
-                try:
-                    t_f = do_bench(lambda: f.rms_norm_rope(x, w, cos, sin, norm.eps), warmup=5, rep=50)
-                    t_b = do_bench(lambda: f.rms_norm_rope_backward(g, x, w, cos, sin, norm.eps), warmup=5, rep=50)
-                except Exception as e:  # noqa: BLE001 - a configuration the compiler refuses (registers)
-                    lines.append(f"| {rows} x {warps} | failed: {type(e).__name__} | | | |")
-                    continue
-                lines.append(f"| {rows} x {warps} | {t_f:.3f} | {fwd_bytes / t_f / 1e9:.2f} | {t_b:.3f} | "
-                             f"{bwd_bytes / t_b / 1e9:.2f} |")
-                timed.append((rows, warps, t_f, t_b))
+        # each pair is one more Triton compilation of both kernels (~1-2 s); 64 rows: fewer weight-
+        # gradient partials in the backward (programs x D floats), more registers per program
+        for rows, warps in [(r, nw) for r in (8, 16, 32) for nw in (2, 4, 8)] + [(64, 4), (64, 8), (64, 16)]:
+            f.FWD_ROWS = f.BWD_ROWS = rows
+            f.FWD_WARPS = f.BWD_WARPS = warps
+            try:
+                t_f = do_bench(lambda: f.rms_norm_rope(x, w, cos, sin, norm.eps), warmup=5, rep=50)
+                t_b = do_bench(lambda: f.rms_norm_rope_backward(g, x, w, cos, sin, norm.eps), warmup=5, rep=50)
+            except Exception as e:  # noqa: BLE001 - a configuration the compiler refuses (registers)
+                lines.append(f"| {rows} x {warps} | failed: {type(e).__name__} | | | |")
+                continue
+            lines.append(f"| {rows} x {warps} | {t_f:.3f} | {fwd_bytes / t_f / 1e9:.2f} | {t_b:.3f} | "
+                         f"{bwd_bytes / t_b / 1e9:.2f} |")
+            timed.append((rows, warps, t_f, t_b))
     finally:
         f.FWD_ROWS, f.FWD_WARPS, f.BWD_ROWS, f.BWD_WARPS = shipped
     if not timed:

@@ -12,8 +12,8 @@ the complex tensor's float view in place: the same rotation, no table is built).
 
 Why: in the compiled IOMM-B generator the inductor-generated norm + RoPE kernels (forward,
 and the backward with its weight-gradient reduction) took ~41 ms of a 520 ms forward +
-backward at micro-batch 32 on an H200, about 4x the time their bytes need
-(benchmarks/RESULTS.md). This kernel reads x once and writes the output once; its backward
+backward at micro-batch 32 on an H200, about 4x the time their bytes need; this kernel's take
+~18 ms there (benchmarks/RESULTS.md). It reads x once and writes the output once; its backward
 recomputes the norm from x (nothing else is saved) and reads x and the output gradient once,
 each in the layout it comes in (any batch / sequence / head strides, no copy first).
 
@@ -37,9 +37,11 @@ except ImportError:  # CPU-only installs: the unfused PyTorch code is used
 
 MAX_HEAD_DIM = 256
 # Head vectors and warps per program: (forward rows, forward warps, backward rows, backward warps).
-# benchmarks/bench_norm_rope.py --sweep times other choices and writes the fastest as
-# IOMM_NORM_ROPE_CONFIG="fr,fw,br,bw", which overrides these (gpu_check's later stages use it).
-SHIPPED_CONFIG = (16, 4, 16, 4)
+# The fastest of benchmarks/bench_norm_rope.py --sweep on an H200 (fourteenth session: forward
+# 8 x 2 at 3.3 TB/s, was 16 x 4 at 2.0; backward 64 x 8 at 2.0 TB/s, was 16 x 4 at 1.8: 64 rows
+# also write 4x fewer weight-gradient partials). IOMM_NORM_ROPE_CONFIG="fr,fw,br,bw" overrides
+# these (gpu_check's later stages run with the sweep's fastest on the card at hand).
+SHIPPED_CONFIG = (8, 2, 64, 8)
 
 
 def parse_config(text: str) -> tuple[int, int, int, int]:
@@ -150,6 +152,8 @@ def _geometry(x: torch.Tensor, cos: torch.Tensor):
     if cos.shape[-2:] != (s, d) or cos.dim() not in (2, 3) or (cos.dim() == 3 and cos.shape[0] not in (1, b)):
         raise ValueError(f"rms_norm_rope: rope tables must be [S, D] or [B, S, D] with B={b}, S={s}, D={d}; "
                          f"got {tuple(cos.shape)}")
+    if cos.device != x.device:  # Triton would fail on the pointer with a message naming no tensor
+        raise ValueError(f"rms_norm_rope: rope tables on {cos.device}, x on {x.device}: move them to x's device")
     c_sb = cos.stride(0) if cos.dim() == 3 and cos.shape[0] > 1 else 0
     return (b * s * h, h, s, x.stride(0), x.stride(1), x.stride(2), c_sb, cos.stride(-2))
 

@@ -140,7 +140,10 @@ def block_and_inputs(kind: str, device: str):
         for name, p in block.named_parameters():
             if "norm" in name:
                 p.normal_(1.0, 0.3)
-    return block.to(device), tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
+    def to(t):  # FLUX's rope is a (cos, sin) pair: it moves too (left on the CPU, the kernel got a CPU table)
+        return t.to(device) if isinstance(t, torch.Tensor) else tuple(map(to, t)) if isinstance(t, tuple) else t
+
+    return block.to(device), tuple(map(to, inputs))
 
 
 BLOCKS = ("double", "single", "s3dit", "qwen")

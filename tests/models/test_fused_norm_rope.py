@@ -36,7 +36,7 @@ def test_kernel_matches_unfused_code_under_triton_interpreter(config):
     r = subprocess.run([sys.executable, CHECK, "cpu"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "6 cases and 4 blocks ok on cpu" in r.stdout and "opcheck ok" in r.stdout
-    assert f"rows/warps per program {config or '16,4,16,4'}" in r.stdout
+    assert f"rows/warps per program {config or '8,2,64,8'}" in r.stdout
 
 
 def test_bad_kernel_configuration_is_named():
@@ -120,3 +120,7 @@ def test_rope_tables_of_another_shape_are_refused_by_name():
     for bad in (torch.zeros(4, 16), torch.zeros(5, 8), torch.zeros(3, 5, 16)):
         with pytest.raises(ValueError, match=r"rope tables must be \[S, D\] or \[B, S, D\] with B=2, S=5, D=16"):
             fused_norm_rope.rms_norm_rope(x, w, bad, bad, 1e-6)
+    # tables on another device than x (a CUDA x with CPU tables: Triton's own error names no tensor);
+    # checked where the launch geometry is read (a meta table would send the op to its fake kernel)
+    with pytest.raises(ValueError, match=r"rope tables on meta, x on cpu: move them to x's device"):
+        fused_norm_rope._geometry(x, torch.zeros(5, 16, device="meta"))

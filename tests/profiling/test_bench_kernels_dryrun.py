@@ -32,7 +32,7 @@ def test_bench_generator_kernels_dry_run(tmp_path):
                    check=True, cwd=ROOT, capture_output=True, env=env)
     rows = list(csv.DictReader(open(tmp_path / "genkernels.csv")))
     assert [r["variant"] for r in rows] == ["base", "shipped", "unfused"]
-    assert [r["norm_rope_config"] for r in rows] == ["32,8,8,2", "16,4,16,4", "-"]
+    assert [r["norm_rope_config"] for r in rows] == ["32,8,8,2", "8,2,64,8", "-"]
     for r in rows:
         assert float(r["fwd_bwd_s"]) > 0 and int(r["kernels_per_step"]) > 0 and float(r["matmul_ms"]) > 0
     text = (tmp_path / "genkernels.md").read_text()
