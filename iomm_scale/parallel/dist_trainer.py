@@ -84,12 +84,13 @@ def lora_launch_errors(cfg, pcfg: ParallelConfig) -> list[tuple[str, str]]:
 
 
 def eval_launch_errors(cfg, pcfg: ParallelConfig) -> list[tuple[str, str]]:
-    """What of the `eval` section the launchers cannot do: sample grids mid-run (rank 0 samples
-    once, at the end, from the EMA export)."""
+    """What of the `eval` section the launchers cannot do: sample grids mid-run under pp > 1
+    (every rank samples the whole model in lockstep; a pipeline rank holds one stage)."""
     e = []
-    if cfg.eval.sample_every:
-        e.append(("eval.sample_every", "the launchers write samples.png once, at the end, from the EMA export; "
-                  "for grids mid-run sample a checkpoint (iomm-sample --checkpoint) or set eval.sample_every: 0"))
+    if cfg.eval.sample_every and pcfg.pp > 1:
+        e.append(("eval.sample_every", f"mid-run sample grids run the whole model on every rank, which pipeline "
+                  f"parallelism (pp={pcfg.pp}) cuts into stages; set eval.sample_every: 0 (samples.png is still "
+                  "written at the end, from the EMA export) or sample a checkpoint (iomm-sample --checkpoint)"))
     return e
 
 
@@ -543,6 +544,28 @@ class DistributedTrainer:
                 self.rt.ema.restore(backup)
         return out
 
+    def write_step_samples(self) -> Path:
+        """Collective: <run_dir>/samples/step_N.png as iomm-train writes it (the EMA weights when
+        kept, else the live ones). Every rank samples the same references with the same seed
+        through the engine (TP collectives, ZeRO-3 gathers: no second copy of the model); rank 0
+        writes the grid."""
+        from ..train.evaluate import rng_devices
+        from ..train.plots import save_grid
+        from ..train.trainer import sample_grid
+
+        path = self.run_dir / "samples" / f"step_{self.rt.step}.png"
+        backup = self.rt.ema.swap_in() if self.rt.ema is not None else None
+        try:
+            with torch.random.fork_rng(devices=rng_devices(self.device)):  # the conditioner draws a (null) mask
+                refs, images = self.rt.call_model(lambda model: sample_grid(model, self.cfg, self.device))
+        finally:
+            if backup is not None:
+                self.rt.ema.restore(backup)
+        if self.is_logger:
+            path.parent.mkdir(exist_ok=True)
+            save_grid([refs.cpu(), images.cpu()], path)
+        return path
+
     def _batch_keys(self, batch: dict) -> list:
         """Collective: the sample keys of this step's batch over all data-parallel replicas (for the
         warning about a skipped step; every rank skips alike, so every rank calls it)."""
@@ -623,6 +646,10 @@ class DistributedTrainer:
                             wandb_run.log(found, step=self.rt.step)
                         self.eval_history.append((self.rt.step, found["eval/loss"]))
                         print(f"[iomm] {format_eval(found)}", flush=True)
+                if cfg.eval.sample_every and self.rt.step % cfg.eval.sample_every == 0:  # every rank
+                    path = self.write_step_samples()
+                    if self.is_logger:
+                        print(f"[iomm] step {self.rt.step}: samples {path}", flush=True)
                 if cfg.train.ckpt_every and self.rt.step % cfg.train.ckpt_every == 0:
                     self.save()
             tag = self.save()

@@ -288,6 +288,20 @@ class ParallelRuntime:
                 "grad_norm": float(norm) if norm is not None else float("nan")}
 
     @torch.no_grad()
+    def call_model(self, fn: Callable):
+        """fn(model) on the whole model, forward only, in eval mode (mid-run sample grids): every
+        rank calls it with the same inputs, through the engine (TP collectives, ZeRO-3's
+        parameter gathering: each rank makes the same module calls). Not under pp > 1, where
+        each rank holds one stage."""
+        if self.pipeline is not None:
+            raise RuntimeError("call_model: the model is cut into pipeline stages (pp > 1)")
+        self.engine.eval()
+        try:
+            return self.engine(None, fn=lambda model, _: fn(model))
+        finally:
+            self.engine.train()
+
+    @torch.no_grad()
     def sample_losses(self, batch: dict, draws) -> torch.Tensor:
         """Per-sample losses [B] of an IOMM model on `batch` under fixed `draws` (held-out
         evaluation, train/evaluate.py): every rank of the replica calls it. Through the engine

@@ -5,7 +5,7 @@ fixed noise, timesteps and MIM masks, so that its curve moves only when the weig
       every: 500                 # steps between evaluations (0: never); the run's last step too
       samples: 256               # held-out samples, the same ones every time
       image_shards: ["data/val/img-{000000..000003}.tar"]   # webdataset runs: held-out shards
-      sample_every: 2000         # iomm-train: a sample grid, <run_dir>/samples/step_N.png
+      sample_every: 2000         # a sample grid, <run_dir>/samples/step_N.png (launchers: not under pp > 1)
 
 What is fixed, and why the figure is comparable between evaluations, layouts and runs with the
 same `eval` section (samples, seed and shards decide the set, its timestep grid and draws):
@@ -48,7 +48,7 @@ class EvalConfig:
     seed: int = 1234  # the eval set's noise, masks and timestep order
     buckets: int = 4  # eval/loss_t... over this many equal t ranges
     ema: bool = True  # also evaluate the EMA weights (when optim.ema_decay is set): eval_ema/...
-    sample_every: int = 0  # iomm-train: steps between sample grids <run_dir>/samples/step_N.png; 0 = never
+    sample_every: int = 0  # steps between sample grids <run_dir>/samples/step_N.png; 0 = never
 
     def validate(self) -> list[tuple[str, str]]:
         errors = []

@@ -474,10 +474,17 @@ def reference_batch(cfg: RunConfig, model: IOMMModel, device, loader=None):
 
 
 @torch.no_grad()
-def write_sample_grid(model: IOMMModel, cfg: RunConfig, device, path, loader=None) -> None:
-    """PNG grid: row 1 the references, row 2 samples conditioned on them (seeded by train.seed)."""
+def sample_grid(model: IOMMModel, cfg: RunConfig, device, loader=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(references, samples conditioned on them) [n, 3, H, W] in [-1, 1], seeded by train.seed:
+    the same images from the same weights on any rank (the launchers call it on every rank)."""
     refs, feats = reference_batch(cfg, model, device, loader)
     g = torch.Generator(device=device).manual_seed(cfg.train.seed)
     images = model.sample(refs.shape[0], cfg.data.resolution, pixels=refs if feats is None else None,
                           vision_features=feats, generator=g)
+    return refs, images
+
+
+def write_sample_grid(model: IOMMModel, cfg: RunConfig, device, path, loader=None) -> None:
+    """PNG grid: row 1 the references, row 2 samples conditioned on them (seeded by train.seed)."""
+    refs, images = sample_grid(model, cfg, device, loader)
     save_grid([refs.cpu(), images.cpu()], path)

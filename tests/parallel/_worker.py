@@ -284,6 +284,39 @@ def compare_eval(rt, model, ref_params: dict, micro: int, n: int, ref_ema: dict 
     return out
 
 
+def compare_samples(rt, model, ref_params: dict, ref_ema: dict | None = None) -> dict:
+    """Mid-run sample grids (eval.sample_every under the launchers): every rank samples the
+    whole model through the runtime (rt.call_model: TP collectives, ZeRO-3 gathers) with the
+    EMA swapped in when kept, as DistributedTrainer.write_step_samples does; against one
+    process sampling the reference's final weights (EMA) with the same references and seed."""
+    from iomm_scale.train.evaluate import rng_devices
+    from iomm_scale.train.trainer import sample_grid
+
+    cfg, dev = model.cfg, torch.device("cpu")
+    backup = rt.ema.swap_in() if ref_ema is not None else None
+    try:
+        with torch.random.fork_rng(devices=rng_devices(dev)):
+            refs, images = rt.call_model(lambda m: sample_grid(m, cfg, dev))
+    finally:
+        if backup is not None:
+            rt.ema.restore(backup)
+    def single_process(weights):
+        single = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            for name, prm in single.named_parameters():
+                if name in weights:
+                    prm.copy_(weights[name])
+        with torch.random.fork_rng(devices=rng_devices(dev)):
+            return sample_grid(single, cfg, dev)
+
+    want_refs, want = single_process(ref_ema if ref_ema is not None else ref_params)
+    out = {"samples_shape": list(images.shape), "samples_rel": rel(images, want),
+           "samples_refs_equal": bool(torch.equal(refs, want_refs)), "samples_spread": float(images.std())}
+    if ref_ema is not None:  # the EMA's samples are other ones: the swap is not vacuous
+        out["samples_ema_vs_live"] = rel(single_process(ref_params)[1], want)
+    return out
+
+
 def compare_ema(rt, ref_ema: dict, init_params: dict, ref_params: dict | None = None) -> dict:
     """The runtime's EMA (gathered to single-device shapes, this rank's stage) against the
     single-process EMA: ema_rel = max |e - e_ref| / max |e_ref| (global, like param_rel);
@@ -540,6 +573,7 @@ def scenario_iomm(name: str, **p) -> dict:
     ema_decay = p.pop("ema_decay", None)
     compile_backend, compile_mllm = p.pop("compile_backend", None), p.pop("compile_mllm", False)
     eval_samples = p.pop("eval_samples", 0)
+    samples = p.pop("samples", False)  # mid-run sample grids through the runtime
     captions = p.pop("captions", False)
     persistence = p.pop("persistence_threshold", 0)
     pcfg = ParallelConfig(**p)
@@ -563,6 +597,8 @@ def scenario_iomm(name: str, **p) -> dict:
         out["ema_bytes"] = ema_bytes(rt)
     if eval_samples:
         out.update(compare_eval(rt, model, hist[-1], micro, eval_samples, ref_ema[-1] if ema_decay else None))
+    if samples:
+        out.update(compare_samples(rt, model, hist[-1], ref_ema[-1] if ema_decay else None))
     # frozen parts: no optimizer state, not trained
     from iomm_scale.parallel.reshard import _inner_optimizer
 
@@ -1086,7 +1122,8 @@ SCENARIOS = {
     "s3dit_pp2": lambda: scenario_generator("s3dit_pp2", family="s3dit", pp=2, zero_stage=1, num_microbatches=4, micro=1),
     "qwen_pp2": lambda: scenario_generator("qwen_pp2", family="qwen_mmdit", pp=2, zero_stage=1, num_microbatches=4, micro=1),
     "iomm_dp2_zero3": lambda: scenario_iomm("iomm_dp2_zero3", zero_stage=3, checkpoint_mllm=True, ema_decay=EMA_DECAY,
-                                            eval_samples=5, persistence_threshold=20000, captions=True),
+                                            eval_samples=5, persistence_threshold=20000, captions=True,
+                                            samples=True),
     # train.compile + train.compile_mllm: generator blocks and the frozen LLM's layers compiled (aot_eager)
     "iomm_dp2_zero1_compile_mllm": lambda: scenario_iomm("iomm_dp2_zero1_compile_mllm", zero_stage=1,
                                                          compile_backend="aot_eager", compile_mllm=True),

@@ -229,6 +229,11 @@ def test_iomm_zero3_frozen_mllm(world2):
     assert r["eval_rel"] < 1e-5, r["eval_rel"]  # observed 2.2e-7; 2.6e-2 with persistent copies left alone
     assert r["eval_live_restored"] and r["persistent_trainable"] > 0
     assert r["eval_ema_vs_live"] > 1e-3  # the EMA figure is another one (observed 2.5e-2)
+    # mid-run sample grids (eval.sample_every under the launchers): every rank samples through the
+    # runtime (ZeRO-3 gathers) with the EMA swapped in = one process sampling the reference's EMA
+    assert r["samples_shape"] == [8, 3, 16, 16] and r["samples_refs_equal"] and r["samples_spread"] > 0.1
+    assert r["samples_rel"] < 1e-5, r["samples_rel"]  # observed 5.4e-7
+    assert r["samples_ema_vs_live"] > 1e-3, r["samples_ema_vs_live"]
 
 
 def test_lora_qwen_dp2_zero2_matches_single_process(world2):

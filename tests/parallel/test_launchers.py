@@ -61,7 +61,8 @@ def test_torchrun_then_deepspeed_launcher_resume(tmp_path):
     assert out.count("[iomm] checkpoint ") == 1  # the periodic save at step 2; the final one does not re-write it
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     out = run([deepspeed, "--num_gpus", "2", "--master_port", "29634", "launchers/pretrain.py", *ARGS, *EVAL,
-               "--run-dir", run_dir, "train.steps=3", "--save-full", "train.keep_checkpoints=1"])
+               "--run-dir", run_dir, "train.steps=3", "--save-full", "train.keep_checkpoints=1",
+               "eval.sample_every=3"])
     assert "resumed from" in out and "done at step 3" in out
     steps = sorted(d for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.startswith("step_"))
     assert steps == ["step_00000003"]  # train.keep_checkpoints applies to the launchers too
@@ -79,6 +80,16 @@ def test_torchrun_then_deepspeed_launcher_resume(tmp_path):
     assert "sample grid:" in out
     for png in ("samples.png", "loss_curve.png"):
         assert os.path.getsize(os.path.join(run_dir, png)) > 0
+    # eval.sample_every: the mid-run grid of step 3, sampled by both TP ranks through the engine
+    # from the EMA swapped in, is the end's samples.png (one process, from the EMA export), up to
+    # the last bit of a pixel
+    import numpy as np
+    from PIL import Image
+
+    assert f"step 3: samples {run_dir}/samples/step_3.png" in out
+    mid = np.asarray(Image.open(os.path.join(run_dir, "samples", "step_3.png")), dtype=np.int16)
+    end = np.asarray(Image.open(os.path.join(run_dir, "samples.png")), dtype=np.int16)
+    assert mid.shape == end.shape and np.abs(mid - end).max() <= 1 and (mid != end).mean() < 0.01
     assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
 
     # --save-full: the layout-free copy (TP shards joined) holds the same EMA as the export
