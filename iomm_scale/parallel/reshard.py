@@ -111,11 +111,20 @@ def _from_owner(t: torch.Tensor | None, like: torch.Tensor, owner: int, lay) -> 
     return out
 
 
+def _own_cpu_copy(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """t on the CPU, never sharing memory with `source` (a live weight or moment): at ZeRO-0 on
+    CPU with tp 1, .float() and .cpu() hand back the live tensor itself, which a caller keeping
+    the dict would then see change with the next step."""
+    out = t.cpu()
+    return out.clone() if out.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else out
+
+
 def full_state(rt, with_moments: bool = True, with_ema: bool | None = None) -> dict:
     """{"params": {name: full fp32}, "exp_avg": {...}, "exp_avg_sq": {...}} for the trainable
     parameters this rank's stage owns, single-device shapes and names (+ "ema": {name: full
     fp32} and "ema_decay" when the runtime keeps an EMA; `with_ema` defaults to `with_moments`).
-    Collective over the DP and TP groups (every rank gets the full tensors)."""
+    Collective over the DP and TP groups (every rank gets the full tensors), each the caller's
+    own copy."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     engine, lay = rt.engine, rt.layout
@@ -148,10 +157,10 @@ def full_state(rt, with_moments: bool = True, with_ema: bool | None = None) -> d
             moments = {k: safe_get_full_optimizer_state(p, k) for k in OPT_KEYS} if with_moments else {}
         spec = specs.get(name)
         # gathered where they live (NCCL takes device tensors only), then kept on the CPU
-        out["params"][name] = _tp_gather(value, spec, tp_group, lay.tp).cpu()
+        out["params"][name] = _own_cpu_copy(_tp_gather(value, spec, tp_group, lay.tp), value)
         if with_moments:
             for k, v in moments.items():
-                out[k][name] = _tp_gather(v, spec, tp_group, lay.tp).cpu()
+                out[k][name] = _own_cpu_copy(_tp_gather(v, spec, tp_group, lay.tp), v)
     steps = [s["step"] for s in opt.state.values() if "step" in s]
     out["optimizer_step"] = int(float(steps[0])) if steps else 0
     out["iomm_step"] = rt.step

@@ -466,8 +466,30 @@ def scenario_nonfinite(name: str, nan_step: int = 1, steps: int = 4, **p) -> dic
     n = torch.tensor([len(poisoned)])
     dist.all_reduce(n)
     out["poisoned_ranks"] = int(n[0])
+    out["full_state_aliases"] = full_state_aliases(rt)
     teardown(rt)
     return out
+
+
+def full_state_aliases(rt) -> list[str]:
+    """Which of reshard.full_state's tensors change when the live weights and moments do (at
+    ZeRO-0 on CPU .float() / .cpu() return the live tensors themselves): should be none."""
+    from iomm_scale.parallel.reshard import _inner_optimizer, full_state
+
+    full = full_state(rt)
+    before = {(k, n): t.clone() for k in ("params", "exp_avg") for n, t in full[k].items()}
+    live = [t for p in rt.module.parameters() if p.requires_grad
+            for t in (p.data, _inner_optimizer(rt.engine).state.get(p, {}).get("exp_avg"))]
+    with torch.no_grad():
+        for t in live:
+            if t is not None:
+                t.add_(1.0)
+    changed = sorted(f"{k}:{n}" for (k, n), t in before.items() if not torch.equal(full[k][n], t))
+    with torch.no_grad():
+        for t in live:
+            if t is not None:
+                t.sub_(1.0)
+    return changed
 
 
 def scenario_nonfinite_bf16(name: str, zero_stage: int, nan_step: int = 1, steps: int = 4) -> dict:

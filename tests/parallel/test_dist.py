@@ -134,6 +134,9 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(world, name, request):
     processes, TP2 x DP2 at ZeRO-1: the NaN in replica 1's two TP ranks."""
     r = check(request.getfixturevalue(world), name)
     assert r["poisoned_ranks"] == (2 if "tp2" in name else 1)  # TP peers both hold the first linear
+    # reshard.full_state hands out copies: at ZeRO-0 on CPU .float() / .cpu() returned the live
+    # weights and moments themselves (every one aliased before the fix)
+    assert r["full_state_aliases"] == []
     assert r["applied"] == [True, False, True, True]
     assert r["skipped_loss"] != r["skipped_loss"]  # NaN: the poison reached the loss
     assert not math.isfinite(r["skipped_grad_norm"])
