@@ -8,6 +8,8 @@ projection) + generator (the DiT), and one training step's loss (Algorithm 1).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -86,10 +88,11 @@ class IOMMModel(nn.Module):
     def sample(self, batch_size: int, resolution: int, pixels: torch.Tensor | None = None,
                captions: list[str | None] | None = None, steps: int | None = None, cfg_scale: float | None = None,
                mask_ratio: float | None = None, generator: torch.Generator | None = None,
-               vision_features: torch.Tensor | None = None) -> torch.Tensor:
+               vision_features: torch.Tensor | None = None, generator_fn: Callable | None = None) -> torch.Tensor:
         """Generate images [B, 3, H, W] in [-1, 1] conditioned on reference images (image-only
         mode; masked with `mask_ratio`, default 0 at sampling), on their precomputed vision
-        features (`vision_features`, as in feature shards) or on captions."""
+        features (`vision_features`, as in feature shards) or on captions. `generator_fn(x, t,
+        cond, cond_mask)` replaces the generator's forward (a pipeline runs it over its stages)."""
         fcfg = self.cfg.flow
         steps = steps or fcfg.sample_steps
         cfg_scale = fcfg.cfg_scale if cfg_scale is None else cfg_scale
@@ -107,8 +110,10 @@ class IOMMModel(nn.Module):
         noise = torch.randn(shape, device=device, generator=generator)
         shift = flow.effective_shift(fcfg, shape[-1] * shape[-2] // 4)
 
-        def velocity(x, t, c):
-            return self.generator(x, t, c[0], c[1]).float()
+        generator_fn = generator_fn or self.generator
+
+        def velocity(x, t, c):  # called `steps` times (CFG's two branches batched in one call)
+            return generator_fn(x, t, c[0], c[1]).float()
 
         latents = flow.euler_sample(velocity, noise, steps, shift, cond, null, cfg_scale if null is not None else 1.0)
         return self.vae.decode(latents)

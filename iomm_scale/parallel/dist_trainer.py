@@ -83,17 +83,6 @@ def lora_launch_errors(cfg, pcfg: ParallelConfig) -> list[tuple[str, str]]:
             for k, v in (("tp", pcfg.tp), ("pp", pcfg.pp)) if v > 1]
 
 
-def eval_launch_errors(cfg, pcfg: ParallelConfig) -> list[tuple[str, str]]:
-    """What of the `eval` section the launchers cannot do: sample grids mid-run under pp > 1
-    (every rank samples the whole model in lockstep; a pipeline rank holds one stage)."""
-    e = []
-    if cfg.eval.sample_every and pcfg.pp > 1:
-        e.append(("eval.sample_every", f"mid-run sample grids run the whole model on every rank, which pipeline "
-                  f"parallelism (pp={pcfg.pp}) cuts into stages; set eval.sample_every: 0 (samples.png is still "
-                  "written at the end, from the EMA export) or sample a checkpoint (iomm-sample --checkpoint)"))
-    return e
-
-
 def muon_launch_errors(cfg, pcfg: ParallelConfig) -> list[tuple[str, str]]:
     """Why `optim.name: muon` cannot run under this layout: (run-config key, message) pairs.
 
@@ -546,18 +535,17 @@ class DistributedTrainer:
 
     def write_step_samples(self) -> Path:
         """Collective: <run_dir>/samples/step_N.png as iomm-train writes it (the EMA weights when
-        kept, else the live ones). Every rank samples the same references with the same seed
-        through the engine (TP collectives, ZeRO-3 gathers: no second copy of the model); rank 0
-        writes the grid."""
+        kept, else the live ones). Every rank samples the same references with the same seed in
+        place (through the engine: TP collectives, ZeRO-3 gathers; pipelines stage by stage): no
+        second copy of the model. Rank 0 writes the grid."""
         from ..train.evaluate import rng_devices
         from ..train.plots import save_grid
-        from ..train.trainer import sample_grid
 
         path = self.run_dir / "samples" / f"step_{self.rt.step}.png"
         backup = self.rt.ema.swap_in() if self.rt.ema is not None else None
         try:
             with torch.random.fork_rng(devices=rng_devices(self.device)):  # the conditioner draws a (null) mask
-                refs, images = self.rt.call_model(lambda model: sample_grid(model, self.cfg, self.device))
+                refs, images = self.rt.sample_grid(self.cfg, self.device)
         finally:
             if backup is not None:
                 self.rt.ema.restore(backup)
@@ -696,8 +684,7 @@ def split_parallel_args(config_path: str | None, overrides: list[str]):
 
     # the launch's world size joins the layout checks (every problem in one message)
     cfg = load_config(config_path, overrides, world_size=launch_world_size())
-    errors = muon_launch_errors(cfg, cfg.parallel) + lora_launch_errors(cfg, cfg.parallel) + \
-        eval_launch_errors(cfg, cfg.parallel)
+    errors = muon_launch_errors(cfg, cfg.parallel) + lora_launch_errors(cfg, cfg.parallel)
     if errors:
         raise ConfigError(format_errors(cfg.source, errors))
     # one micro-batch count for the launchers: train.grad_accum feeds parallel.num_microbatches

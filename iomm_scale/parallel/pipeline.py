@@ -423,22 +423,10 @@ class PipelineStageModule(nn.Module):
             x_t, t, cond, cond_mask, target = self._model.prepare_generator_inputs(batch, draws)
             state, target = tuple(self.adapter.embed(self._gen, x_t, t, cond, cond_mask)), target
         else:
-            src = ranks[self.stage - 1]
-            meta = [None]
-            dist.recv_object_list(meta, src=src, group=pp_group)
-            received = []
-            for shape, dtype in meta[0]:
-                buf = torch.empty(shape, dtype=dtype, device=self._device())
-                dist.recv(buf, src=src, group=pp_group)
-                received.append(buf)
-            *state, target = received
+            *state, target = _recv_tensors(ranks[self.stage - 1], pp_group, self._device())
         state = tuple(self.adapter.run_blocks(self._gen, self.lo, self.hi, tuple(state)))
         if not self.last:
-            out = [x.contiguous() for x in (*state, target)]
-            dst = ranks[self.stage + 1]
-            dist.send_object_list([[(tuple(x.shape), x.dtype) for x in out]], dst=dst, group=pp_group)
-            for x in out:
-                dist.send(x, dst=dst, group=pp_group)
+            _send_tensors([*state, target], ranks[self.stage + 1], pp_group)
             losses = torch.empty(target.shape[0], dtype=torch.float32, device=target.device)
         else:
             from ..flow import per_sample_loss
@@ -450,6 +438,61 @@ class PipelineStageModule(nn.Module):
     def _device(self) -> torch.device:
         p = next(iter(self.parameters()), None)
         return p.device if p is not None else torch.device("cpu")
+
+    @torch.no_grad()
+    def sample_grid(self, cfg, device, pp_group):
+        """The references and samples of train/trainer.sample_grid, the model cut in stages: the
+        first stage runs the conditioner, the sampler's loop and the VAE; each of the sampler's
+        `flow.sample_steps` velocity calls sends the state down the stages (shapes first) and the
+        last stage sends the velocity back to the first. Every stage calls it; the first returns
+        (references, samples), the others (None, None)."""
+        import torch.distributed as dist
+
+        ranks = dist.get_process_group_ranks(pp_group)
+        if self.first:
+            from ..train.trainer import sample_grid
+
+            def through_stages(x, t, cond, cond_mask):
+                state = tuple(self.adapter.embed(self._gen, x, t, cond, cond_mask))
+                _send_tensors(self.adapter.run_blocks(self._gen, self.lo, self.hi, state), ranks[1], pp_group)
+                v = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+                dist.recv(v, src=ranks[-1], group=pp_group)
+                return v
+
+            return sample_grid(self._model, cfg, device, generator_fn=through_stages)
+        for _ in range(cfg.flow.sample_steps):  # IOMMModel.sample's velocity calls, one per step
+            state = tuple(_recv_tensors(ranks[self.stage - 1], pp_group, self._device()))
+            state = tuple(self.adapter.run_blocks(self._gen, self.lo, self.hi, state))
+            if self.last:
+                dist.send(self.adapter.head(self._gen, state).float().contiguous(), dst=ranks[0], group=pp_group)
+            else:
+                _send_tensors(state, ranks[self.stage + 1], pp_group)
+        return None, None
+
+
+def _send_tensors(tensors, dst: int, group) -> None:
+    """Tensors to the next stage outside the schedule: their shapes and dtypes first (they depend
+    on the batch), then each one, contiguous (slices of the joint sequence are strided views)."""
+    import torch.distributed as dist
+
+    out = [x.contiguous() for x in tensors]
+    dist.send_object_list([[(tuple(x.shape), x.dtype) for x in out]], dst=dst, group=group)
+    for x in out:
+        dist.send(x, dst=dst, group=group)
+
+
+def _recv_tensors(src: int, group, device) -> list[torch.Tensor]:
+    """What _send_tensors sent from `src`."""
+    import torch.distributed as dist
+
+    meta = [None]
+    dist.recv_object_list(meta, src=src, group=group)
+    received = []
+    for shape, dtype in meta[0]:
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(buf, src=src, group=group)
+        received.append(buf)
+    return received
 
 
 def flow_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

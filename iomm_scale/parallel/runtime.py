@@ -288,16 +288,19 @@ class ParallelRuntime:
                 "grad_norm": float(norm) if norm is not None else float("nan")}
 
     @torch.no_grad()
-    def call_model(self, fn: Callable):
-        """fn(model) on the whole model, forward only, in eval mode (mid-run sample grids): every
-        rank calls it with the same inputs, through the engine (TP collectives, ZeRO-3's
-        parameter gathering: each rank makes the same module calls). Not under pp > 1, where
-        each rank holds one stage."""
-        if self.pipeline is not None:
-            raise RuntimeError("call_model: the model is cut into pipeline stages (pp > 1)")
+    def sample_grid(self, cfg, device) -> tuple:
+        """(references, samples) of train/trainer.sample_grid for an IOMM model (mid-run sample
+        grids), in eval mode: every rank calls it, and every rank of the first pipeline stage
+        gets them (other stages: (None, None)). Through the engine (TP collectives, ZeRO-3's
+        parameter gathering: each rank makes the same module calls), or under pp > 1 stage by
+        stage (PipelineStageModule.sample_grid)."""
+        from ..train.trainer import sample_grid
+
         self.engine.eval()
         try:
-            return self.engine(None, fn=lambda model, _: fn(model))
+            if self.pipeline is not None:
+                return self.module.sample_grid(cfg, device, self.layout.pp_group())
+            return self.engine(None, fn=lambda model, _: sample_grid(model, cfg, device))
         finally:
             self.engine.train()
 

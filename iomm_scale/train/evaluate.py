@@ -5,7 +5,7 @@ fixed noise, timesteps and MIM masks, so that its curve moves only when the weig
       every: 500                 # steps between evaluations (0: never); the run's last step too
       samples: 256               # held-out samples, the same ones every time
       image_shards: ["data/val/img-{000000..000003}.tar"]   # webdataset runs: held-out shards
-      sample_every: 2000         # a sample grid, <run_dir>/samples/step_N.png (launchers: not under pp > 1)
+      sample_every: 2000         # a sample grid, <run_dir>/samples/step_N.png
 
 What is fixed, and why the figure is comparable between evaluations, layouts and runs with the
 same `eval` section (samples, seed and shards decide the set, its timestep grid and draws):

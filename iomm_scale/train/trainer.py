@@ -474,13 +474,15 @@ def reference_batch(cfg: RunConfig, model: IOMMModel, device, loader=None):
 
 
 @torch.no_grad()
-def sample_grid(model: IOMMModel, cfg: RunConfig, device, loader=None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_grid(model: IOMMModel, cfg: RunConfig, device, loader=None,
+                generator_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(references, samples conditioned on them) [n, 3, H, W] in [-1, 1], seeded by train.seed:
-    the same images from the same weights on any rank (the launchers call it on every rank)."""
+    the same images from the same weights on any rank (the launchers call it on every rank;
+    `generator_fn`: a pipeline's forward over its stages, see IOMMModel.sample)."""
     refs, feats = reference_batch(cfg, model, device, loader)
     g = torch.Generator(device=device).manual_seed(cfg.train.seed)
     images = model.sample(refs.shape[0], cfg.data.resolution, pixels=refs if feats is None else None,
-                          vision_features=feats, generator=g)
+                          vision_features=feats, generator=g, generator_fn=generator_fn)
     return refs, images
 
 

@@ -285,10 +285,11 @@ def compare_eval(rt, model, ref_params: dict, micro: int, n: int, ref_ema: dict 
 
 
 def compare_samples(rt, model, ref_params: dict, ref_ema: dict | None = None) -> dict:
-    """Mid-run sample grids (eval.sample_every under the launchers): every rank samples the
-    whole model through the runtime (rt.call_model: TP collectives, ZeRO-3 gathers) with the
-    EMA swapped in when kept, as DistributedTrainer.write_step_samples does; against one
-    process sampling the reference's final weights (EMA) with the same references and seed."""
+    """Mid-run sample grids (eval.sample_every under the launchers): every rank samples in place
+    through the runtime (rt.sample_grid: TP collectives, ZeRO-3 gathers, pipeline stages) with
+    the EMA swapped in when kept, as DistributedTrainer.write_step_samples does; on the first
+    stage against one process sampling the reference's final weights (EMA) with the same
+    references and seed."""
     from iomm_scale.train.evaluate import rng_devices
     from iomm_scale.train.trainer import sample_grid
 
@@ -296,10 +297,12 @@ def compare_samples(rt, model, ref_params: dict, ref_ema: dict | None = None) ->
     backup = rt.ema.swap_in() if ref_ema is not None else None
     try:
         with torch.random.fork_rng(devices=rng_devices(dev)):
-            refs, images = rt.call_model(lambda m: sample_grid(m, cfg, dev))
+            refs, images = rt.sample_grid(cfg, dev)
     finally:
         if backup is not None:
             rt.ema.restore(backup)
+    if images is None:  # a later pipeline stage: it served the first stage's velocity calls
+        return {"samples_on_this_stage": False}
     def single_process(weights):
         single = copy.deepcopy(model).eval()
         with torch.no_grad():
@@ -1192,7 +1195,7 @@ SCENARIOS = {
     "ema_tp2pp2": lambda: scenario_ema("ema_tp2pp2", export=True, tp=2, pp=2, zero_stage=1, num_microbatches=4,
                                        micro=1),
     "iomm_tp2pp2": lambda: scenario_iomm("iomm_tp2pp2", tp=2, pp=2, zero_stage=1, num_microbatches=4, micro=1,
-                                         ema_decay=EMA_DECAY, eval_samples=3, captions=True),
+                                         ema_decay=EMA_DECAY, eval_samples=3, captions=True, samples=True),
     "reshard_tp2dp2_to_dp4": lambda: scenario_reshard("reshard", dict(tp=2, zero_stage=1, num_microbatches=2),
                                                       dict(zero_stage=3), ema_decay=EMA_DECAY),
     "native_ckpt_tp2dp2_zero3": lambda: scenario_native_ckpt("native", tp=2, zero_stage=3),

@@ -482,3 +482,7 @@ def test_ema_tp2pp2_iomm_matches_single_process_and_planner(world4):
     # and with each stage's EMA swapped in: one process's figures, the live weights back after
     assert r["eval_samples"] == 3 and r["eval_batches"] == 3 and r["eval_keys"] >= 6
     assert r["eval_rel"] < 1e-5 and r["eval_live_restored"] and r["eval_ema_vs_live"] > 1e-3, r
+    # mid-run sample grids through the stages (each velocity call sent down the stages, the
+    # velocity sent back to the first): rank 0 (first stage) holds one process's EMA samples
+    assert r["samples_shape"] == [8, 3, 16, 16] and r["samples_refs_equal"] and r["samples_spread"] > 0.1
+    assert r["samples_rel"] < 1e-5 and r["samples_ema_vs_live"] > 1e-3, r

@@ -203,16 +203,12 @@ def test_eval_config_errors_name_the_key(tiny_cfg, tmp_path):
         _write_raw_shard(tmp_path / f"img-{s:06d}.tar", n=2)
     with pytest.raises(ConfigError, match=r"eval.image_shards: 1 of 1 shards do not exist: .*/val.tar"):
         Trainer(tiny_cfg(*shards, "eval.every=10", f"eval.image_shards=[{tmp_path}/val.tar]"), run_dir=tmp_path / "r")
-    # the launchers: evaluation under any layout (pipelines too); mid-run sample grids under any
-    # but pipelines (a stage cannot sample the whole model)
+    # the launchers: evaluation and mid-run sample grids under any layout (pipelines too)
     from iomm_scale.parallel.dist_trainer import split_parallel_args
 
     pipeline = ["parallel.pp=2", "parallel.zero_stage=1", "parallel.num_microbatches=2", "eval.every=5"]
-    split_parallel_args(TINY, pipeline)
+    split_parallel_args(TINY, [*pipeline, "eval.sample_every=5"])
     split_parallel_args(TINY, ["parallel.tp=2", "parallel.zero_stage=3", "eval.sample_every=5"])
-    with pytest.raises(ConfigError, match=r"eval.sample_every: mid-run sample grids run the whole model on every "
-                                          r"rank, which pipeline parallelism \(pp=2\) cuts into stages"):
-        split_parallel_args(TINY, [*pipeline, "eval.sample_every=5"])
 
 
 def test_bad_held_out_samples_are_skipped_and_said(tmp_path):
