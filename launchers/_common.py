@@ -13,6 +13,8 @@ child and exit 1 themselves. Feature shards made by other encoders than the run'
 (and exit the same way) once the model is built, before the first step. More than
 train.max_nonfinite_steps steps in a row with a NaN / inf gradient norm checkpoint the
 (untouched) weights and exit with status 4 on every rank (train/nonfinite.py).
+`--export DIR` trains nothing: it resumes the run's checkpoint (same layout as it was written
+under) and writes it as single-device files, DIR/full and DIR/ema, then exits.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def main(description: str, default_config: str | None = None, argv=None) -> None
     parser.add_argument("--run-dir", help="checkpoints, metrics.jsonl (default runs/<name>)")
     parser.add_argument("--resume-full", help="layout-free checkpoint directory to start from (any layout)")
     parser.add_argument("--save-full", action="store_true", help="also write a layout-free checkpoint at the end")
+    parser.add_argument("--export", metavar="DIR",
+                        help="train nothing: write the checkpoint this launch resumes (train.resume: the run's "
+                             "newest, or a step_N directory) as DIR/full (layout-free) and DIR/ema (EMA export)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. parallel.tp=2 train.steps=100")
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after --run-dir
@@ -59,7 +64,7 @@ def main(description: str, default_config: str | None = None, argv=None) -> None
     warnings.filterwarnings("ignore", module="megatron")
     try:
         trainer = DistributedTrainer(cfg, pcfg, run_dir=args.run_dir, resume_full=args.resume_full,
-                                     save_full=args.save_full)
+                                     save_full=args.save_full, export_to=args.export)
     except LayoutError as e:
         _config_error(f"{cfg.source}: parallel: {e}")
     except ConfigError as e:  # e.g. --save-full / --resume-full with Muon, missing shards, train.init_from
@@ -71,7 +76,10 @@ def main(description: str, default_config: str | None = None, argv=None) -> None
     from iomm_scale.train.nonfinite import NonFiniteError
 
     try:
-        trainer.fit()
+        if args.export:
+            trainer.export()
+        else:
+            trainer.fit()
     except NonFiniteError as e:  # every rank stops at the same step (the skip is decided globally)
         if dist.get_rank() == 0:
             print(f"training error: {e}", file=sys.stderr, flush=True)

@@ -218,7 +218,7 @@ def optimizer_factory(cfg):
 
 class DistributedTrainer:
     def __init__(self, cfg, pcfg: ParallelConfig, run_dir: str | os.PathLike | None = None,
-                 resume_full: str | None = None, save_full: bool = False):
+                 resume_full: str | None = None, save_full: bool = False, export_to: str | None = None):
         from ..iomm import build_iomm
         from ..train.trainer import build_loader, check_feature_shards, check_inputs, resolve_device
 
@@ -230,6 +230,7 @@ class DistributedTrainer:
         self.cfg, self.pcfg = cfg, pcfg
         self.run_dir = Path(run_dir or cfg.run_dir or Path("runs") / cfg.name)
         self.save_full_at_end = save_full
+        self.export_to = Path(export_to) if export_to else None  # export(): the resumed checkpoint, no training
         # Everything checkable is checked before the process group exists (world size from the
         # launcher's environment): a bad layout or input fails at once, not at a rendezvous.
         world = dist.get_world_size() if dist.is_initialized() else launch_world_size()
@@ -245,8 +246,9 @@ class DistributedTrainer:
         validate_layout(pcfg, world, model_info(meta_gen))
         del meta_gen
         muon_errors = muon_launch_errors(cfg, pcfg)
-        if cfg.optim.name == "muon" and cfg.optim.muon.implementation == "deepspeed" and (resume_full or save_full):
-            muon_errors.append(("--save-full / --resume-full", "layout-free checkpoints carry our Muon's momenta "
+        if cfg.optim.name == "muon" and cfg.optim.muon.implementation == "deepspeed" and (resume_full or save_full
+                                                                                          or export_to):
+            muon_errors.append(("--save-full / --resume-full / --export", "layout-free checkpoints carry our Muon's momenta "
                                 "(optim.muon.implementation: iomm), not DeepSpeed's Muon state; use the DeepSpeed "
                                 "checkpoints (same layout)"))
         if muon_errors:
@@ -257,6 +259,13 @@ class DistributedTrainer:
         # checkpoint has them); checked here, loaded into the whole model before it is sharded.
         if resume_full is None:
             self._check_resume_layout(world)
+        if export_to and (resume_full is not None or not self._will_resume()):
+            from ..config import ConfigError
+
+            raise ConfigError(f"--export {export_to}: exports a launcher checkpoint, and this launch resumes none "
+                              + ("(--resume-full's is layout-free already)" if resume_full is not None else
+                                 f"(train.resume={cfg.train.resume}; {self.ckpt_root} holds no `latest`): name one "
+                                 "with train.resume=<run_dir>/checkpoints/step_N, or drop --export"))
         init_from = cfg.train.init_from if resume_full is None and not self._will_resume() else None
         check_inputs(cfg, init_from=bool(init_from))  # shards exist, init_from readable: before any model
         init_distributed()
@@ -309,7 +318,8 @@ class DistributedTrainer:
         self._on_disk: str | None = None  # tag of this run's engine checkpoint equal to the live state
         if resume_full is None:
             self._maybe_resume()  # (--resume-full's weights were checked finite as they were read)
-        if self.is_logger:  # once the run has started: a failed launch leaves the run's own config
+        # once the run has started: a failed launch leaves the run's own config, an export all of it
+        if self.is_logger and self.export_to is None:
             from ..train.trainer import write_run_config
 
             write_run_config(self.run_dir, cfg)
@@ -553,6 +563,18 @@ class DistributedTrainer:
             path.parent.mkdir(exist_ok=True)
             save_grid([refs.cpu(), images.cpu()], path)
         return path
+
+    def export(self) -> None:
+        """Collective, instead of fit(): the resumed checkpoint as single-device files, nothing
+        trained: <export_to>/full (layout-free: weights, optimizer moments, EMA; --resume-full
+        under any layout) and, with an EMA, <export_to>/ema (iomm-sample / iomm-eval /
+        train.init_from / the diffusers exports read both). The run directory is left alone."""
+        out = self.export_to
+        self.rt.save_full(str(out / "full"))
+        ema = self.export_ema(out / "ema") if self.rt.ema is not None else None
+        if self.is_logger:
+            print(f"[iomm] exported step {self.rt.step}: layout-free {out / 'full'}"
+                  + (f", EMA {ema}" if ema else " (no EMA: optim.ema_decay is null)"), flush=True)
 
     def _batch_keys(self, batch: dict) -> list:
         """Collective: the sample keys of this step's batch over all data-parallel replicas (for the

@@ -104,6 +104,30 @@ def test_torchrun_then_deepspeed_launcher_resume(tmp_path):
     assert full_ema.keys() == exported.keys()
     assert all(torch.equal(full_ema[n], exported[n]) for n in exported)
 
+    # --export: the run's newest checkpoint (step 3, TP=2) as single-device files, nothing trained,
+    # the run directory left alone: the same weights, moments and EMA as the copy and export the
+    # run wrote at its end
+    exp = str(tmp_path / "exp")
+    before = {f: os.path.getmtime(os.path.join(run_dir, f)) for f in ("config.yaml", "metrics.jsonl", "samples.png")}
+    out = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29638",
+               "launchers/pretrain.py", *ARGS, "--run-dir", run_dir, "--export", exp])
+    assert f"exported step 3: layout-free {exp}/full, EMA {exp}/ema" in out and "[iomm] step " not in out
+    assert before == {f: os.path.getmtime(os.path.join(run_dir, f)) for f in before}
+    got, want = read_full_parts(os.path.join(exp, "full"))[0], read_full_parts(os.path.join(run_dir, "full"))[0]
+    assert got["iomm_step"] == 3
+    for key in ("params", "exp_avg", "exp_avg_sq", "ema"):
+        assert got[key].keys() == want[key].keys() and all(torch.equal(got[key][n], want[key][n]) for n in want[key])
+    got = torch.load(os.path.join(exp, "ema", "state.pt"), weights_only=False)
+    want = torch.load(os.path.join(run_dir, "ema", "state.pt"), weights_only=False)
+    assert got["step"] == 3 and all(torch.equal(got["ema"]["shadow"][n], v) for n, v in want["ema"]["shadow"].items())
+    assert all(torch.equal(got["model"][n], v) for n, v in want["model"].items())
+    # nothing to export: refused before anything is built
+    p = subprocess.run([sys.executable, "launchers/pretrain.py", *ARGS[:-2], "--run-dir", str(tmp_path / "new"),
+                        "--export", exp], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "RANK": "0", "WORLD_SIZE": "1"})
+    assert p.returncode == 2 and "config error: --export" in p.stderr and "resumes none" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+
     # Stage 2 under another layout (DP=2, ZeRO-2) starts from that run's EMA export: with a
     # vanishing learning rate its own export after one step holds exactly those weights.
     import torch
