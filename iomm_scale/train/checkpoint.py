@@ -211,7 +211,9 @@ def init_source(path: str | os.PathLike, label: str = "train.init_from") -> tupl
     if (p / LATEST).is_file() or any(p.glob("*model_states.pt")) or any(p.glob("*/*model_states.pt")):
         raise ValueError(f"{label}={path}: a DeepSpeed checkpoint (a launcher run's, one file per rank "
                          "and layout): start from that run's EMA export <run_dir>/ema (written at the end of a "
-                         "run with optim.ema_decay) or its layout-free copy <run_dir>/full (launcher --save-full)")
+                         "run with optim.ema_decay) or its layout-free copy <run_dir>/full (launcher --save-full), "
+                         "or write both for this checkpoint: relaunch the run's layout with --export DIR "
+                         "train.resume=<this step_N directory>")
     raise ValueError(f"{label}={path}: no state.pt (single-process checkpoint or EMA export) and no "
                      "full_pp*.pt (layout-free checkpoint) in this directory (for a launcher run give "
                      "<run_dir>/ema or <run_dir>/full)")

@@ -159,6 +159,7 @@ def test_torchrun_then_deepspeed_launcher_resume(tmp_path):
                         f"train.init_from={run_dir}/checkpoints/step_00000003"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120, env={**os.environ, "RANK": "0", "WORLD_SIZE": "1"})
     assert p.returncode == 2 and "a DeepSpeed checkpoint" in p.stderr and "<run_dir>/ema" in p.stderr, p.stderr
+    assert "relaunch the run's layout with --export DIR" in p.stderr
 
 
 def test_pipeline_launch_on_mixed_webdataset_shards_with_evaluation(tmp_path):
