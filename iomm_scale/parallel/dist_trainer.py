@@ -395,32 +395,20 @@ class DistributedTrainer:
         p = self.pcfg
         return {"tp": p.tp, "pp": p.pp, "dp": world // (p.tp * p.pp), "zero_stage": p.zero_stage}
 
-    def write_outputs(self, exported: str | None) -> None:
-        """Rank 0, at the end (the others wait in the launcher's barrier): loss_curve.png of this
-        launch, and samples.png as the single-process trainer writes it, from the exported EMA in
-        a fresh single-device model. Needs optim.ema_decay (the export); a failure here is
-        reported, never raised: the checkpoint and the export are already written."""
+    def write_outputs(self) -> None:
+        """Collective, at the end (after the checkpoint and the EMA export): loss_curve.png of this
+        launch (rank 0), and samples.png as the single-process trainer writes it, sampled in
+        place by every rank (write_step_samples: the EMA weights when kept, else the live ones;
+        no second copy of the model beside the engine)."""
         from ..train.plots import save_loss_curve
 
-        if self.history:
+        if self.is_logger and self.history:
             steps, losses = zip(*self.history)
             save_loss_curve(list(steps), list(losses), self.run_dir / "loss_curve.png", self.eval_history)
-        if self.cfg.train.num_samples <= 0:
-            return
-        if exported is None:
-            print("[iomm] no samples.png: the distributed loop samples from the EMA export (set optim.ema_decay)",
-                  flush=True)
-            return
-        from ..sampling import load_trained
-        from ..train.trainer import write_sample_grid
-
-        try:
-            model = load_trained(self.cfg, exported, use_ema=True, device=self.device)
-            write_sample_grid(model, self.cfg, self.device, self.run_dir / "samples.png")
-            print(f"[iomm] sample grid: {self.run_dir / 'samples.png'}", flush=True)
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory beside the engine: the run itself succeeded
-            print(f"[iomm] no samples.png ({type(e).__name__}: {e}); sample with iomm-sample --checkpoint {exported}",
-                  flush=True)
+        if self.cfg.train.num_samples > 0:
+            path = self.write_step_samples(self.run_dir / "samples.png")
+            if self.is_logger:
+                print(f"[iomm] sample grid: {path}", flush=True)
 
     def _will_resume(self) -> bool:
         return self._resume_target() is not None
@@ -543,15 +531,15 @@ class DistributedTrainer:
                 self.rt.ema.restore(backup)
         return out
 
-    def write_step_samples(self) -> Path:
-        """Collective: <run_dir>/samples/step_N.png as iomm-train writes it (the EMA weights when
-        kept, else the live ones). Every rank samples the same references with the same seed in
+    def write_step_samples(self, path: Path | None = None) -> Path:
+        """Collective: <run_dir>/samples/step_N.png (or `path`) as iomm-train writes it (the EMA
+        weights when kept, else the live ones). Every rank samples the same references with the same seed in
         place (through the engine: TP collectives, ZeRO-3 gathers; pipelines stage by stage): no
         second copy of the model. Rank 0 writes the grid."""
         from ..train.evaluate import rng_devices
         from ..train.plots import save_grid
 
-        path = self.run_dir / "samples" / f"step_{self.rt.step}.png"
+        path = path or self.run_dir / "samples" / f"step_{self.rt.step}.png"
         backup = self.rt.ema.swap_in() if self.rt.ema is not None else None
         try:
             with torch.random.fork_rng(devices=rng_devices(self.device)):  # the conditioner draws a (null) mask
@@ -665,13 +653,12 @@ class DistributedTrainer:
             tag = self.save()
             if self.save_full_at_end:
                 self.rt.save_full(str(self.run_dir / "full"))
-            exported = None
             if self.rt.ema is not None and self.rt.step >= cfg.train.steps:  # same on every rank (collective)
                 exported = self.export_ema()
                 if self.is_logger:
                     print(f"[iomm] EMA weights exported to {exported}", flush=True)
-            if self.is_logger and self.rt.step >= cfg.train.steps:
-                self.write_outputs(exported)
+            if self.rt.step >= cfg.train.steps:
+                self.write_outputs()  # every rank: the grid is sampled in place
             if self.is_logger:
                 print(f"[iomm] {'stopped by signal' if self._stop else 'done'} at step {self.rt.step}; "
                       f"checkpoint {self.ckpt_root / tag}", flush=True)

@@ -76,20 +76,26 @@ def test_torchrun_then_deepspeed_launcher_resume(tmp_path):
     assert abs(evals[-1]["eval_ema/loss"] - evals[-1]["eval/loss"]) > 1e-4  # the EMA really was swapped in
     # throughput as iomm-train logs it: the run's samples/s, per-device tokens and model TFLOP/s (no MFU on CPU)
     assert all(x["samples_per_s"] > 0 and x["tflops_per_device"] > 0 and x["image_tokens_per_s"] > 0 for x in lines)
-    # rank 0 writes the single-process trainer's outputs, sampling from the EMA export
-    assert "sample grid:" in out
-    for png in ("samples.png", "loss_curve.png"):
-        assert os.path.getsize(os.path.join(run_dir, png)) > 0
-    # eval.sample_every: the mid-run grid of step 3, sampled by both TP ranks through the engine
-    # from the EMA swapped in, is the end's samples.png (one process, from the EMA export), up to
-    # the last bit of a pixel
+    # the single-process trainer's outputs: the grids sampled in place by both TP ranks (the EMA
+    # swapped in), the mid-run one of step 3 (eval.sample_every) and the end's samples.png, are
+    # one process's grid from the run's EMA export, up to the last bit of a pixel
     import numpy as np
     from PIL import Image
 
-    assert f"step 3: samples {run_dir}/samples/step_3.png" in out
-    mid = np.asarray(Image.open(os.path.join(run_dir, "samples", "step_3.png")), dtype=np.int16)
-    end = np.asarray(Image.open(os.path.join(run_dir, "samples.png")), dtype=np.int16)
-    assert mid.shape == end.shape and np.abs(mid - end).max() <= 1 and (mid != end).mean() < 0.01
+    from iomm_scale.config import load_config
+    from iomm_scale.sampling import load_trained
+    from iomm_scale.train.trainer import write_sample_grid
+
+    assert "sample grid:" in out and f"step 3: samples {run_dir}/samples/step_3.png" in out
+    for png in ("samples.png", "loss_curve.png"):
+        assert os.path.getsize(os.path.join(run_dir, png)) > 0
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ARGS[2:-2])
+    write_sample_grid(load_trained(cfg, os.path.join(run_dir, "ema"), use_ema=True, device="cpu"), cfg, "cpu",
+                      tmp_path / "single.png")
+    single = np.asarray(Image.open(tmp_path / "single.png"), dtype=np.int16)
+    for png in ("samples.png", "samples/step_3.png"):
+        grid = np.asarray(Image.open(os.path.join(run_dir, png)), dtype=np.int16)
+        assert grid.shape == single.shape and np.abs(grid - single).max() <= 1 and (grid != single).mean() < 0.01
     assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
 
     # --save-full: the layout-free copy (TP shards joined) holds the same EMA as the export
