@@ -301,7 +301,7 @@ class DistributedTrainer:
                 print(f"[iomm] {note}", flush=True)
         self.loader = build_loader(cfg, rank=self.layout.dp_rank, world_size=self.layout.dp, feature_spec=feature_spec)
         self.eval_set = None
-        if cfg.eval.every:  # every rank reads the held-out set and keeps its replica's share
+        if cfg.eval.every and self.export_to is None:  # every rank reads the held-out set, keeps its share
             from ..train.evaluate import build_eval_set, describe_eval
 
             self.eval_set = build_eval_set(cfg, feature_spec)
@@ -533,9 +533,9 @@ class DistributedTrainer:
 
     def write_step_samples(self, path: Path | None = None) -> Path:
         """Collective: <run_dir>/samples/step_N.png (or `path`) as iomm-train writes it (the EMA
-        weights when kept, else the live ones). Every rank samples the same references with the same seed in
-        place (through the engine: TP collectives, ZeRO-3 gathers; pipelines stage by stage): no
-        second copy of the model. Rank 0 writes the grid."""
+        weights when kept, else the live ones). Every rank samples the same references with the
+        same seed in place (through the engine: TP collectives, ZeRO-3 gathers; pipelines stage
+        by stage): no second copy of the model. Rank 0 writes the grid."""
         from ..train.evaluate import rng_devices
         from ..train.plots import save_grid
 
