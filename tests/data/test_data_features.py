@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from data_shardkit import write_clean_shards, write_shard
 from iomm_scale.data import WebDatasetConfig, build_webdataset_loader, unit_pixels, write_feature_shards
 from iomm_scale.data.errors import BadSample
-from iomm_scale.data.features import feature_arrays, precompute_feature_shards
+from iomm_scale.data.features import all_finite, feature_arrays, precompute_feature_shards
 
 R = 32
 
@@ -91,6 +91,34 @@ def test_bad_feature_samples_are_counted(tmp_path):
     assert sorted(by_key(loader)) == [f"f{i:04d}" for i in range(6)]
     reasons = {r: n for r, n in loader.stats()["reasons"].items() if n}
     assert reasons == {"feature_mismatch": 2, "bad_features": 4, "missing_image": 1}
+
+
+def test_finite_check_by_bit_pattern_equals_isfinite():
+    """all_finite reads the bits (two integer max passes): on every float16 and bfloat16 bit
+    pattern, and on float32 patterns around every exponent and sign, it must say what
+    torch.isfinite says, also with the one bad value alone among finite ones."""
+    halves = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16)
+    edges32 = torch.tensor([s | (e << 23) | m for s in (0, 1 << 31) for e in range(256)
+                            for m in (0, 1, 0x400000, 0x7FFFFF)], dtype=torch.int64)
+    edges32 = torch.where(edges32 >= 2 ** 31, edges32 - 2 ** 32, edges32).to(torch.int32)
+    finite = {torch.float16: torch.tensor([0.0, 1.5, -2.0]), torch.bfloat16: torch.tensor([0.0, 1.5, -2.0]),
+              torch.float32: torch.tensor([0.0, 1.5, -2.0])}
+    checked = 0
+    for bits, dtypes in ((halves, (torch.float16, torch.bfloat16)), (edges32, (torch.float32,))):
+        for dtype in dtypes:
+            values = bits.view(dtype)
+            expect = torch.isfinite(values)
+            assert all_finite(values[expect]) and not all_finite(values)
+            for v, ok in zip(values, expect.tolist()):
+                one = torch.cat([finite[dtype].to(dtype), v.reshape(1)])
+                assert all_finite(one) == ok, (dtype, v)
+                checked += 1
+    assert checked == 2 * 2 ** 16 + 2 * 256 * 4
+    # other dtypes, strided views and empty tensors
+    assert not all_finite(torch.tensor([1.0, float("nan")], dtype=torch.float64))
+    strided = torch.zeros(4, 6, dtype=torch.float16)
+    strided[1, 3] = float("-inf")
+    assert all_finite(strided[:, :3]) and not all_finite(strided[:, 3:]) and all_finite(strided[:0])
 
 
 def test_feature_batches_group_equal_shapes(tmp_path):
