@@ -92,8 +92,9 @@ class _Worker:
         self._block_index, self._block = -1, None
         # bucket key -> [(item, caption, key, ref)], in arrival order (dicts keep insertion order)
         self.buckets: dict[tuple, list] = {}
-        # feature runs: bucket key -> (latents, vision) batch tensors its items are views of
-        self.feature_batches: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # bucket key -> the batch tensors its items are views of ((latents, vision) for feature
+        # shards, (pixels,) for images): samples are written into their slot as they are decoded
+        self.batches_filling: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self.pool = BatchPool()
         self._restore_pending(state.get("pending", []))
 
@@ -127,19 +128,31 @@ class _Worker:
             return bkey, (lat_slot, vis_slot), caption
         _, data = image_member(sample)
         caption = None if image_only else caption_of(sample)
+        # resampled straight into the sample's slot of its bucket's batch (a rejected sample's
+        # slot is reused by the next one)
         chw = decode_image_chw(data, self.resolution, buckets=self.buckets_px,
                                min_size_fraction=self.cfg.min_size_fraction, min_image_size=self.cfg.min_image_size,
-                               max_image_pixels=self.cfg.max_image_pixels, resize_filter=self.cfg.resize_filter)
+                               max_image_pixels=self.cfg.max_image_pixels, resize_filter=self.cfg.resize_filter,
+                               slot_for=self._pixel_slot)
         return tuple(chw.shape), chw, caption
 
     def _slot(self, bkey: tuple, lat, vis) -> tuple[torch.Tensor, torch.Tensor]:
         """The next free slot of bucket `bkey`'s feature batch (allocated when the bucket opens)."""
-        batch = self.feature_batches.get(bkey)
+        batch = self.batches_filling.get(bkey)
         if batch is None:
-            batch = self.feature_batches[bkey] = (self.pool.take((self.batch_size, *lat.shape), lat.dtype),
+            batch = self.batches_filling[bkey] = (self.pool.take((self.batch_size, *lat.shape), lat.dtype),
                                                   self.pool.take((self.batch_size, *vis.shape), vis.dtype))
         i = len(self.buckets.get(bkey, ()))
         return batch[0][i], batch[1][i]
+
+    def _pixel_slot(self, shape: tuple[int, int, int]) -> torch.Tensor:
+        """The next free slot ([3, H, W] uint8, channels-last) of the pixel batch of bucket
+        `shape` (allocated when the bucket opens)."""
+        batch = self.batches_filling.get(shape)
+        if batch is None:
+            batch = self.batches_filling[shape] = (self.pool.take((self.batch_size, *shape), torch.uint8,
+                                                                  channels_last=True),)
+        return batch[0][len(self.buckets.get(shape, ()))]
 
     def _restore_pending(self, refs: list) -> None:
         """Refill partially filled buckets from their references (re-read, not re-counted)."""
@@ -164,21 +177,15 @@ class _Worker:
         batch = None
         if entries is not None:
             self.batches += 1
-            if self.cfg.features:  # already assembled, sample by sample, in _decode
-                lat, vis = self.feature_batches.pop(bkey)
-                n = len(entries)
-                if n < len(lat):  # the last, partial batch of a finite stream
-                    lat = _alloc((n, *lat.shape[1:]), lat.dtype).copy_(lat[:n])
-                    vis = _alloc((n, *vis.shape[1:]), vis.dtype).copy_(vis[:n])
-                batch = {"latents": lat, "vision_features": vis}
-            else:
-                # uint8, channels-last: a quarter of float32's bytes to fill, share and copy to the
-                # device, each sample one memcpy; the model converts to contiguous [-1, 1] float
-                # there (preprocess.unit_pixels)
-                pixels = self.pool.take((len(entries), *entries[0][0].shape), torch.uint8, channels_last=True)
-                for i, e in enumerate(entries):
-                    pixels[i].copy_(e[0])
-                batch = {"pixels": pixels}
+            # already assembled, sample by sample, in _decode
+            tensors = self.batches_filling.pop(bkey)
+            n = len(entries)
+            if n < len(tensors[0]):  # the last, partial batch of a finite stream
+                tensors = tuple(_alloc((n, *t.shape[1:]), t.dtype, channels_last=not self.cfg.features).copy_(t[:n])
+                                for t in tensors)
+            # pixels: uint8, channels-last: a quarter of float32's bytes to fill, share and copy to
+            # the device; the model converts to contiguous [-1, 1] float there (preprocess.unit_pixels)
+            batch = dict(zip(("latents", "vision_features") if self.cfg.features else ("pixels",), tensors))
             batch["captions"] = [e[1] for e in entries]
             batch["keys"] = [e[2] for e in entries]
         return {"worker": self.logical, "batch": batch, "state": self.state()}
@@ -223,7 +230,7 @@ class _Worker:
             bucket = self.buckets.pop(bkey)
             if not self.cfg.drop_last:
                 yield self._emit(bucket, bkey)
-            self.feature_batches.pop(bkey, None)
+            self.batches_filling.pop(bkey, None)
         yield self._emit(None)
 
     def _bad(self, reason: str, sample: dict, detail: str) -> None:

@@ -53,6 +53,12 @@ def test_resized_crops_come_out_channels_last(shape):
     crop = torch.from_numpy(np.ascontiguousarray(arr[top:top + side, left:left + side])).permute(2, 0, 1)[None].contiguous()
     ref = crop[0] if side == 48 else F.interpolate(crop, size=(48, 48), mode="bicubic", antialias=True)[0]
     assert (out.int() - ref.int()).abs().max() <= 1
+    # written into a batch slot instead (the loader's path): the same bytes, in place
+    batch = torch.zeros(3, 3, 48, 48, dtype=torch.uint8).to(memory_format=torch.channels_last)
+    assert resize_center_crop(arr, 48, 48, out=batch[1]).data_ptr() == batch[1].data_ptr()
+    assert torch.equal(batch[1], out) and not batch[0].any() and not batch[2].any()
+    with pytest.raises(ValueError, match="out must be a uint8"):
+        resize_center_crop(arr, 48, 48, out=batch[1, :, :40])
 
 
 def test_jpeg_reduced_decode_matches_full_decode():

@@ -245,3 +245,50 @@ def test_builtin_source_honours_the_mixture_fraction(lam):
     n = len(captions)
     image_only = sum(c is None for c in captions)
     assert abs(image_only - lam * n) <= 4 * math.sqrt(n * max(lam * (1 - lam), 1e-9)) + (0 if lam == 0 else 1)
+
+
+@pytest.mark.parametrize("resize_filter", ["bicubic", "bilinear"])
+def test_batches_hold_exactly_the_per_sample_decode(tmp_path, resize_filter):
+    """Images are resampled straight into their batch slot: every batch must equal
+    decode_image_chw of its samples, one by one, bit for bit. Sizes cover both crop
+    directions, no resize, a DCT-scaled decode, EXIF quarter turns (turned into the slot),
+    two aspect buckets, a bad sample in the middle (its slot is reused) and partial last
+    batches."""
+    from PIL import Image
+
+    from data_shardkit import PHOTOS, encode, photo, write_shard
+    from iomm_scale.data.preprocess import decode_image_chw
+
+    samples, payloads = [], {}
+    sizes = [(48, 40), (40, 56), (96, 80), (32, 32), (200, 120), (64, 48), (40, 64)]
+    for i in range(23):
+        w, h = sizes[i % len(sizes)]
+        im = photo(PHOTOS[i % len(PHOTOS)], w, h)
+        kw = {}
+        if i % 5 == 3:
+            exif = Image.Exif()
+            exif[0x0112] = 6 if i % 2 else 3
+            kw["exif"] = exif.tobytes()
+        data = encode(im, "JPEG" if i % 4 else "PNG", **({"quality": 90, **kw} if i % 4 else {}))
+        key = f"s{i:03d}"
+        samples.append({"__key__": key, "jpg" if i % 4 else "png": data})
+        payloads[key] = data
+        if i == 11:
+            samples.append({"__key__": "broken", "jpg": data[: len(data) // 3]})
+    write_shard(str(tmp_path / "mixed-000000.tar"), samples)
+    cfg = WebDatasetConfig(image_shards=[str(tmp_path / "mixed-000000.tar")], num_workers=0, epochs=1,
+                           shuffle_buffer=8, buckets=["1:1", "4:3"], bucket_multiple=8, resize_filter=resize_filter)
+    loader = build_webdataset_loader(cfg, R, 4, 0, 1, seed=3)
+    buckets = bucket_sizes(R, [1.0, 4 / 3], 8)
+    seen, shapes, partial = [], set(), 0
+    for batch in loader:
+        pixels = batch["pixels"]
+        assert pixels.is_contiguous(memory_format=torch.channels_last)
+        partial += len(batch["keys"]) < 4
+        for key, got in zip(batch["keys"], pixels):
+            want = decode_image_chw(payloads[key], R, buckets=buckets, resize_filter=resize_filter)
+            assert torch.equal(got, want), key
+            shapes.add(tuple(got.shape))
+            seen.append(key)
+    assert sorted(seen) == sorted(payloads) and loader.stats()["reasons"]["truncated_image"] == 1
+    assert len(shapes) == 2 and partial >= 1
