@@ -477,7 +477,7 @@ def run_case(cfg, case: Case, *, scope: str = "step", steps: int = 3, warmup: in
                mfu=mfu_of(achieved, peak) if peak else None,
                mfu_fwd_bwd=mfu_of(flops / fwd_bwd_s / 1e12, peak) if peak else None,
                peak_mem_GiB=None if pm.peak is None else pm.peak / 2**30, act_saved_GiB=saved / 2**30, status="ok")
-    del model, opt
+    model = opt = None  # free them now (the closures above hold the same cells)
     if plan and scope == "step":
         try:
             from .memory import Layout, plan_memory

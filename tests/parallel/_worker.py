@@ -941,11 +941,11 @@ def scenario_muon(name: str, shard_check=False, resume_after=None, bf16=False, c
     cfg = muon_cfg(["train.precision=bf16"] if bf16 else [])
     model = _cached("model", build_iomm_model)
     make = lambda mdl, step: iomm_batch(model, step, dp * micro)  # noqa: E731
-    loss_fn = default_loss_fn
-    if bf16:  # the reference runs the single-process trainer's way: fp32 weights, bf16 autocast
-        def loss_fn(mdl, mb):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return default_loss_fn(mdl, mb)
+    def autocast_loss_fn(mdl, mb):  # the reference runs the single-process trainer's way: fp32 weights, bf16 autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return default_loss_fn(mdl, mb)
+
+    loss_fn = autocast_loss_fn if bf16 else default_loss_fn
     skip = () if nan_step is None else (nan_step,)
     ref_losses, hist = _cached(("ours", dp, bf16, clip, skip), lambda: reference(
         model, make, dp, 1, STEPS, loss_fn=loss_fn, clip=clip, make_opt=lambda mdl: build_muon_optimizer(mdl, cfg),

@@ -4,6 +4,7 @@ hidden 192, the tiny MLLM, the pixel VAE at 128 px (256 image tokens), micro-bat
 from __future__ import annotations
 
 import os
+import subprocess
 
 import yaml
 
@@ -60,7 +61,6 @@ def start_zero3(out_path: str, modes) -> "subprocess.Popen":
     """Start the 2-process ZeRO-3 measurement (_measure_memory_zero3.py) under torchrun; the
     caller may compute its plans meanwhile, then call `zero3_results`."""
     import socket
-    import subprocess
     import sys
 
     with socket.socket() as sock:  # a free port (other launches may run beside this one)
@@ -115,8 +115,6 @@ def zero3_plans_while_running(proc, make_plans):
 
 def _stop(proc) -> None:
     """SIGTERM first: torchrun forwards it to its workers (SIGKILL would orphan them)."""
-    import subprocess
-
     proc.terminate()
     try:
         proc.wait(timeout=30)
