@@ -247,8 +247,8 @@ def test_builtin_source_honours_the_mixture_fraction(lam):
     assert abs(image_only - lam * n) <= 4 * math.sqrt(n * max(lam * (1 - lam), 1e-9)) + (0 if lam == 0 else 1)
 
 
-@pytest.mark.parametrize("resize_filter", ["bicubic", "bilinear"])
-def test_batches_hold_exactly_the_per_sample_decode(tmp_path, resize_filter):
+@pytest.mark.parametrize("resize_filter,workers", [("bicubic", 0), ("bilinear", 0), ("bicubic", 2)])
+def test_batches_hold_exactly_the_per_sample_decode(tmp_path, resize_filter, workers):
     """Images are resampled straight into their batch slot: every batch must equal
     decode_image_chw of its samples, one by one, bit for bit. Sizes cover both crop
     directions, no resize, a DCT-scaled decode, EXIF quarter turns (turned into the slot),
@@ -276,7 +276,7 @@ def test_batches_hold_exactly_the_per_sample_decode(tmp_path, resize_filter):
         if i == 11:
             samples.append({"__key__": "broken", "jpg": data[: len(data) // 3]})
     write_shard(str(tmp_path / "mixed-000000.tar"), samples)
-    cfg = WebDatasetConfig(image_shards=[str(tmp_path / "mixed-000000.tar")], num_workers=0, epochs=1,
+    cfg = WebDatasetConfig(image_shards=[str(tmp_path / "mixed-000000.tar")], num_workers=workers, epochs=1,
                            shuffle_buffer=8, buckets=["1:1", "4:3"], bucket_multiple=8, resize_filter=resize_filter)
     loader = build_webdataset_loader(cfg, R, 4, 0, 1, seed=3)
     buckets = bucket_sizes(R, [1.0, 4 / 3], 8)
@@ -292,3 +292,30 @@ def test_batches_hold_exactly_the_per_sample_decode(tmp_path, resize_filter):
             seen.append(key)
     assert sorted(seen) == sorted(payloads) and loader.stats()["reasons"]["truncated_image"] == 1
     assert len(shapes) == 2 and partial >= 1
+
+
+def test_shared_batch_pool_never_hands_out_a_buffer_still_out():
+    """SharedBatchPool (a DataLoader worker's side): a buffer is filled again only once the
+    main process cleared its flag and it is not being filled; a full pool replaces a free
+    buffer of another shape; with every buffer out it allocates outside the pool."""
+    from iomm_scale.data.stream import SharedBatchPool
+
+    flags = torch.zeros(3, dtype=torch.uint8)
+    pool = SharedBatchPool(flags)
+    a = pool.take((2, 3))
+    b = pool.take((2, 3))
+    assert a.data_ptr() != b.data_ptr()  # a is being filled: not handed out twice
+    assert pool.sent(a) == 0 and flags.tolist() == [1, 0, 0]
+    pool.give_back(b)  # b was not sent: free at once
+    assert pool.take((2, 3)).data_ptr() == b.data_ptr() and pool.sent(b) == 1
+    c = pool.take((4,), torch.uint8)  # another shape: the third slot
+    assert pool.sent(c) == 2 and flags.tolist() == [1, 1, 1]
+    d = pool.take((2, 3))  # every buffer out: outside the pool, not sent as a slot
+    assert d.data_ptr() not in {a.data_ptr(), b.data_ptr(), c.data_ptr()} and pool.sent(d) is None
+    flags[0] = 0  # the main process released a
+    assert pool.take((2, 3)).data_ptr() == a.data_ptr()
+    pool.give_back(a)
+    flags[2] = 0  # c released; the pool is full: a request of a third shape replaces a free buffer
+    e = pool.take((5,), torch.float16)
+    assert e.shape == (5,) and e.dtype == torch.float16 and pool.sent(e) in (0, 2)
+    assert flags.sum() == 2  # b and e out
