@@ -449,9 +449,11 @@ class WebDatasetLoader:
     def _source(self) -> Iterator[dict]:
         self._received, self._out = {}, set()
         self._release_flags = None
-        if self.cfg.num_workers > 0:  # a worker's buffers: its prefetched batches + the one in use + one filling,
-            # two each (feature batches: latents and vision features)
-            self._release_flags = torch.zeros(self.cfg.num_workers, 2 * (self.cfg.prefetch_factor + 2),
+        if self.cfg.num_workers > 0:
+            # a worker's buffers: its prefetched batches + the one in use + one filling (shared
+            # memory: /dev/shm holds up to that many batches per worker for the whole run)
+            per_batch = 2 if self.cfg.features else 1  # latents + vision features, or pixels
+            self._release_flags = torch.zeros(self.cfg.num_workers, per_batch * (self.cfg.prefetch_factor + 2),
                                               dtype=torch.uint8).share_memory_()
         dataset = _WorkerDataset(self, rotation=self._next_worker)
         if self.cfg.num_workers == 0:

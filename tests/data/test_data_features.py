@@ -200,7 +200,7 @@ def test_batch_memory_is_reused_only_when_released(tmp_path, monkeypatch, worker
             dropped += content(batch)
             del batch
         # 30 batches in a few buffers: in-process up to 4 per shape; a worker's up to
-        # prefetch_factor + 2 batches (its pool of 2 x (prefetch_factor + 2) slots)
+        # prefetch_factor + 2 batches
         assert len(dropped) == 120 and int(allocations[0]) <= max(1, workers) * 4 * per_batch, \
             (kind, int(allocations[0]))
         allocations[0] = 0
