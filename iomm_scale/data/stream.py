@@ -40,7 +40,7 @@ import hashlib
 import logging
 import math
 import weakref
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -174,7 +174,7 @@ class _Worker:
                 "stats": self.counter.snapshot()}
 
     def _emit(self, entries: Optional[list], bkey: Optional[tuple] = None) -> dict:
-        batch = None
+        batch, slots = None, {}
         if entries is not None:
             self.batches += 1
             # already assembled, sample by sample, in _decode
@@ -188,11 +188,16 @@ class _Worker:
             # pixels: uint8, channels-last: a quarter of float32's bytes to fill, share and copy to
             # the device; the model converts to contiguous [-1, 1] float there (preprocess.unit_pixels)
             batch = dict(zip(("latents", "vision_features") if self.cfg.features else ("pixels",), tensors))
-            slots = {k: self.pool.sent(t) for k, t in batch.items()}
-            slots = {k: slot for k, slot in slots.items() if slot is not None}
+            for name, t in list(batch.items()):
+                ref = self.pool.sent(t)
+                if ref is not None:
+                    slot, generation, known = ref
+                    slots[name] = (slot, generation)
+                    if known:  # the main process maps this buffer already: send its layout, not the tensor
+                        batch[name] = PooledTensor(tuple(t.shape), t.stride(), t.dtype)
             batch["captions"] = [e[1] for e in entries]
             batch["keys"] = [e[2] for e in entries]
-        return {"worker": self.logical, "batch": batch, "state": self.state(), "slots": slots if batch else {}}
+        return {"worker": self.logical, "batch": batch, "state": self.state(), "slots": slots}
 
     def __iter__(self) -> Iterator[dict]:
         if self.done and not self.buckets:  # finished before the save
@@ -337,12 +342,21 @@ class BatchPool:
         pass
 
 
+class PooledTensor(NamedTuple):
+    """What a worker sends instead of a batch tensor in a buffer the main process maps
+    already: its layout (passing a tensor between processes costs a file-descriptor handoff
+    through a socket, a few syscalls and thread switches on both sides)."""
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+
+
 class SharedBatchPool:
     """A DataLoader worker's batch buffers, in shared memory, recycled across the process
     boundary. A fresh shared-memory batch costs its page faults and zeroing in the worker
     (16 IOMM-B feature samples: ~8 ms, 0.5 ms per sample, twice the rest of the worker's
-    work); a buffer sent before comes back to the main process as the same mapping (torch
-    caches received shared storages), so a recycled one costs nothing there either.
+    work). The main process keeps every buffer it received mapped, and a buffer sent again
+    travels as its layout only (PooledTensor), so a recycled one costs nothing there either.
 
     The protocol, per worker, one byte per buffer ("slot") in `release_flags`, a shared
     tensor the main process made: the worker sets it to 1 when it sends a batch in that
@@ -357,6 +371,8 @@ class SharedBatchPool:
         self.buffers: dict[int, tuple[tuple, torch.Tensor]] = {}  # slot -> (key, base)
         self.slot_of: dict[int, int] = {}  # storage address -> slot
         self.filling: set[int] = set()  # handed out by take(), not yet sent or given back
+        self.generation: dict[int, int] = {}  # slot -> how many buffers it has held
+        self.announced: set[tuple[int, int]] = set()  # (slot, generation) sent as a tensor once
 
     def take(self, shape, dtype=torch.float32, channels_last: bool = False) -> torch.Tensor:
         key = (tuple(shape), dtype, channels_last)
@@ -373,16 +389,22 @@ class SharedBatchPool:
             base = _alloc(shape, dtype, channels_last)
             self.buffers[slot] = (key, base)
             self.slot_of[base.untyped_storage().data_ptr()] = slot
+            self.generation[slot] = self.generation.get(slot, -1) + 1
         self.filling.add(slot)
         return self.buffers[slot][1][:]
 
-    def sent(self, tensor: torch.Tensor) -> Optional[int]:
-        """The slot of `tensor`'s buffer, now out (None: not a pooled buffer)."""
+    def sent(self, tensor: torch.Tensor) -> Optional[tuple[int, int, bool]]:
+        """(slot, generation, whether the main process has this buffer already) of `tensor`'s
+        buffer, now out; None: not a pooled buffer."""
         slot = self.slot_of.get(tensor.untyped_storage().data_ptr())
-        if slot is not None:
-            self.flags[slot] = 1
-            self.filling.discard(slot)
-        return slot
+        if slot is None:
+            return None
+        self.flags[slot] = 1
+        self.filling.discard(slot)
+        ref = (slot, self.generation[slot])
+        known = ref in self.announced
+        self.announced.add(ref)
+        return slot, ref[1], known
 
     def give_back(self, tensor: torch.Tensor) -> None:
         """A taken buffer that is not sent (a partial batch copied out, a dropped bucket)."""
@@ -434,7 +456,7 @@ class WebDatasetLoader:
         # SharedBatchPool's main-process side: release flags and, per (worker, slot), a tensor
         # on the buffer last received there (keeping it mapped) and whether it is out
         self._release_flags: Optional[torch.Tensor] = None
-        self._received: dict[tuple[int, int], torch.Tensor] = {}
+        self._received: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # -> (generation, tensor)
         self._out: set[tuple[int, int]] = set()
 
     # -- iteration ----------------------------------------------------------------------
@@ -463,16 +485,23 @@ class WebDatasetLoader:
                                worker_init_fn=_worker_init, persistent_workers=False))
 
     def _release(self, out: dict) -> None:
-        """Note the pooled buffers `out` arrived in; hand back (flag 0) every buffer out that
-        nothing refers to any more but our own tensor on it."""
+        """Note the pooled buffers `out` arrived in (a tensor, received once per buffer, or the
+        layout of a buffer received before: rebuilt on our mapping of it); hand back (flag 0)
+        every buffer out that nothing refers to any more but our own tensor on it."""
         w = out["worker"]
-        for name, slot in out.get("slots", {}).items():
-            tensor = out["batch"][name]
-            held = self._received.get((w, slot))
-            if held is None or held.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr():
-                self._received[(w, slot)] = torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage())
+        for name, (slot, generation) in out["slots"].items():
+            value = out["batch"][name]
+            if isinstance(value, PooledTensor):
+                held_generation, held = self._received.get((w, slot), (None, None))
+                if held_generation != generation:  # a worker / loader bug, never data to guess at
+                    raise RuntimeError(f"data worker {w} sent buffer {slot}.{generation} by layout, but it was never "
+                                       f"received (held: {held_generation})")
+                out["batch"][name] = torch.empty(0, dtype=value.dtype).set_(held.untyped_storage(), 0, value.shape,
+                                                                            value.stride)
+            else:
+                self._received[(w, slot)] = (generation, torch.empty(0, dtype=torch.uint8).set_(value.untyped_storage()))
             self._out.add((w, slot))
-        for key in [k for k in self._out if _storage_users(self._received[k]) == _ALONE]:
+        for key in [k for k in self._out if _storage_users(self._received[k][1]) == _ALONE]:
             self._release_flags[key] = 0
             self._out.discard(key)
 

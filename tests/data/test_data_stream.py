@@ -297,7 +297,8 @@ def test_batches_hold_exactly_the_per_sample_decode(tmp_path, resize_filter, wor
 def test_shared_batch_pool_never_hands_out_a_buffer_still_out():
     """SharedBatchPool (a DataLoader worker's side): a buffer is filled again only once the
     main process cleared its flag and it is not being filled; a full pool replaces a free
-    buffer of another shape; with every buffer out it allocates outside the pool."""
+    buffer of another shape (a new generation of that slot: sent as a tensor again, not by
+    layout); with every buffer out it allocates outside the pool."""
     from iomm_scale.data.stream import SharedBatchPool
 
     flags = torch.zeros(3, dtype=torch.uint8)
@@ -305,17 +306,18 @@ def test_shared_batch_pool_never_hands_out_a_buffer_still_out():
     a = pool.take((2, 3))
     b = pool.take((2, 3))
     assert a.data_ptr() != b.data_ptr()  # a is being filled: not handed out twice
-    assert pool.sent(a) == 0 and flags.tolist() == [1, 0, 0]
+    assert pool.sent(a) == (0, 0, False) and flags.tolist() == [1, 0, 0]
     pool.give_back(b)  # b was not sent: free at once
-    assert pool.take((2, 3)).data_ptr() == b.data_ptr() and pool.sent(b) == 1
+    assert pool.take((2, 3)).data_ptr() == b.data_ptr() and pool.sent(b) == (1, 0, False)
     c = pool.take((4,), torch.uint8)  # another shape: the third slot
-    assert pool.sent(c) == 2 and flags.tolist() == [1, 1, 1]
+    assert pool.sent(c) == (2, 0, False) and flags.tolist() == [1, 1, 1]
     d = pool.take((2, 3))  # every buffer out: outside the pool, not sent as a slot
     assert d.data_ptr() not in {a.data_ptr(), b.data_ptr(), c.data_ptr()} and pool.sent(d) is None
-    flags[0] = 0  # the main process released a
-    assert pool.take((2, 3)).data_ptr() == a.data_ptr()
-    pool.give_back(a)
-    flags[2] = 0  # c released; the pool is full: a request of a third shape replaces a free buffer
+    flags[0] = 0  # the main process released a: filled again, and sent by layout (it has it)
+    assert pool.take((2, 3)).data_ptr() == a.data_ptr() and pool.sent(a) == (0, 0, True)
+    flags[0] = flags[2] = 0  # a and c released; the pool is full: a third shape replaces a free buffer
     e = pool.take((5,), torch.float16)
-    assert e.shape == (5,) and e.dtype == torch.float16 and pool.sent(e) in (0, 2)
+    assert e.shape == (5,) and e.dtype == torch.float16
+    slot, generation, known = pool.sent(e)
+    assert slot in (0, 2) and generation == 1 and not known
     assert flags.sum() == 2  # b and e out
