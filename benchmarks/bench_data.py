@@ -18,6 +18,9 @@ measured in the same run, interleaved round by round (median reported):
                vision tokens 256x1536, stored float16; each array read by one pread from the
                shard straight into its batch slot, checked finite there) -> float16 batches.
 Goals (issue 4): raw >= 0.8 x bare PIL; features >= 20 x raw.
+Also printed, outside the goals' ratios: the raw (1024x683) and feature loaders with one
+DataLoader worker, per wall second and per CPU-second of both processes together (the
+worker's shared-memory batches recycled, stream.SharedBatchPool).
 
 Loader figures are steady state: one loader streams 192 raw / 512 feature samples (12 / 32
 batches). A loader's first few batches fault in fresh memory (its BatchPool recycles batch
@@ -33,6 +36,7 @@ Flickr "large" photo: shorter side 1.33x the target, no DCT downscale possible) 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import platform
@@ -112,6 +116,25 @@ def loader_rate(cfg: WebDatasetConfig, resolution: int, expect: int) -> float:
     return n / dt
 
 
+def worker_rate(cfg: WebDatasetConfig, resolution: int, expect: int) -> tuple[float, float]:
+    """(samples per wall second, per CPU-second of this process and its worker together) of the
+    loader with one DataLoader worker (the worker's CPU time counts once it has exited)."""
+    import resource
+
+    def cpu():
+        a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+    loader = build_webdataset_loader(dataclasses.replace(cfg, num_workers=1), resolution, 16, 0, 1, seed=0)
+    c, t = cpu(), time.perf_counter()
+    n = sum(len(batch["keys"]) for batch in loader)
+    wall = time.perf_counter() - t
+    loader.close()
+    del loader
+    assert n == expect, (n, expect)
+    return n / wall, n / (cpu() - c)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=48, help="JPEGs per source size")
@@ -149,6 +172,14 @@ def main() -> None:
                 rates.setdefault(k, []).append(v) if round_ else None
         rate = loader_rate(feat_cfg, R, args.features)
         rates.setdefault("feature loader", []).append(rate) if round_ else None
+    # not part of the goals' ratios: the same loaders with one DataLoader worker (wall time, and
+    # CPU time of both processes), 4 epochs each so the worker's start-up weighs little
+    workers = {}
+    for name, cfg, n in (("raw loader 1024x683", WebDatasetConfig(image_shards=[scenarios[(1024, 683)][1]], epochs=1,
+                                                                   shuffle_buffer=64), len(scenarios[(1024, 683)][0]) * args.repeat),
+                         ("feature loader", dataclasses.replace(feat_cfg, epochs=4), 4 * args.features)):
+        runs = [worker_rate(cfg, R, n) for _ in range(args.rounds)]
+        workers[name] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
     med = {k: statistics.median(v) for k, v in rates.items()}
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores visible, "
@@ -166,6 +197,9 @@ def main() -> None:
         print(f"{tag}: decode+crop+resize / bare PIL {med[f'decode+crop+resize {tag}'] / bare:.2f}, "
               f"raw loader / bare PIL {med[f'raw loader {tag}'] / bare:.2f} (goal >= 0.80); "
               f"feature loader / raw loader {med['feature loader'] / med[f'raw loader {tag}']:.1f}x (goal >= 20x)")
+    print("with one DataLoader worker (not in the ratios): samples/s of wall time, per CPU-second of both processes")
+    for k, (wall, per_cpu) in workers.items():
+        print(f"  {k}: {wall:.1f} wall, {per_cpu:.1f} per CPU-second")
     # Each round measures every pipeline back to back, so a ratio within a round is less exposed
     # to the machine's drift (other tenants) than a ratio of medians across rounds.
     print("per-round ratios (median, min-max):")
