@@ -13,7 +13,6 @@ import logging
 import math
 import mmap
 import os
-import re
 import tarfile
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -21,12 +20,9 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext
 
 log = logging.getLogger("iomm_scale.data")
-
-# webdataset's key / extension split (tariterators.base_plus_ext), compiled once: re.match with a
-# pattern string looks it up in re's cache on every member
-_BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 Location = tuple[int, int, int]  # (shard position, raw index in shard, global raw index in epoch)
 START: Location = (0, 0, 0)
@@ -82,7 +78,6 @@ class _Member:
 
 
 _USTAR_MAGIC = (b"ustar\x0000", b"ustar  \x00")  # POSIX, GNU
-_SPAN_HEAD = 256  # bytes of a span read with its tar header (a .npy header: 128 bytes as numpy writes them)
 
 
 class FileSpan:
@@ -90,14 +85,12 @@ class FileSpan:
     copies them straight from the page cache into a caller's buffer (a batch slot), one
     kernel copy. Copying out of a memory mapping instead costs the same copy plus a page
     fault per newly mapped page of the source (1.3-1.5x the time for a 0.9 MB feature sample
-    on the development VM). The shard's file stays open while any span of it is alive.
-    `head`: the member's first bytes when the reader already has them (a .npy header, read
-    from the mapping with the tar header: parsing it then takes no syscall)."""
+    on the development VM). The shard's file stays open while any span of it is alive."""
 
-    __slots__ = ("file", "offset", "size", "head")
+    __slots__ = ("file", "offset", "size")
 
-    def __init__(self, file, offset: int, size: int, head: bytes = b""):
-        self.file, self.offset, self.size, self.head = file, offset, size, head
+    def __init__(self, file, offset: int, size: int):
+        self.file, self.offset, self.size = file, offset, size
 
     def __len__(self) -> int:
         return self.size
@@ -105,8 +98,6 @@ class FileSpan:
     def read(self, start: int = 0, n: int = -1) -> bytes:
         """Bytes [start, start + n) of the member (to its end for n < 0)."""
         n = self.size - start if n < 0 else min(n, self.size - start)
-        if start + n <= len(self.head):
-            return self.head[start:start + n]
         data = os.pread(self.file.fileno(), n, self.offset + start)
         if len(data) != n:
             raise OSError(f"short read: the shard file shrank while being read ({len(data)} of {n} bytes)")
@@ -208,8 +199,7 @@ def _open_tar(stream, views: tuple[str, ...] = ()) -> tuple[Iterator, Callable[[
                             raise tarfile.ReadError("unexpected end of data")
                         if span_file is None:
                             span_file = os.fdopen(os.dup(stream.fileno()), "rb", buffering=0)
-                        return FileSpan(span_file, info.offset_data, info.size,
-                                        bytes(mapped[info.offset_data:info.offset_data + min(info.size, _SPAN_HEAD)]))
+                        return FileSpan(span_file, info.offset_data, info.size)
                     data = bytes(mapped[info.offset_data:info.offset_data + info.size])
                 if len(data) != info.size:
                     raise tarfile.ReadError("unexpected end of data")
@@ -284,8 +274,7 @@ def read_shard(url: str, skip: int = 0, views: tuple[str, ...] = ()) -> Iterator
         for info in members:
             if not info.isreg():
                 continue
-            match = _BASE_PLUS_EXT.match(info.name)
-            prefix, suffix = match.groups() if match else (None, None)
+            prefix, suffix = base_plus_ext(info.name)
             if prefix is None or (prefix.startswith("__") and prefix.endswith("__")):
                 continue
             if prefix != key:

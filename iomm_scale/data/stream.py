@@ -335,11 +335,11 @@ class BatchPool:
             return base[:]
         return base
 
-    def sent(self, tensor: torch.Tensor) -> None:  # (SharedBatchPool's protocol; use counts say it all here)
-        return None
+    def sent(self, tensor: torch.Tensor) -> None:
+        """SharedBatchPool's hook; in-process, the use counts alone say when a buffer is free."""
 
     def give_back(self, tensor: torch.Tensor) -> None:
-        pass
+        """SharedBatchPool's hook; nothing to do in-process (see sent)."""
 
 
 class PooledTensor(NamedTuple):
