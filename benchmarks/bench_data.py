@@ -22,6 +22,9 @@ Also printed, outside the goals' ratios: the raw (1024x683) and feature loaders 
 DataLoader worker, per wall second and per CPU-second of both processes together (the
 worker's shared-memory batches recycled, stream.SharedBatchPool).
 
+Both loaders read shards written as make_shards / precompute_features write them (1 MB writes,
+so the page cache holds them in large folios; data/writer.py), hot in the page cache.
+
 Loader figures are steady state: one loader streams 192 raw / 512 feature samples (12 / 32
 batches). A loader's first few batches fault in fresh memory (its BatchPool recycles batch
 buffers only once they are released): ~0.8 ms more per raw sample, so a loader timed over
@@ -47,13 +50,13 @@ import time
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from iomm_scale.data import WebDatasetConfig, build_webdataset_loader, write_feature_shards  # noqa: E402
 from iomm_scale.data.preprocess import decode_image_chw  # noqa: E402
+from iomm_scale.data.writer import final_name, shard_writer  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 
@@ -85,10 +88,13 @@ def make_jpegs(n: int, size: tuple[int, int], seed: int = 0) -> list[bytes]:
     return out
 
 
-def write_jpeg_shard(path: str, jpegs: list[bytes]) -> None:
-    with wds.TarWriter(path, encoder=False, mtime=0) as w:
+def write_jpeg_shard(pattern: str, jpegs: list[bytes]) -> str:
+    """One shard, written as make_shards / precompute_features write theirs (so the page cache
+    holds raw and feature shards alike); its path."""
+    with shard_writer(pattern, max_count=len(jpegs), max_size_mb=1e9) as w:
         for i, data in enumerate(jpegs):
             w.write({"__key__": f"s{i:06d}", "jpg": data})
+    return final_name(w.fname)
 
 
 def bare_pil(jpegs: list[bytes]) -> float:
@@ -150,8 +156,7 @@ def main() -> None:
     scenarios = {}
     for size in ((1024, 683), (1536, 1024)):
         jpegs = make_jpegs(args.images, size)
-        path = os.path.join(tmp, f"jpeg-{size[0]}x{size[1]}.tar")
-        write_jpeg_shard(path, jpegs * args.repeat)
+        path = write_jpeg_shard(os.path.join(tmp, f"jpeg-{size[0]}x{size[1]}-%06d.tar"), jpegs * args.repeat)
         scenarios[size] = (jpegs, path)
     feats = [{"key": f"f{i:06d}", "latents": torch.randn(16, R // 8, R // 8), "vision_features": torch.randn(256, 1536),
               "resolution": R} for i in range(args.features)]
