@@ -88,11 +88,13 @@ class IOMMModel(nn.Module):
     def sample(self, batch_size: int, resolution: int, pixels: torch.Tensor | None = None,
                captions: list[str | None] | None = None, steps: int | None = None, cfg_scale: float | None = None,
                mask_ratio: float | None = None, generator: torch.Generator | None = None,
-               vision_features: torch.Tensor | None = None, generator_fn: Callable | None = None) -> torch.Tensor:
+               vision_features: torch.Tensor | None = None, generator_fn: Callable | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
         """Generate images [B, 3, H, W] in [-1, 1] conditioned on reference images (image-only
         mode; masked with `mask_ratio`, default 0 at sampling), on their precomputed vision
         features (`vision_features`, as in feature shards) or on captions. `generator_fn(x, t,
-        cond, cond_mask)` replaces the generator's forward (a pipeline runs it over its stages)."""
+        cond, cond_mask)` replaces the generator's forward (a pipeline runs it over its stages).
+        `noise`: the starting latents [B, C, h, w] (default: drawn from `generator`)."""
         fcfg = self.cfg.flow
         steps = steps or fcfg.sample_steps
         cfg_scale = fcfg.cfg_scale if cfg_scale is None else cfg_scale
@@ -107,7 +109,11 @@ class IOMMModel(nn.Module):
             null = None
         f = self.cfg.model.vae.downsample_factor
         shape = (batch_size, self.vae.latent_channels, resolution // f, resolution // f)
-        noise = torch.randn(shape, device=device, generator=generator)
+        if noise is None:
+            noise = torch.randn(shape, device=device, generator=generator)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must be {list(shape)}, got {list(noise.shape)}")
+        noise = noise.to(device)
         shift = flow.effective_shift(fcfg, shape[-1] * shape[-2] // 4)
 
         generator_fn = generator_fn or self.generator

@@ -533,9 +533,10 @@ class DistributedTrainer:
 
     def write_step_samples(self, path: Path | None = None) -> Path:
         """Collective: <run_dir>/samples/step_N.png (or `path`) as iomm-train writes it (the EMA
-        weights when kept, else the live ones). Every rank samples the same references with the
-        same seed in place (through the engine: TP collectives, ZeRO-3 gathers; pipelines stage
-        by stage): no second copy of the model. Rank 0 writes the grid."""
+        weights when kept, else the live ones). Sampled in place (through the engine: TP
+        collectives, ZeRO-3 gathers; pipelines stage by stage), no second copy of the model; each
+        data-parallel replica samples its share of the references and the shares are gathered
+        (runtime.sample_grid), the same grid as one process's. Rank 0 writes it."""
         from ..train.evaluate import rng_devices
         from ..train.plots import save_grid
 

@@ -440,12 +440,12 @@ class PipelineStageModule(nn.Module):
         return p.device if p is not None else torch.device("cpu")
 
     @torch.no_grad()
-    def sample_grid(self, cfg, device, pp_group):
-        """The references and samples of train/trainer.sample_grid, the model cut in stages: the
-        first stage runs the conditioner, the sampler's loop and the VAE; each of the sampler's
-        `flow.sample_steps` velocity calls sends the state down the stages (shapes first) and the
-        last stage sends the velocity back to the first. Every stage calls it; the first returns
-        (references, samples), the others (None, None)."""
+    def sample_grid(self, cfg, device, pp_group, part=None):
+        """The references and samples of train/trainer.sample_grid (`part`: this replica's share of
+        the rows), the model cut in stages: the first stage runs the conditioner, the sampler's
+        loop and the VAE; each of the sampler's `flow.sample_steps` velocity calls sends the state
+        down the stages (shapes first) and the last stage sends the velocity back to the first.
+        Every stage calls it; the first returns (references, samples), the others (None, None)."""
         import torch.distributed as dist
 
         ranks = dist.get_process_group_ranks(pp_group)
@@ -459,7 +459,7 @@ class PipelineStageModule(nn.Module):
                 dist.recv(v, src=ranks[-1], group=pp_group)
                 return v
 
-            return sample_grid(self._model, cfg, device, generator_fn=through_stages)
+            return sample_grid(self._model, cfg, device, generator_fn=through_stages, part=part)
         for _ in range(cfg.flow.sample_steps):  # IOMMModel.sample's velocity calls, one per step
             state = tuple(_recv_tensors(ranks[self.stage - 1], pp_group, self._device()))
             state = tuple(self.adapter.run_blocks(self._gen, self.lo, self.hi, state))

@@ -291,18 +291,28 @@ class ParallelRuntime:
     def sample_grid(self, cfg, device) -> tuple:
         """(references, samples) of train/trainer.sample_grid for an IOMM model (mid-run sample
         grids), in eval mode: every rank calls it, and every rank of the first pipeline stage
-        gets them (other stages: (None, None)). Through the engine (TP collectives, ZeRO-3's
-        parameter gathering: each rank makes the same module calls), or under pp > 1 stage by
-        stage (PipelineStageModule.sample_grid)."""
+        gets them (other stages: (None, None)). Each data-parallel replica samples its share of
+        the rows (trainer.grid_rows), gathered over the replicas afterwards: ceil(n / dp) rows
+        per replica instead of n, and the grid equals one process's. Through the engine (TP collectives,
+        ZeRO-3's parameter gathering: each rank makes the same module calls, padded shares
+        included), or under pp > 1 stage by stage (PipelineStageModule.sample_grid)."""
         from ..train.trainer import sample_grid
 
+        lay = self.layout
+        part = (lay.dp_rank, lay.dp) if lay.dp > 1 else None
         self.engine.eval()
         try:
             if self.pipeline is not None:
-                return self.module.sample_grid(cfg, device, self.layout.pp_group())
-            return self.engine(None, fn=lambda model, _: sample_grid(model, cfg, device))
+                refs, images = self.module.sample_grid(cfg, device, lay.pp_group(), part)
+            else:
+                refs, images = self.engine(None, fn=lambda model, _: sample_grid(model, cfg, device, part=part))
         finally:
             self.engine.train()
+        if images is not None and part is not None:  # a first stage's replicas: all of them hold a share
+            shares = [torch.empty_like(images) for _ in range(lay.dp)]
+            dist.all_gather(shares, images.contiguous(), group=lay.dp_group())
+            images = torch.cat(shares)[: refs.shape[0]]
+        return refs, images
 
     @torch.no_grad()
     def sample_losses(self, batch: dict, draws) -> torch.Tensor:

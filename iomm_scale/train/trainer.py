@@ -473,16 +473,33 @@ def reference_batch(cfg: RunConfig, model: IOMMModel, device, loader=None):
     return unit_pixels(batch["pixels"][:n].to(device)), None
 
 
+def grid_rows(n: int, part: tuple[int, int] | None) -> list[int]:
+    """The rows of an n-image sample grid that part (index, count) samples: consecutive blocks of
+    ceil(n / count), the last ones padded with the last row, so that every part makes the same
+    module calls (ZeRO-3 gathers) and the parts, concatenated in order, start with rows 0..n-1."""
+    if part is None:
+        return list(range(n))
+    index, count = part
+    per = -(-n // count)
+    return [min(i, n - 1) for i in range(index * per, (index + 1) * per)]
+
+
 @torch.no_grad()
-def sample_grid(model: IOMMModel, cfg: RunConfig, device, loader=None,
-                generator_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(references, samples conditioned on them) [n, 3, H, W] in [-1, 1], seeded by train.seed:
-    the same images from the same weights on any rank (the launchers call it on every rank;
-    `generator_fn`: a pipeline's forward over its stages, see IOMMModel.sample)."""
+def sample_grid(model: IOMMModel, cfg: RunConfig, device, loader=None, generator_fn=None,
+                part: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(references [n, 3, H, W], samples conditioned on them) in [-1, 1], seeded by train.seed:
+    the same images from the same weights on any rank. `part` (index, count): only the rows
+    `grid_rows` gives that part (the launchers deal the grid out over the data-parallel
+    replicas and gather it); each row starts from the same noise as in the whole grid.
+    `generator_fn`: a pipeline's forward over its stages (see IOMMModel.sample)."""
     refs, feats = reference_batch(cfg, model, device, loader)
     g = torch.Generator(device=device).manual_seed(cfg.train.seed)
-    images = model.sample(refs.shape[0], cfg.data.resolution, pixels=refs if feats is None else None,
-                          vision_features=feats, generator=g, generator_fn=generator_fn)
+    n, size = refs.shape[0], cfg.data.resolution // cfg.model.vae.downsample_factor
+    noise = torch.randn((n, model.vae.latent_channels, size, size), device=device, generator=g)
+    rows = grid_rows(n, part)
+    images = model.sample(len(rows), cfg.data.resolution, pixels=refs[rows] if feats is None else None,
+                          vision_features=None if feats is None else feats[rows], noise=noise[rows],
+                          generator_fn=generator_fn)
     return refs, images
 
 

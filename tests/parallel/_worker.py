@@ -293,12 +293,17 @@ def compare_samples(rt, model, ref_params: dict, ref_ema: dict | None = None) ->
     from iomm_scale.train.evaluate import rng_devices
     from iomm_scale.train.trainer import sample_grid
 
+    from iomm_scale import flow
+
     cfg, dev = model.cfg, torch.device("cpu")
     backup = rt.ema.swap_in() if ref_ema is not None else None
+    rows, euler_sample = [], flow.euler_sample  # the rows this rank samples (its share of the grid)
+    flow.euler_sample = lambda velocity, noise, *a, **k: (rows.append(noise.shape[0]), euler_sample(velocity, noise, *a, **k))[1]
     try:
         with torch.random.fork_rng(devices=rng_devices(dev)):
             refs, images = rt.sample_grid(cfg, dev)
     finally:
+        flow.euler_sample = euler_sample
         if backup is not None:
             rt.ema.restore(backup)
     if images is None:  # a later pipeline stage: it served the first stage's velocity calls
@@ -313,7 +318,7 @@ def compare_samples(rt, model, ref_params: dict, ref_ema: dict | None = None) ->
             return sample_grid(single, cfg, dev)
 
     want_refs, want = single_process(ref_ema if ref_ema is not None else ref_params)
-    out = {"samples_shape": list(images.shape), "samples_rel": rel(images, want),
+    out = {"samples_shape": list(images.shape), "samples_rel": rel(images, want), "samples_rows_here": rows,
            "samples_refs_equal": bool(torch.equal(refs, want_refs)), "samples_spread": float(images.std())}
     if ref_ema is not None:  # the EMA's samples are other ones: the swap is not vacuous
         out["samples_ema_vs_live"] = rel(single_process(ref_params)[1], want)
@@ -1196,6 +1201,9 @@ SCENARIOS = {
                                        micro=1),
     "iomm_tp2pp2": lambda: scenario_iomm("iomm_tp2pp2", tp=2, pp=2, zero_stage=1, num_microbatches=4, micro=1,
                                          ema_decay=EMA_DECAY, eval_samples=3, captions=True, samples=True),
+    # the sample grid dealt over two replicas, each a two-stage pipeline
+    "iomm_pp2dp2_samples": lambda: scenario_iomm("iomm_pp2dp2_samples", pp=2, zero_stage=1, num_microbatches=2,
+                                                 micro=1, samples=True),
     "reshard_tp2dp2_to_dp4": lambda: scenario_reshard("reshard", dict(tp=2, zero_stage=1, num_microbatches=2),
                                                       dict(zero_stage=3), ema_decay=EMA_DECAY),
     "native_ckpt_tp2dp2_zero3": lambda: scenario_native_ckpt("native", tp=2, zero_stage=3),

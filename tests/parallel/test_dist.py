@@ -45,7 +45,7 @@ WORLD2 = ["dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "dp2_zero3_ckpt", 
           "ds_muon_dp2_zero3", "nonfinite_dp2_zero0_noclip", "nonfinite_dp2_zero2", "nonfinite_dp2_zero3",
           "nonfinite_tp2_zero0", "nonfinite_pp2", "nonfinite_checkpoints", "nonfinite_muon_dp2_zero0", "nonfinite_bf16_zero0", "nonfinite_bf16_zero1", "nonfinite_bf16_zero2",
           "nonfinite_bf16_zero3"]
-WORLD4 = ["tp2dp2_zero1", "tp2pp2", "iomm_tp2pp2", "ema_tp2pp2", "reshard_tp2dp2_to_dp4", "muon_full_tp2dp2_to_dp4",
+WORLD4 = ["tp2dp2_zero1", "tp2pp2", "iomm_tp2pp2", "iomm_pp2dp2_samples", "ema_tp2pp2", "reshard_tp2dp2_to_dp4", "muon_full_tp2dp2_to_dp4",
           "native_ckpt_tp2dp2_zero3",
           "muon_tp2dp2_zero0", "muon_tp2dp2_resume", "muon_dp4_zero0", "nonfinite_tp2dp2_zero1"]
 
@@ -232,9 +232,11 @@ def test_iomm_zero3_frozen_mllm(world2):
     assert r["eval_rel"] < 1e-5, r["eval_rel"]  # observed 2.2e-7; 2.6e-2 with persistent copies left alone
     assert r["eval_live_restored"] and r["persistent_trainable"] > 0
     assert r["eval_ema_vs_live"] > 1e-3  # the EMA figure is another one (observed 2.5e-2)
-    # mid-run sample grids (eval.sample_every under the launchers): every rank samples through the
-    # runtime (ZeRO-3 gathers) with the EMA swapped in = one process sampling the reference's EMA
+    # mid-run sample grids (eval.sample_every under the launchers): each replica samples its half of
+    # the rows through the runtime (ZeRO-3 gathers) with the EMA swapped in, gathered = one process
+    # sampling the reference's EMA
     assert r["samples_shape"] == [8, 3, 16, 16] and r["samples_refs_equal"] and r["samples_spread"] > 0.1
+    assert r["samples_rows_here"] == [4], r["samples_rows_here"]  # 8 before the grid was dealt out
     assert r["samples_rel"] < 1e-5, r["samples_rel"]  # observed 5.4e-7
     assert r["samples_ema_vs_live"] > 1e-3, r["samples_ema_vs_live"]
 
@@ -275,12 +277,21 @@ def test_managed_gradient_accumulation_reenabled_is_refused(world2):
     assert deepspeed_config(ParallelConfig(), micro_batch=1, dp=1)["managed_gradient_accumulation"] is False
 
 
-@pytest.mark.parametrize("name", ["tp2dp2_zero1", "tp2pp2", "iomm_tp2pp2"])
+@pytest.mark.parametrize("name", ["tp2dp2_zero1", "tp2pp2", "iomm_tp2pp2", "iomm_pp2dp2_samples"])
 def test_four_process_layouts_match_single_process(world4, name):
     r = check(world4, name)
     assert_parity(r)
     if name.startswith("iomm"):
         assert r["all_trainable_optimized"] and r["no_frozen_optimized"] and r["frozen_unchanged"]
+
+
+def test_the_sample_grid_is_dealt_over_pipelined_replicas(world4):
+    """PP=2 x DP=2: each replica's first stage samples 4 of the grid's 8 rows (its velocity calls
+    sent down its own stages), gathered over the replicas = one process's grid."""
+    r = check(world4, "iomm_pp2dp2_samples")
+    assert r["samples_shape"] == [8, 3, 16, 16] and r["samples_refs_equal"] and r["samples_spread"] > 0.1
+    assert r["samples_rows_here"] == [4], r["samples_rows_here"]
+    assert r["samples_rel"] < 1e-5, r["samples_rel"]  # observed 6.3e-7
 
 
 def test_reshard_tp2dp2_zero1_to_dp4_zero3(world4):
@@ -486,3 +497,4 @@ def test_ema_tp2pp2_iomm_matches_single_process_and_planner(world4):
     # velocity sent back to the first): rank 0 (first stage) holds one process's EMA samples
     assert r["samples_shape"] == [8, 3, 16, 16] and r["samples_refs_equal"] and r["samples_spread"] > 0.1
     assert r["samples_rel"] < 1e-5 and r["samples_ema_vs_live"] > 1e-3, r
+    assert r["samples_rows_here"] == [8]  # dp 1: the whole grid

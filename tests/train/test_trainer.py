@@ -274,3 +274,27 @@ def test_resume_under_another_model_config_is_refused(tiny_cfg, tmp_path):
 
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["model"]["conditioner"]["rqa"]["num_queries"] == 1 and saved["run_dir"] == str(tmp_path)
+
+
+def test_a_sample_grid_dealt_out_in_parts_is_the_whole_grid(tiny_cfg):
+    """The launchers deal the mid-run grid over the data-parallel replicas (sample_grid's `part`):
+    the parts' rows, concatenated, are the whole grid's, each row from its own noise, for any
+    number of parts (padded when it does not divide the grid, more parts than rows included)."""
+    from iomm_scale.iomm import build_iomm
+    from iomm_scale.train.trainer import grid_rows, sample_grid
+
+    assert grid_rows(5, None) == [0, 1, 2, 3, 4]
+    assert [grid_rows(5, (i, 2)) for i in range(2)] == [[0, 1, 2], [3, 4, 4]]
+    assert [grid_rows(2, (i, 4)) for i in range(4)] == [[0], [1], [1], [1]]
+    cfg = tiny_cfg("train.num_samples=5", "flow.sample_steps=3")
+    model = build_iomm(cfg).eval()
+    refs, whole = sample_grid(model, cfg, "cpu")
+    assert whole.shape == (5, 3, 32, 32) and whole.std() > 0.1
+    for count in (2, 3, 8):
+        parts = [sample_grid(model, cfg, "cpu", part=(i, count)) for i in range(count)]
+        assert all(torch.equal(r, refs) for r, _ in parts)
+        assert all(p.shape[0] == -(-5 // count) for _, p in parts)
+        got = torch.cat([p for _, p in parts])[:5]
+        assert (got - whole).abs().max() < 1e-5, (count, (got - whole).abs().max())
+    with pytest.raises(ValueError, match="noise must be"):
+        model.sample(2, 32, pixels=refs[:2], noise=torch.zeros(3, 3, 32, 32))
