@@ -11,7 +11,7 @@ train.init_from) exits with status 2 before any process group exists, with one m
 (from the first rank) naming the file and key; torchrun / deepspeed then report the failed
 child and exit 1 themselves. Feature shards made by other encoders than the run's are found
 (and exit the same way) once the model is built, before the first step. More than
-train.max_nonfinite_steps steps in a row with a NaN / inf gradient norm checkpoint the
+train.max_nonfinite_steps steps in a row with a NaN / inf loss or gradient norm checkpoint the
 (untouched) weights and exit with status 4 on every rank (train/nonfinite.py).
 `--export DIR` trains nothing: it resumes the run's checkpoint (same layout as it was written
 under) and writes it as single-device files, DIR/full and DIR/ema, then exits.

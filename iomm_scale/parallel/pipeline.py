@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.attention import none_if_unpadded
+from ..train.nonfinite import poison_nonfinite
 
 
 # --------------------------------------------------------------------------- adapters
@@ -510,6 +511,7 @@ class Pipeline:
 
         self.engine, self.module, self.m = engine, stage_module, num_microbatches
         self.pp_group = pp_group
+        self.loss_fn = loss_fn
         stage_module.n_extras_in = n_extras
         self.target_from_extras = target_from_extras
         device = next(iter(engine.module.parameters())).device if any(True for _ in engine.module.parameters()) \
@@ -524,7 +526,8 @@ class Pipeline:
                 pred, extras = output, ()
             if target_from_extras:
                 target = extras[0]
-            return loss_fn(pred, target) / m
+            # a NaN / inf loss with finite gradients must not be applied either (train/nonfinite.py)
+            return poison_nonfinite(self.loss_fn(pred, target)) / m
 
         self.schedule = Schedule1F1B(self.stage, n_microbatches=m, loss_fn=scaled_loss, scale_grads=False)
 

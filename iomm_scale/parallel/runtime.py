@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..train.nonfinite import poison_nonfinite
 from .config import ParallelConfig
 from .groups import Layout, current_layout
 
@@ -264,7 +265,8 @@ class ParallelRuntime:
             for i, mb in enumerate(split_batch(batch, m)):
                 torch.manual_seed(micro_seed(self.seed, self.step, self.layout.dp_rank, i))
                 loss = self.engine(mb)
-                self.engine.backward(loss)  # scaled by 1 / num_microbatches inside
+                # a NaN / inf loss with finite gradients must not be applied either (train/nonfinite.py)
+                self.engine.backward(poison_nonfinite(loss))  # scaled by 1 / num_microbatches inside
                 total += loss.detach().float() / m
         else:
             self.module.seeds.reset(self.seed, self.step, self.layout.dp_rank)

@@ -11,7 +11,9 @@ No checkpoint is ever written with non-finite weights (an applied update can sti
 them): the save is refused with `weights_error` and the newest good checkpoint stays.
 
 Who skips: iomm-train checks the loss and the global gradient norm itself (train/trainer.py).
-Under the launchers the gradient norm decides alone (a NaN loss makes it NaN): DeepSpeed's
+Under the launchers the gradient norm decides: a micro-batch loss that is not finite is first
+turned into NaN gradients (`poison_nonfinite`: a NaN or inf loss whose gradients would still be
+finite, e.g. from a term without gradient, would otherwise be applied), and DeepSpeed's
 optimizers skip a step whose global gradient norm is not finite
 (ZeRO-1/2 in fp32, bf16 with `check_grad_overflow`, ZeRO-3 in any precision); at ZeRO-0 our
 wrapper of the optimizer's step does (parallel/runtime.py). The norm is global over DP, TP and
@@ -32,6 +34,14 @@ class NonFiniteError(RuntimeError):
 
 def is_finite(*values: float) -> bool:
     return all(v is not None and math.isfinite(v) for v in values)
+
+
+def poison_nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """`loss` itself when finite (times 1.0: values and gradients bit for bit), else loss x NaN,
+    whose gradients are NaN everywhere, so that the step is skipped by the same global
+    gradient-norm check as any other non-finite step, on every rank (DP all-reduces the NaN).
+    No host sync: the decision stays on the device."""
+    return loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan")).to(loss.dtype)
 
 
 def nonfinite_names(named) -> list[str]:

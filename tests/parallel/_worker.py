@@ -447,12 +447,26 @@ def poison_first_linear(model, when) -> str:
     return name
 
 
-def scenario_nonfinite(name: str, nan_step: int = 1, steps: int = 4, **p) -> dict:
+def poison_loss(rt, when) -> str:
+    """Adds NaN to this rank's micro-batch losses while `when()` holds: a constant, so the loss is
+    NaN while its gradients stay finite (a term without gradient gone bad); returns where."""
+    nan = lambda: float("nan") if when() else 0.0  # noqa: E731
+    if rt.pipeline is not None:
+        loss_fn = rt.pipeline.loss_fn
+        rt.pipeline.loss_fn = lambda pred, target: loss_fn(pred, target) + nan()
+        return "pipeline loss"
+    loss_fn = rt.module._loss_fn
+    object.__setattr__(rt.module, "_loss_fn", lambda model, batch: loss_fn(model, batch) + nan())
+    return "loss"
+
+
+def scenario_nonfinite(name: str, nan_step: int = 1, steps: int = 4, loss_only: bool = False, **p) -> dict:
     """A NaN in one rank's forward at step `nan_step` (on the last DP replica, in the first pipeline
     stage): every rank skips that step's update (train/nonfinite.py: DeepSpeed's overflow check at
     ZeRO 1-3, our optimizer-step guard at ZeRO-0) and the later steps apply as usual, so the final
     weights equal the single-process run that skipped that step (and its losses the reference's).
-    Without the skip the weights would be NaN."""
+    Without the skip the weights would be NaN. `loss_only`: instead a NaN added to the loss of the
+    last DP replica's last stage, gradients finite (poison_loss): skipped alike."""
     dp, m, micro = _layout(p)
     clip = p.pop("clip", CLIP)
     pcfg = ParallelConfig(**p)
@@ -463,7 +477,9 @@ def scenario_nonfinite(name: str, nan_step: int = 1, steps: int = 4, **p) -> dic
     poisoned = []
 
     def poison(rt):
-        if rt.layout.dp_rank == rt.layout.dp - 1 and rt.layout.pp_rank == 0:
+        if loss_only and rt.layout.dp_rank == rt.layout.dp - 1 and rt.layout.pp_rank == rt.layout.pp - 1:
+            poisoned.append(poison_loss(rt, lambda: rt.step == nan_step))
+        elif not loss_only and rt.layout.dp_rank == rt.layout.dp - 1 and rt.layout.pp_rank == 0:
             poisoned.append(poison_first_linear(rt.model, lambda: rt.step == nan_step))
 
     rt, losses = run_layout(gen, make, pcfg, micro, steps=steps, clip=clip, after_build=poison)
@@ -1171,6 +1187,9 @@ SCENARIOS = {
     # a NaN on one rank at step 1: skipped on every rank, later steps as the reference that skipped it
     "nonfinite_dp2_zero0_noclip": lambda: scenario_nonfinite("nonfinite_dp2_zero0_noclip", zero_stage=0, clip=0.0),
     "nonfinite_dp2_zero2": lambda: scenario_nonfinite("nonfinite_dp2_zero2", zero_stage=2),
+    "nonfinite_loss_dp2_zero2": lambda: scenario_nonfinite("nonfinite_loss_dp2_zero2", zero_stage=2, loss_only=True),
+    "nonfinite_loss_pp2": lambda: scenario_nonfinite("nonfinite_loss_pp2", pp=2, zero_stage=1, num_microbatches=2,
+                                                     micro=2, loss_only=True),
     "nonfinite_dp2_zero3": lambda: scenario_nonfinite("nonfinite_dp2_zero3", zero_stage=3),
     "nonfinite_tp2_zero0": lambda: scenario_nonfinite("nonfinite_tp2_zero0", tp=2, zero_stage=0),
     "nonfinite_bf16_zero0": lambda: scenario_nonfinite_bf16("nonfinite_bf16_zero0", 0),

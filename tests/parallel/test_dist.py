@@ -43,6 +43,7 @@ WORLD2 = ["dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "dp2_zero3_ckpt", 
           "bf16_full_zero0", "dp2_zero0_noclip", "pp2_mb2", "s3dit_pp2_mb2", "qwen_pp2_mb2",
           "muon_dp2_zero0", "muon_tp2_zero0", "muon_tp2_per_shard", "muon_dp2_bf16_autocast", "ds_muon_dp2_zero1",
           "ds_muon_dp2_zero3", "nonfinite_dp2_zero0_noclip", "nonfinite_dp2_zero2", "nonfinite_dp2_zero3",
+          "nonfinite_loss_dp2_zero2", "nonfinite_loss_pp2",
           "nonfinite_tp2_zero0", "nonfinite_pp2", "nonfinite_checkpoints", "nonfinite_muon_dp2_zero0", "nonfinite_bf16_zero0", "nonfinite_bf16_zero1", "nonfinite_bf16_zero2",
           "nonfinite_bf16_zero3"]
 WORLD4 = ["tp2dp2_zero1", "tp2pp2", "iomm_tp2pp2", "iomm_pp2dp2_samples", "ema_tp2pp2", "reshard_tp2dp2_to_dp4", "muon_full_tp2dp2_to_dp4",
@@ -123,7 +124,8 @@ def test_two_process_layouts_match_single_process(world2, name):
 
 @pytest.mark.parametrize("world,name", [("world2", "nonfinite_dp2_zero0_noclip"), ("world2", "nonfinite_dp2_zero2"),
                                         ("world2", "nonfinite_dp2_zero3"), ("world2", "nonfinite_tp2_zero0"),
-                                        ("world2", "nonfinite_pp2"), ("world4", "nonfinite_tp2dp2_zero1")])
+                                        ("world2", "nonfinite_pp2"), ("world4", "nonfinite_tp2dp2_zero1"),
+                                        ("world2", "nonfinite_loss_dp2_zero2"), ("world2", "nonfinite_loss_pp2")])
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank(world, name, request):
     """train/nonfinite.py under the launchers: a NaN made in the forward of one rank (the last DP
     replica's, the first stage's) at step 1 of 4. ZeRO-0 (our guard of the optimizer step, without
@@ -131,7 +133,10 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(world, name, request):
     Every rank skips that update, and the weights after step 4 and the losses of steps 0, 2, 3 equal
     the single-process run that skipped step 1 (same tolerances). Without the skip the weights
     turn NaN and this fails (checked by disabling the ZeRO-0 guard: param_rel inf). With 4
-    processes, TP2 x DP2 at ZeRO-1: the NaN in replica 1's two TP ranks."""
+    processes, TP2 x DP2 at ZeRO-1: the NaN in replica 1's two TP ranks. `nonfinite_loss_*`: a NaN
+    added to the loss alone (gradients finite) on replica 1 / the last stage, under DP2 ZeRO-2 and
+    PP2: train/nonfinite.poison_nonfinite turns it into NaN gradients, so it is skipped alike (without it,
+    step 1 was applied: param_rel 3.5e-3)."""
     r = check(request.getfixturevalue(world), name)
     assert r["poisoned_ranks"] == (2 if "tp2" in name else 1)  # TP peers both hold the first linear
     # reshard.full_state hands out copies: at ZeRO-0 on CPU .float() / .cpu() returned the live

@@ -221,3 +221,24 @@ def test_a_nan_step_on_cuda_in_bf16_applies_nothing(tiny_cfg, tmp_path):
     assert not out["applied"] and math.isnan(out["loss"])
     assert same(t.model.trainable_state_dict(), snaps[2]["weights"]) and same(t.ema.shadow, snaps[2]["ema"])
     assert t.train_step()["applied"]
+
+
+def test_a_nonfinite_loss_poisons_its_gradients_and_a_finite_one_is_untouched():
+    """The launchers' guard (train/nonfinite.poison_nonfinite): a finite loss keeps its value and
+    gradients bit for bit; a NaN or inf one, even with finite gradients of its own (a constant
+    term gone bad), gives NaN gradients everywhere, which the optimizers' norm check skips."""
+    from iomm_scale.train.nonfinite import poison_nonfinite
+
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(5, dtype=dtype, requires_grad=True)
+        (w.square().sum() * 0.37).backward()
+        want = w.grad.clone()
+        w.grad = None
+        loss = poison_nonfinite(w.square().sum() * 0.37)
+        loss.backward()
+        assert loss.dtype == dtype and torch.equal(w.grad, want)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            w.grad = None
+            loss = poison_nonfinite(w.square().sum() * 0.37 + bad)
+            loss.backward()
+            assert not torch.isfinite(loss) and torch.isnan(w.grad).all()
