@@ -295,9 +295,9 @@ class ParallelRuntime:
         grids), in eval mode: every rank calls it, and every rank of the first pipeline stage
         gets them (other stages: (None, None)). Each data-parallel replica samples its share of
         the rows (trainer.grid_rows), gathered over the replicas afterwards: ceil(n / dp) rows
-        per replica instead of n, and the grid equals one process's. Through the engine (TP collectives,
-        ZeRO-3's parameter gathering: each rank makes the same module calls, padded shares
-        included), or under pp > 1 stage by stage (PipelineStageModule.sample_grid)."""
+        per replica instead of n, and the grid equals one process's. Through the engine (TP
+        collectives, ZeRO-3's parameter gathering: each rank makes the same module calls, padded
+        shares included), or under pp > 1 stage by stage (PipelineStageModule.sample_grid)."""
         from ..train.trainer import sample_grid
 
         lay = self.layout
