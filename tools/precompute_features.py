@@ -14,6 +14,12 @@ the printed shard patterns; the MIM mask is still drawn per step, so one pass se
 every epoch. Features are tied to the model's VAE, vision tower and the resolution: each
 sample's .json records them (`encoders`: digests of both), and training with another VAE or
 vision tower is refused before the first step.
+
+Resumable: after each finished shard OUT-image[-rRRR].progress.json records where the pass
+stands. Run the same command again after a crash, kill or preemption and it goes on from the
+shard it was writing (the shards come out as an uninterrupted pass's, byte for byte); a
+finished pass is not redone. Other arguments, shards or batch size than the recorded ones are
+refused (exit 2): use another --out, or delete the progress file and its shards to start over.
 """
 
 from __future__ import annotations
@@ -89,11 +95,21 @@ def main(argv: list[str] | None = None) -> int:
             image_only_fraction=0.0 if kind == "paired" else 1.0, epochs=1, resample=False, shuffle_buffer=1,
             drop_last=False, num_workers=wds_cfg.num_workers if args.num_workers is None else args.num_workers)
         loader = build_webdataset_loader(one_pass, resolution, batch_size, args.rank, args.world_size, seed=0)
-        summary = precompute_feature_shards(
-            loader, model.vae.encode, model.conditioner.vision_features, f"{args.out}-{kind}{suffix}-%06d.tar",
-            resolution, device=device, dtype=args.dtype, max_count=args.max_count, max_size_mb=args.max_size_mb,
-            meta=meta)
-        stats = summary["stats"]
+        progress = f"{args.out}-{kind}{suffix}.progress.json"
+        try:
+            summary = precompute_feature_shards(
+                loader, model.vae.encode, model.conditioner.vision_features, f"{args.out}-{kind}{suffix}-%06d.tar",
+                resolution, device=device, dtype=args.dtype, max_count=args.max_count, max_size_mb=args.max_size_mb,
+                meta=meta, progress=progress)
+        except ValueError as e:  # a progress file of another pass, or of another data setup
+            print(f"error: cannot resume: {e}", file=sys.stderr)
+            return 2
+        stats, resumed = summary["stats"], summary["resumed"]
+        if resumed == "complete":
+            print(f"[rank {args.rank}] {kind}: already complete ({progress}), nothing redone")
+        elif resumed is not None:
+            print(f"[rank {args.rank}] {kind}: resumed at shard {resumed['shard']} after {resumed['samples']} samples "
+                  f"({progress})")
         print(f"[rank {args.rank}] {kind}: {summary['samples']} samples -> {len(summary['shards'])} shards "
               f"({summary['bytes'] / 1e6:.1f} MB); skipped {stats.get('bad', 0)} bad samples, "
               f"{stats.get('shard_errors', 0)} bad shards: "

@@ -26,7 +26,7 @@ import re
 import struct
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -94,20 +94,30 @@ def encoder_fingerprint(vae: nn.Module, conditioner: nn.Module) -> dict:
 
 
 def write_feature_shards(samples: Iterable[dict], out_pattern: str, *, max_count: int = 1000,
-                         max_size_mb: float = 1000.0, dtype: str = "float32") -> dict:
-    """Write feature samples to tar shards named `out_pattern % index` (e.g. "feat-%06d.tar").
+                         max_size_mb: float = 1000.0, dtype: str = "float32", start_shard: int = 0,
+                         on_shard: Optional[Callable[[str, int, int], None]] = None) -> dict:
+    """Write feature samples to tar shards named `out_pattern % index` (e.g. "feat-%06d.tar"),
+    indices from `start_shard` on.
 
     Each sample is a dict: "key" (str, unique), "latents" ([C, h, w] tensor or array),
     "vision_features" ([T, D]), "resolution" (int), optional "caption" (str or None) and
     "meta" (JSON-able dict). dtype "float16" halves the size; "float32" (default) keeps the
-    values bit-exact. Returns {"samples", "shards" (paths), "bytes"}.
+    values bit-exact. `on_shard(path, samples, bytes)`: after each shard got its final name,
+    with the samples and payload bytes written so far by this call, all in finished shards
+    (a sample that opens the next shard is not counted yet). Returns {"samples", "shards"
+    (paths), "bytes"}.
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
     os.makedirs(os.path.dirname(os.path.abspath(out_pattern % 0)), exist_ok=True)
     shards: list[str] = []
     count = size = 0
-    with shard_writer(out_pattern, max_count, max_size_mb) as sink:
+
+    def shard_done(path: str) -> None:
+        if on_shard is not None:
+            on_shard(path, count, size)  # read now: the sample that triggered the switch is not counted yet
+
+    with shard_writer(out_pattern, max_count, max_size_mb, start_shard, shard_done) as sink:
         for s in samples:
             lat, vis = s["latents"], s["vision_features"]
             if len(lat.shape) != 3 or len(vis.shape) != 2:
@@ -340,9 +350,10 @@ def decode_features(sample: dict, resolution: Optional[int], check: bool = True)
     return lat, vis
 
 
-def precompute_feature_shards(loader: Iterable[dict], encode_latents, encode_vision, out_pattern: str,
+def precompute_feature_shards(loader, encode_latents, encode_vision, out_pattern: str,
                               resolution: int, *, device="cpu", dtype: str = "float32", max_count: int = 1000,
-                              max_size_mb: float = 1000.0, meta: Optional[dict] = None) -> dict:
+                              max_size_mb: float = 1000.0, meta: Optional[dict] = None,
+                              progress: Optional[str] = None) -> dict:
     """Run a raw-image loader once through the frozen encoders and write feature shards.
 
     `encode_latents(pixels) -> [B, C, h, w]` and `encode_vision(pixels) -> [B, T, D]` get
@@ -350,19 +361,94 @@ def precompute_feature_shards(loader: Iterable[dict], encode_latents, encode_vis
     captions stay image-only). `meta` goes into every sample's .json (the tool puts the
     encoders' fingerprint and the resize filter there). Returns write_feature_shards'
     summary plus the loader's bad-data stats (bad images are skipped and counted here, once,
-    not every epoch).
+    not every epoch) and "resumed" (None, or where a resumed pass started).
+
+    `progress`: a JSON file, rewritten (atomically) each time a shard got its final name, with
+    where the loader stood before the batch of the sample that opened the next shard. A pass
+    stopped anywhere (crash, kill, preemption) and started again with the same arguments goes
+    on from the shard it was writing (its `.partial` is rewritten); the shards come out byte
+    for byte as an uninterrupted pass's, the counts the same. A finished pass is not redone.
+    Other arguments than the recorded ones are refused (ValueError naming them), and the
+    loader refuses a state from another setup (other shards, batch size, ...).
     """
+    job = json.loads(json.dumps({"out": out_pattern, "resolution": resolution, "dtype": dtype,
+                                 "max_count": max_count, "max_size_mb": max_size_mb, "meta": meta}))
+    before = {"samples": 0, "shards": [], "bytes": 0}
+    skip, start_shard, resumed = 0, 0, None
+    saved = _read_progress(progress, job) if progress else None
+    if saved is not None:
+        before = saved["summary"]
+        if saved["done"]:
+            return {**before, "stats": saved["stats"], "resumed": "complete"}
+        try:
+            loader.load_state_dict(saved["loader"])
+        except ValueError as e:
+            raise ValueError(f"progress file {progress}: {e}") from None
+        skip, start_shard = saved["skip"], saved["next_shard"]
+        resumed = {"shard": start_shard, "samples": before["samples"]}
+    at: dict = {}  # the sample being written: the loader's state before its batch, its index in it
+    yielded = 0
 
     def samples():
+        nonlocal yielded
+        # the loader's position before each batch (without `progress` any iterable of batches will do)
+        state, first = loader.state_dict() if progress else None, True
         for batch in loader:
             pixels = unit_pixels(batch["pixels"].to(device))
             with torch.no_grad():
                 lat, vis = encode_latents(pixels).float().cpu(), encode_vision(pixels).float().cpu()
             for i, key in enumerate(batch["keys"]):
+                if first and i < skip:  # written before the resume, into shards already final
+                    continue
+                at.update(state=state, index=i)
+                yielded += 1
                 yield {"key": key, "latents": lat[i], "vision_features": vis[i], "caption": batch["captions"][i],
                        "resolution": resolution, "meta": meta}
+            state, first = loader.state_dict() if progress else None, False
 
-    summary = write_feature_shards(samples(), out_pattern, max_count=max_count, max_size_mb=max_size_mb, dtype=dtype)
+    finished: list[str] = []  # this pass's final shards that hold samples
+    counted = 0  # the samples in them
+
+    def shard_done(path: str, samples_done: int, bytes_done: int) -> None:
+        nonlocal counted
+        if samples_done > counted:  # an empty last shard is left out, as write_feature_shards does
+            finished.append(path)
+            counted = samples_done
+        if progress is None:
+            return
+        record = {"job": job, "stats": loader.stats(),
+                  "summary": {"samples": before["samples"] + samples_done, "shards": before["shards"] + finished,
+                              "bytes": before["bytes"] + bytes_done}}
+        if yielded > samples_done:  # a sample in flight opens the next shard: resume at it
+            record.update(done=False, loader=at["state"], skip=at["index"], next_shard=start_shard + len(finished))
+        else:  # the writer's close: everything is in final shards
+            record.update(done=True)
+        _write_progress(progress, record)
+
+    summary = write_feature_shards(samples(), out_pattern, max_count=max_count, max_size_mb=max_size_mb, dtype=dtype,
+                                   start_shard=start_shard, on_shard=shard_done)
     stats = getattr(loader, "stats", None)
-    summary["stats"] = stats() if stats else {}
-    return summary
+    return {"samples": before["samples"] + summary["samples"], "shards": before["shards"] + summary["shards"],
+            "bytes": before["bytes"] + summary["bytes"], "stats": stats() if stats else {}, "resumed": resumed}
+
+
+def _read_progress(path: str, job: dict) -> Optional[dict]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("job") != job:
+        was = saved.get("job") or {}
+        changed = [f"{k}: {was.get(k)!r} -> {v!r}" for k, v in job.items() if was.get(k) != v]
+        raise ValueError(f"progress file {path} records a pass with other arguments ({'; '.join(changed)}): give "
+                         f"another output prefix, or delete it and the shards it lists to start over")
+    return saved
+
+
+def _write_progress(path: str, record: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

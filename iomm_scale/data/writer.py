@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from multiprocessing import get_all_start_methods, get_context
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import webdataset as wds
@@ -82,13 +82,21 @@ class _AtomicShardWriter(wds.ShardWriter):
         self.close()
 
 
-def shard_writer(out_pattern: str, max_count: int, max_size_mb: float) -> wds.ShardWriter:
+def shard_writer(out_pattern: str, max_count: int, max_size_mb: float, start_shard: int = 0,
+                 on_shard: Optional[Callable[[str], None]] = None) -> wds.ShardWriter:
     """webdataset's ShardWriter, atomic per shard: each shard is written as `<name>.partial`
     and renamed when complete, so a reader (or a run started meanwhile) never sees a
     half-written shard, and a crash leaves only a `.partial` file (use it as a context
-    manager). `final_name(sink.fname)` is the name the current shard will have."""
+    manager). `final_name(sink.fname)` is the name the current shard will have. Shards are
+    numbered from `start_shard`; `on_shard(path)` is called after each one got its name."""
+
+    def post(fname: str) -> None:
+        os.replace(fname, final_name(fname))
+        if on_shard is not None:
+            on_shard(final_name(fname))
+
     return _AtomicShardWriter(out_pattern + PARTIAL, maxcount=max_count, maxsize=max_size_mb * 1e6, verbose=0,
-                              encoder=False, mtime=0, post=lambda fname: os.replace(fname, final_name(fname)))
+                              encoder=False, mtime=0, post=post, start_shard=start_shard)
 
 
 def final_name(fname: str) -> str:

@@ -1,6 +1,8 @@
 """Feature shards: written from tensors, read back exactly; bad feature samples counted."""
 
 import io
+import json
+import os
 
 import numpy as np
 import pytest
@@ -338,3 +340,110 @@ def test_encoder_fingerprint_follows_the_encoders_not_the_language_model():
         model.vae.shift -= 0.5
         next(model.vae.parameters()).view(-1)[0] += 1.0
         assert encoder_fingerprint(model.vae, model.conditioner)["vae"] != base["vae"]
+
+
+def _raw_shards_with_a_bad_sample(folder) -> str:
+    from data_shardkit import good_jpeg, truncated_jpeg, write_shard
+
+    for s in range(3):
+        write_shard(str(folder / f"raw-{s:06d}.tar"),
+                    [{"__key__": f"raw{s}{j}", "jpg": truncated_jpeg(j) if (s, j) == (1, 3) else good_jpeg(7 * s + j),
+                      "txt": f"photo {s} {j}"} for j in range(7)])
+    return str(folder / "raw-{000000..000002}.tar")
+
+
+_KILLED_PASS = """
+import os, sys
+import torch.nn.functional as F
+from iomm_scale.data import WebDatasetConfig, build_webdataset_loader
+from iomm_scale.data.features import precompute_feature_shards
+pattern, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+raw = WebDatasetConfig(paired_shards=[pattern], image_only_fraction=0.0, num_workers=workers, epochs=1, shuffle_buffer=1)
+calls = []
+def latents(px):
+    calls.append(1)
+    if len(calls) == 4:  # killed in the 4th batch: no cleanup, no exception handling
+        os._exit(9)
+    return F.pixel_unshuffle(px, 4)
+vision = lambda px: F.pixel_unshuffle(px, 8).flatten(2).transpose(1, 2)
+precompute_feature_shards(build_webdataset_loader(raw, 32, 4, 0, 1, 0), latents, vision, out + "/feat-%06d.tar", 32,
+                          max_count=5, progress=out + "/progress.json")
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_precompute_pass_killed_midway_resumes_to_the_same_shards(tmp_path, workers):
+    """tools/precompute_features.py is resumable: a pass killed in its 4th batch (shards of 5
+    samples, batches of 4: shards 0-1 final, shard 2 half written) and started again goes on
+    from shard 2 and ends with the same shards, byte for byte, and the same counts (a bad
+    sample included) as an uninterrupted pass. Done again: nothing is redone; with other
+    arguments or another data setup: refused, naming what differs."""
+    import subprocess
+    import sys
+
+    pattern = _raw_shards_with_a_bad_sample(tmp_path)
+    raw = WebDatasetConfig(paired_shards=[pattern], image_only_fraction=0.0, num_workers=workers, epochs=1,
+                           shuffle_buffer=1)
+
+    def latents(px):
+        return F.pixel_unshuffle(px, 4)
+
+    def vision(px):
+        return F.pixel_unshuffle(px, 8).flatten(2).transpose(1, 2)
+
+    def run(out, batch_size=4, **kw):
+        args = dict(max_count=5, progress=str(out / "progress.json"))
+        args.update(kw)
+        return precompute_feature_shards(build_webdataset_loader(raw, R, batch_size, 0, 1, 0), latents, vision,
+                                         str(out / "feat-%06d.tar"), R, **args)
+
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "killed").mkdir()
+    whole = run(tmp_path / "whole")
+    assert whole["samples"] == 20 and whole["stats"]["bad"] == 1 and len(whole["shards"]) == 4
+    assert whole["resumed"] is None
+
+    script = tmp_path / "killed_pass.py"
+    script.write_text(_KILLED_PASS)
+    proc = subprocess.run([sys.executable, str(script), pattern, str(tmp_path / "killed"), str(workers)])
+    assert proc.returncode == 9
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == [
+        "feat-000000.tar", "feat-000001.tar", "feat-000002.tar.partial", "progress.json"]
+
+    resumed = run(tmp_path / "killed")
+    assert resumed["resumed"] == {"shard": 2, "samples": 10}
+    assert {k: resumed[k] for k in ("samples", "bytes")} == {k: whole[k] for k in ("samples", "bytes")}
+    assert [os.path.basename(p) for p in resumed["shards"]] == [os.path.basename(p) for p in whole["shards"]]
+    assert resumed["stats"]["bad"] == 1 and resumed["stats"]["ok"] == whole["stats"]["ok"] == 20
+    names = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == names  # no .partial left
+    for name in names:
+        if name.endswith(".tar"):
+            assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "killed").iterdir()}
+    again = run(tmp_path / "killed")
+    assert again["resumed"] == "complete" and again["samples"] == 20 and again["shards"] == resumed["shards"]
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "killed").iterdir()} == mtimes
+
+    with pytest.raises(ValueError, match=r"max_count: 5 -> 6"):
+        run(tmp_path / "killed", max_count=6)
+    (tmp_path / "killed" / "feat-000003.tar").unlink()
+    with open(tmp_path / "killed" / "progress.json") as f:
+        record = json.load(f)
+    record.update(done=False, loader=state_after_three_batches(raw), skip=0, next_shard=3)  # as if stopped after shard 2
+    with open(tmp_path / "killed" / "progress.json", "w") as f:
+        json.dump(record, f)
+    with pytest.raises(ValueError, match=r"batch_size: 4 -> 3"):
+        run(tmp_path / "killed", batch_size=3)
+
+
+def state_after_three_batches(raw) -> dict:
+    """A loader's state after its first three batches (batches of 4)."""
+    loader = build_webdataset_loader(raw, R, 4, 0, 1, 0)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = loader.state_dict()
+    loader.close()
+    return state

@@ -66,9 +66,11 @@ def test_feature_shards_train_exactly_like_raw_images(tmp_path):
     torch.testing.assert_close(torch.tensor(feat_losses), torch.tensor(raw_losses), rtol=1e-6, atol=0)
 
 
-def test_paired_feature_shards_keep_every_caption(tmp_path):
+def test_paired_feature_shards_keep_every_caption(tmp_path, capsys):
     """A fine-tuning config (lambda 0.5) precomputes its paired shards with every caption: the
-    mixture withholds captions per step at training time, never once for good in the shard."""
+    mixture withholds captions per step at training time, never once for good in the shard.
+    The same command again finds the pass complete (its progress file) and redoes nothing; with
+    another --max-count it is refused (exit 2) naming the difference."""
     import io
     import tarfile
 
@@ -90,6 +92,13 @@ def test_paired_feature_shards_keep_every_caption(tmp_path):
         captions = {m.name.split(".")[0]: tar.extractfile(m).read().decode()
                     for m in tar.getmembers() if m.name.endswith(".txt")}
     assert captions == {f"pair{i:03d}": f"caption number {i}" for i in range(8)}
+    capsys.readouterr()
+    args = ["--config", tiny, "--out", str(tmp_path / "feat")] + [f"--set={o}" for o in overrides]
+    assert precompute_features.main(args) == 0
+    out = capsys.readouterr().out
+    assert "paired: already complete" in out and "paired: 8 samples -> 1 shards" in out
+    assert precompute_features.main(args + ["--max-count", "3"]) == 2
+    assert "max_count: 1000 -> 3" in capsys.readouterr().err
 
 
 def test_precompute_under_torchrun_prints_one_config_with_every_rank(tmp_path):
