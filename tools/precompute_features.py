@@ -5,6 +5,7 @@
         [--set data.resolution=512 ...] [--device cuda] [--dtype float16] [--batch-size 64]
     # several processes / nodes: each takes its share of the shards
     torchrun --nproc_per_node 8 tools/precompute_features.py --config configs/b.yaml --out data/feat
+    sbatch launchers/slurm/precompute.sbatch      # or srun: SLURM_PROCID / SLURM_NTASKS are the rank / world
 
 Reads the run config's data.webdataset.image_shards and paired_shards (one pass each, no
 shuffle, bad images skipped and counted), encodes every image with the config's frozen
@@ -34,6 +35,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from iomm_scale.parallel.groups import env_from_slurm
+
+    env_from_slurm()  # under bare srun: RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* from SLURM's variables
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="run config (YAML) with a data.webdataset section")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -111,3 +111,78 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path):
     assert f"at step {k}" in out and "resumed from" in out, out[-3000:]
     assert f"done at step {k + 2}" in out, out[-3000:]
     assert (tmp_path / "requeue.log").read_text() == "requeue 4242\n"  # no second requeue
+
+
+def _raw_shards(folder, shards: int, per_shard: int) -> list[str]:
+    """JPEG shards of noisy 48 x 40 images (as make_shards writes them)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from iomm_scale.data.writer import shard_writer
+
+    rng = np.random.default_rng(0)
+    with shard_writer(str(folder / "raw-%06d.tar"), per_shard, 1e9) as sink:
+        for i in range(shards * per_shard):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+            sink.write({"__key__": f"img{i:05d}", "jpg": buf.getvalue()})
+    return [str(folder / f"raw-{s:06d}.tar") for s in range(shards)]
+
+
+def _precompute_env(tmp_path, bindir, raw, out):
+    args = ["--set=data.source=webdataset", f"--set=data.webdataset.image_shards=[{','.join(raw)}]",
+            "--set=data.webdataset.num_workers=0", "--set=data.batch_size=2", "--max-count", "4"]
+    return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4343",
+            "SLURM_JOB_NAME": "iomm-precompute-test", "SLURM_JOB_NODELIST": "localhost", "SLURM_NTASKS": "2",
+            "CONFIG": "configs/tiny.yaml", "OUT": str(out), "ARGS": " ".join(args),
+            "REQUEUE_LOG": str(tmp_path / "requeue.log"), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def test_precompute_script_splits_by_task_and_a_requeued_job_ends_with_the_same_shards(tmp_path):
+    """launchers/slurm/precompute.sbatch under the stand-in srun (2 tasks): each task is its own
+    rank (SLURM_PROCID / SLURM_NTASKS, no torchrun), writes its share of the raw shards and rank 0
+    prints one config with both ranks' shards. SIGUSR1 once the first feature shards are final
+    stops the tasks and requeues the job; the requeued job resumes each rank from its progress
+    file and ends with the uninterrupted job's shards, byte for byte."""
+    bindir = _bin(tmp_path)
+    raw = _raw_shards(tmp_path, shards=4, per_shard=150)
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "cut").mkdir()
+    whole = subprocess.run(["bash", "launchers/slurm/precompute.sbatch"], cwd=ROOT, capture_output=True, text=True,
+                           env=_precompute_env(tmp_path, bindir, raw, tmp_path / "whole" / "f"), timeout=300)
+    out = whole.stdout + whole.stderr
+    assert whole.returncode == 0, out[-3000:]
+    assert "[rank 0] image: 300 samples -> 75 shards" in out and "[rank 1] image: 300 samples -> 75 shards" in out
+    assert "all 2 ranks' shards" in out and "f-image-r000-{000000..000074}.tar" in out, out[-3000:]
+    assert "f-image-r001-{000000..000074}.tar" in out
+
+    log = tmp_path / "cut.log"
+    with open(log, "w") as f:
+        job = subprocess.Popen(["bash", "launchers/slurm/precompute.sbatch"], cwd=ROOT, stdout=f,
+                               stderr=subprocess.STDOUT, start_new_session=True,
+                               env=_precompute_env(tmp_path, bindir, raw, tmp_path / "cut" / "f"))
+        try:
+            deadline = time.time() + 300
+            while not all(os.path.exists(tmp_path / "cut" / f"f-image-r00{r}.progress.json") for r in (0, 1)):
+                assert job.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+            job.send_signal(signal.SIGUSR1)
+            rc = job.wait(timeout=300)
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+    assert rc == 0 and (tmp_path / "requeue.log").read_text() == "requeue 4343\n", log.read_text()[-3000:]
+    assert any(p.name.endswith(".partial") for p in (tmp_path / "cut").iterdir())  # stopped mid-pass
+
+    again = subprocess.run(["bash", "launchers/slurm/precompute.sbatch"], cwd=ROOT, capture_output=True, text=True,
+                           env=_precompute_env(tmp_path, bindir, raw, tmp_path / "cut" / "f"), timeout=300)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert "[rank 0] image: resumed at shard" in out and "[rank 1] image: resumed at shard" in out, out[-3000:]
+    names = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == names
+    for name in names:
+        if name.endswith(".tar"):
+            assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
