@@ -10,6 +10,12 @@ Writes data/img-000000.tar, data/img-000001.tar, ... and prints what was written
 what was rejected, per reason, plus the brace pattern to put in the config
 (data.webdataset.image_shards / paired_shards). Every image is decoded once here, so
 bad files are rejected before training, not every epoch.
+
+Resumable: OUT.progress.json records, after each finished shard, where the pass stands. Run
+the same command again after a stop anywhere and it goes on from the shard it was writing,
+ending with an uninterrupted pass's shards (byte for byte) and counts; a finished pass is not
+redone. Other inputs or options are refused (exit 2): use another --out, or delete the
+progress file and its shards to start over.
 """
 
 from __future__ import annotations
@@ -62,10 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    summary = make_shards(entries, args.out + "-%06d.tar", max_count=args.max_count, max_size_mb=args.max_size_mb,
-                          min_size=args.min_size, require_caption=args.require_caption, verify=args.verify,
-                          shuffle=args.shuffle, seed=args.seed, max_side=args.max_side, quality=args.quality,
-                          workers=args.workers)
+    try:
+        summary = make_shards(entries, args.out + "-%06d.tar", max_count=args.max_count, max_size_mb=args.max_size_mb,
+                              min_size=args.min_size, require_caption=args.require_caption, verify=args.verify,
+                              shuffle=args.shuffle, seed=args.seed, max_side=args.max_side, quality=args.quality,
+                              workers=args.workers, progress=args.out + ".progress.json")
+    except ValueError as e:  # a progress file of another pass
+        print(f"error: cannot resume: {e}", file=sys.stderr)
+        return 2
     print(summary.format())
     if not summary.written:
         print(f"error: nothing written from {source}" + ("" if summary.rejected else

@@ -35,7 +35,7 @@ import torch.nn as nn
 from .errors import BadSample
 from .preprocess import unit_pixels
 from .shards import FileSpan
-from .writer import final_name, shard_writer
+from .writer import final_name, read_progress, shard_writer, write_progress
 
 LATENTS, VISION = "latents.npy", "vision.npy"
 
@@ -375,7 +375,7 @@ def precompute_feature_shards(loader, encode_latents, encode_vision, out_pattern
                                  "max_count": max_count, "max_size_mb": max_size_mb, "meta": meta}))
     before = {"samples": 0, "shards": [], "bytes": 0}
     skip, start_shard, resumed = 0, 0, None
-    saved = _read_progress(progress, job) if progress else None
+    saved = read_progress(progress, job) if progress else None
     if saved is not None:
         before = saved["summary"]
         if saved["done"]:
@@ -423,32 +423,10 @@ def precompute_feature_shards(loader, encode_latents, encode_vision, out_pattern
             record.update(done=False, loader=at["state"], skip=at["index"], next_shard=start_shard + len(finished))
         else:  # the writer's close: everything is in final shards
             record.update(done=True)
-        _write_progress(progress, record)
+        write_progress(progress, record)
 
     summary = write_feature_shards(samples(), out_pattern, max_count=max_count, max_size_mb=max_size_mb, dtype=dtype,
                                    start_shard=start_shard, on_shard=shard_done)
     stats = getattr(loader, "stats", None)
     return {"samples": before["samples"] + summary["samples"], "shards": before["shards"] + summary["shards"],
             "bytes": before["bytes"] + summary["bytes"], "stats": stats() if stats else {}, "resumed": resumed}
-
-
-def _read_progress(path: str, job: dict) -> Optional[dict]:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        saved = json.load(f)
-    if saved.get("job") != job:
-        was = saved.get("job") or {}
-        changed = [f"{k}: {was.get(k)!r} -> {v!r}" for k, v in job.items() if was.get(k) != v]
-        raise ValueError(f"progress file {path} records a pass with other arguments ({'; '.join(changed)}): give "
-                         f"another output prefix, or delete it and the shards it lists to start over")
-    return saved
-
-
-def _write_progress(path: str, record: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -9,6 +9,7 @@ every epoch), optionally downscaled, and written with webdataset's ShardWriter.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -32,9 +33,19 @@ class ShardSummary:
     shards: list[str] = field(default_factory=list)
     bytes: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    resumed: object = None  # a resumed pass: {"shard", "entry"} where it went on, or "complete"
+
+    def counts(self) -> dict:
+        """What a progress file keeps (the fields but `resumed`, copied)."""
+        return {"written": self.written, "shards": list(self.shards), "bytes": self.bytes,
+                "rejected": dict(self.rejected)}
 
     def format(self) -> str:
         lines = [f"written: {self.written} samples in {len(self.shards)} shards ({self.bytes / 1e6:.1f} MB)"]
+        if self.resumed == "complete":
+            lines.insert(0, "already complete (its progress file), nothing redone")
+        elif self.resumed:
+            lines.insert(0, f"resumed at shard {self.resumed['shard']} (entry {self.resumed['entry']})")
         if self.shards:
             lines.append(f"shards:  {brace_pattern(self.shards)}")
         total = sum(self.rejected.values())
@@ -101,6 +112,31 @@ def shard_writer(out_pattern: str, max_count: int, max_size_mb: float, start_sha
 
 def final_name(fname: str) -> str:
     return fname[: -len(PARTIAL)] if fname.endswith(PARTIAL) else fname
+
+
+def read_progress(path: str, job: dict) -> Optional[dict]:
+    """A pass's progress file (None when there is none); ValueError when it records a job with
+    other arguments than `job` (JSON-normalised), naming them."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("job") != job:
+        was = saved.get("job") or {}
+        changed = [f"{k}: {was.get(k)!r} -> {v!r}" for k, v in job.items() if was.get(k) != v]
+        raise ValueError(f"progress file {path} records a pass with other arguments ({'; '.join(changed)}): give "
+                         f"another output prefix, or delete it and the shards it lists to start over")
+    return saved
+
+
+def write_progress(path: str, record: dict) -> None:
+    """`record` as JSON at `path`, atomically (a stop mid-write leaves the previous one)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def brace_pattern(paths: list[str]) -> str:
@@ -231,11 +267,19 @@ def _prepare(job: tuple) -> tuple[str, object]:
 
 def make_shards(entries: Iterable[dict], out_pattern: str, *, max_count: int = 10_000, max_size_mb: float = 1000.0,
                 min_size: int = 0, require_caption: bool = False, verify: bool = True, shuffle: bool = True,
-                seed: int = 0, max_side: Optional[int] = None, quality: int = 95, workers: int = 1) -> ShardSummary:
+                seed: int = 0, max_side: Optional[int] = None, quality: int = 95, workers: int = 1,
+                progress: Optional[str] = None) -> ShardSummary:
     """Check and write `entries` (from scan_folder / scan_manifest) to shards named
     `out_pattern % i` (e.g. "out/img-%06d.tar"), at most `max_count` samples and about
     `max_size_mb` MB each. `shuffle` permutes the samples with `seed` first, so each shard
-    is a random slice (the loader's shuffle buffer then only mixes within a chunk)."""
+    is a random slice (the loader's shuffle buffer then only mixes within a chunk).
+
+    `progress`: a JSON file rewritten (atomically) each time a shard got its final name, with
+    the entry that opened the next shard and the counts so far. Started again with the same
+    entries and arguments after a stop anywhere, the pass goes on from there (the shard in
+    progress is written again) and ends with an uninterrupted pass's shards, byte for byte, and
+    its counts; a finished pass is not redone (`summary.resumed` says which). Other entries or
+    arguments are refused (ValueError naming them)."""
     entries = list(entries)
     if shuffle:
         entries = [entries[i] for i in np.random.default_rng(seed).permutation(len(entries))]
@@ -243,28 +287,60 @@ def make_shards(entries: Iterable[dict], out_pattern: str, *, max_count: int = 1
             "quality": quality}
     os.makedirs(os.path.dirname(os.path.abspath(out_pattern % 0)), exist_ok=True)
     summary = ShardSummary()
-    jobs = ((e, opts) for e in entries)
+    first, start_shard = 0, 0
+    job = None
+    if progress is not None:
+        digest = hashlib.sha1()
+        for e in entries:  # in writing order: the shuffle is part of the job
+            digest.update(json.dumps(e, sort_keys=True, default=str).encode())
+        job = json.loads(json.dumps({"out": out_pattern, "entries": len(entries), "entries_sha1": digest.hexdigest(),
+                                     "max_count": max_count, "max_size_mb": max_size_mb, **opts}))
+        saved = read_progress(progress, job)
+        if saved is not None:
+            summary = ShardSummary(**saved["summary"])
+            if saved["done"]:
+                summary.resumed = "complete"
+                return summary
+            first, start_shard = saved["next_entry"], saved["next_shard"]
+            summary.resumed = {"shard": start_shard, "entry": first}
+    now = {"entry": first, "closing": False}  # the entry being written; the writer's final close
+    n_before = len(summary.shards)
+
+    def shard_done(path: str) -> None:
+        if progress is None:
+            return
+        if now["closing"]:
+            write_progress(progress, {"job": job, "summary": summary.counts(), "done": True})
+        else:  # the entry being written opens the next shard (neither counted nor listed yet)
+            write_progress(progress, {"job": job, "summary": summary.counts(), "done": False,
+                                      "next_entry": now["entry"],
+                                      "next_shard": start_shard + len(summary.shards) - n_before})
+    jobs = ((e, opts) for e in entries[first:])
     # fork where there is one: workers only run PIL, and spawning would re-import torch in each
     pool = get_context("fork" if "fork" in get_all_start_methods() else "spawn").Pool(workers) if workers > 1 else None
     results = pool.imap(_prepare, jobs, chunksize=16) if pool else map(_prepare, jobs)
     sink, finished = None, False
     try:
-        for status, payload in results:
+        for index, (status, payload) in enumerate(results, start=first):
             if status != "ok":
                 summary.rejected[status] = summary.rejected.get(status, 0) + 1
                 continue
             if sink is None:  # opened lazily: no empty shard when everything is rejected
-                sink = shard_writer(out_pattern, max_count, max_size_mb)
+                sink = shard_writer(out_pattern, max_count, max_size_mb, start_shard, shard_done)
+            now["entry"] = index
             sink.write(payload)
             if final_name(sink.fname) not in summary.shards:
                 summary.shards.append(final_name(sink.fname))
             summary.written += 1
             summary.bytes += sum(len(v) for k, v in payload.items() if not k.startswith("__"))
         finished = True
+        now["closing"] = True
     finally:
         if sink is not None:
             sink.__exit__(None if finished else RuntimeError, None, None)  # a crash keeps the shard .partial
         if pool is not None:
             pool.close()
             pool.join()
+    if finished and sink is None and progress is not None:  # everything rejected: nothing to resume either
+        write_progress(progress, {"job": job, "summary": summary.counts(), "done": True})
     return summary

@@ -195,3 +195,67 @@ def test_shards_are_written_in_large_pieces_and_synced_before_their_rename(tmp_p
                      features.VISION: features._npy(s["vision_features"].numpy(), "float32"),
                      "json": json.dumps({"resolution": 256}).encode()})
     assert (tmp_path / "ref.tar").read_bytes() == (tmp_path / "feat-000000.tar").read_bytes()
+
+
+_KILLED_MAKE_SHARDS = """
+import os, sys
+from iomm_scale.data import writer
+src, out = sys.argv[1], sys.argv[2]
+prepare, seen = writer._prepare, []
+def dying(job):
+    seen.append(job)
+    if len(seen) == 10:  # killed while checking the 10th entry: no cleanup runs
+        os._exit(9)
+    return prepare(job)
+writer._prepare = dying
+writer.make_shards(writer.scan_folder(src), out + "/img-%06d.tar", max_count=2, min_size=16, require_caption=True,
+                   progress=out + "/img.progress.json")
+"""
+
+
+def test_a_make_shards_pass_killed_midway_resumes_to_the_same_shards(folder, tmp_path, capsys):
+    """make_shards with a progress file (what tools/make_shards.py passes): killed while checking
+    its 10th image, then run again (with 2 worker processes: not part of the job), it goes on from
+    the shard it was writing and ends with the uninterrupted pass's shards, byte for byte, and its
+    counts, rejections included. Run once more, nothing is redone; other options are refused,
+    and the tool says so (exit 2)."""
+    import subprocess
+    import sys
+
+    def run(out, **kw):
+        args = dict(max_count=2, min_size=16, require_caption=True, progress=str(out / "img.progress.json"))
+        args.update(kw)
+        return make_shards(scan_folder(str(folder)), str(out / "img-%06d.tar"), **args)
+
+    whole = run(tmp_path / "whole")
+    assert whole.written == 8 and len(whole.shards) == 4 and sum(whole.rejected.values()) == 6
+    script = tmp_path / "killed.py"
+    script.write_text(_KILLED_MAKE_SHARDS)
+    (tmp_path / "killed").mkdir()
+    assert subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "killed")]).returncode == 9
+    left = sorted(p.name for p in (tmp_path / "killed").iterdir())
+    assert "img.progress.json" in left and sum(n.endswith(".partial") for n in left) == 1, left
+    assert 1 <= sum(n.endswith(".tar") for n in left) < 4, left  # some shards final, not all
+
+    resumed = run(tmp_path / "killed", workers=2)
+    assert resumed.resumed["shard"] == sum(n.endswith(".tar") for n in left)
+    assert (resumed.written, resumed.bytes, resumed.rejected) == (whole.written, whole.bytes, whole.rejected)
+    assert [os.path.basename(s) for s in resumed.shards] == [os.path.basename(s) for s in whole.shards]
+    names = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == names
+    for name in names:
+        if name.endswith(".tar"):
+            assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+    again = run(tmp_path / "killed")
+    assert again.resumed == "complete" and again.written == 8 and "already complete" in again.format()
+    with pytest.raises(ValueError, match=r"max_count: 2 -> 3"):
+        run(tmp_path / "killed", max_count=3)
+    tool = load_tool("make_shards")
+    capsys.readouterr()
+    assert tool.main(["--folder", str(folder), "--out", str(tmp_path / "killed" / "img"), "--max-count", "2",
+                      "--min-size", "16", "--require-caption"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert tool.main(["--folder", str(folder), "--out", str(tmp_path / "killed" / "img"), "--max-count", "2",
+                      "--min-size", "16"]) == 2
+    assert "require_caption: True -> False" in capsys.readouterr().err
