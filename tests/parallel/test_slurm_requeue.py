@@ -77,25 +77,29 @@ def _env(tmp_path, bindir, steps):
             "PYTHONWARNINGS": "ignore"}
 
 
-def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path):
-    bindir = _bin(tmp_path)
-    log = tmp_path / "first.log"
+def _signal_once(cmd, env, log, ready, poll=0.2) -> int:
+    """Run the batch script `cmd`, SIGUSR1 it once `ready()` holds, and return its exit status. In
+    its own session: a failed assertion kills the whole job (tasks that would otherwise hold the
+    port and both cores long after the test)."""
     with open(log, "w") as out:
-        # its own session: a failed assertion below kills the whole job (tasks of 100,000 steps,
-        # which would hold the port and both cores long after the test)
-        job = subprocess.Popen(["bash", "launchers/slurm/pretrain.sbatch"], cwd=ROOT, stdout=out,
-                               stderr=subprocess.STDOUT, env=_env(tmp_path, bindir, steps=100_000),
-                               start_new_session=True)
+        job = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             deadline = time.time() + 300
-            while "[iomm] step 2 " not in log.read_text():  # training is under way
+            while not ready():
                 assert job.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-                time.sleep(0.2)
+                time.sleep(poll)
             job.send_signal(signal.SIGUSR1)
-            rc = job.wait(timeout=300)
+            return job.wait(timeout=300)
         finally:
             if job.poll() is None:
                 os.killpg(job.pid, signal.SIGKILL)
+
+
+def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path):
+    bindir = _bin(tmp_path)
+    log = tmp_path / "first.log"
+    rc = _signal_once(["bash", "launchers/slurm/pretrain.sbatch"], _env(tmp_path, bindir, steps=100_000), log,
+                      lambda: "[iomm] step 2 " in log.read_text())  # training is under way
     text = log.read_text()
     assert rc == 0, text[-3000:]
     stopped = re.search(r"stopped by signal at step (\d+)", text)
@@ -159,20 +163,10 @@ def test_precompute_script_splits_by_task_and_a_requeued_job_ends_with_the_same_
     assert "f-image-r001-{000000..000074}.tar" in out
 
     log = tmp_path / "cut.log"
-    with open(log, "w") as f:
-        job = subprocess.Popen(["bash", "launchers/slurm/precompute.sbatch"], cwd=ROOT, stdout=f,
-                               stderr=subprocess.STDOUT, start_new_session=True,
-                               env=_precompute_env(tmp_path, bindir, raw, tmp_path / "cut" / "f"))
-        try:
-            deadline = time.time() + 300
-            while not all(os.path.exists(tmp_path / "cut" / f"f-image-r00{r}.progress.json") for r in (0, 1)):
-                assert job.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-                time.sleep(0.05)
-            job.send_signal(signal.SIGUSR1)
-            rc = job.wait(timeout=300)
-        finally:
-            if job.poll() is None:
-                os.killpg(job.pid, signal.SIGKILL)
+    rc = _signal_once(["bash", "launchers/slurm/precompute.sbatch"],
+                      _precompute_env(tmp_path, bindir, raw, tmp_path / "cut" / "f"), log,
+                      lambda: all(os.path.exists(tmp_path / "cut" / f"f-image-r00{r}.progress.json") for r in (0, 1)),
+                      poll=0.05)
     assert rc == 0 and (tmp_path / "requeue.log").read_text() == "requeue 4343\n", log.read_text()[-3000:]
     assert any(p.name.endswith(".partial") for p in (tmp_path / "cut").iterdir())  # stopped mid-pass
 
