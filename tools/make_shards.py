@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = make_shards(entries, args.out + "-%06d.tar", max_count=args.max_count, max_size_mb=args.max_size_mb,
                               min_size=args.min_size, require_caption=args.require_caption, verify=args.verify,
                               shuffle=args.shuffle, seed=args.seed, max_side=args.max_side, quality=args.quality,
-                              workers=args.workers, progress=args.out + ".progress.json")
+                              workers=args.workers, progress=args.out + ".progress.json",
+                              log=lambda line: print(line, flush=True))
     except ValueError as e:  # a progress file of another pass
         print(f"error: cannot resume: {e}", file=sys.stderr)
         return 2

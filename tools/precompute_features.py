@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = precompute_feature_shards(
                 loader, model.vae.encode, model.conditioner.vision_features, f"{args.out}-{kind}{suffix}-%06d.tar",
                 resolution, device=device, dtype=args.dtype, max_count=args.max_count, max_size_mb=args.max_size_mb,
-                meta=meta, progress=progress)
+                meta=meta, progress=progress, log=lambda line, kind=kind: print(f"[rank {args.rank}] {kind}: {line}",
+                                                                                 flush=True))
         except ValueError as e:  # a progress file of another pass, or of another data setup
             print(f"error: cannot resume: {e}", file=sys.stderr)
             return 2

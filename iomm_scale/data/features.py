@@ -24,6 +24,7 @@ import math
 import os
 import re
 import struct
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
@@ -353,7 +354,7 @@ def decode_features(sample: dict, resolution: Optional[int], check: bool = True)
 def precompute_feature_shards(loader, encode_latents, encode_vision, out_pattern: str,
                               resolution: int, *, device="cpu", dtype: str = "float32", max_count: int = 1000,
                               max_size_mb: float = 1000.0, meta: Optional[dict] = None,
-                              progress: Optional[str] = None) -> dict:
+                              progress: Optional[str] = None, log: Optional[Callable[[str], None]] = None) -> dict:
     """Run a raw-image loader once through the frozen encoders and write feature shards.
 
     `encode_latents(pixels) -> [B, C, h, w]` and `encode_vision(pixels) -> [B, T, D]` get
@@ -369,7 +370,8 @@ def precompute_feature_shards(loader, encode_latents, encode_vision, out_pattern
     on from the shard it was writing (its `.partial` is rewritten); the shards come out byte
     for byte as an uninterrupted pass's, the counts the same. A finished pass is not redone.
     Other arguments than the recorded ones are refused (ValueError naming them), and the
-    loader refuses a state from another setup (other shards, batch size, ...).
+    loader refuses a state from another setup (other shards, batch size, ...). `log(line)`:
+    one line per finished shard (samples so far, this pass's samples/s), for long passes.
     """
     job = json.loads(json.dumps({"out": out_pattern, "resolution": resolution, "dtype": dtype,
                                  "max_count": max_count, "max_size_mb": max_size_mb, "meta": meta}))
@@ -409,11 +411,16 @@ def precompute_feature_shards(loader, encode_latents, encode_vision, out_pattern
     finished: list[str] = []  # this pass's final shards that hold samples
     counted = 0  # the samples in them
 
+    started = time.perf_counter()
+
     def shard_done(path: str, samples_done: int, bytes_done: int) -> None:
         nonlocal counted
         if samples_done > counted:  # an empty last shard is left out, as write_feature_shards does
             finished.append(path)
             counted = samples_done
+            if log is not None:
+                log(f"{os.path.basename(path)} done: {before['samples'] + samples_done} samples so far, "
+                    f"{samples_done / max(time.perf_counter() - started, 1e-9):.1f} samples/s")
         if progress is None:
             return
         record = {"job": job, "stats": loader.stats(),

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from multiprocessing import get_all_start_methods, get_context
 from typing import Callable, Iterable, Iterator, Optional
@@ -268,7 +269,7 @@ def _prepare(job: tuple) -> tuple[str, object]:
 def make_shards(entries: Iterable[dict], out_pattern: str, *, max_count: int = 10_000, max_size_mb: float = 1000.0,
                 min_size: int = 0, require_caption: bool = False, verify: bool = True, shuffle: bool = True,
                 seed: int = 0, max_side: Optional[int] = None, quality: int = 95, workers: int = 1,
-                progress: Optional[str] = None) -> ShardSummary:
+                progress: Optional[str] = None, log: Optional[Callable[[str], None]] = None) -> ShardSummary:
     """Check and write `entries` (from scan_folder / scan_manifest) to shards named
     `out_pattern % i` (e.g. "out/img-%06d.tar"), at most `max_count` samples and about
     `max_size_mb` MB each. `shuffle` permutes the samples with `seed` first, so each shard
@@ -279,7 +280,8 @@ def make_shards(entries: Iterable[dict], out_pattern: str, *, max_count: int = 1
     entries and arguments after a stop anywhere, the pass goes on from there (the shard in
     progress is written again) and ends with an uninterrupted pass's shards, byte for byte, and
     its counts; a finished pass is not redone (`summary.resumed` says which). Other entries or
-    arguments are refused (ValueError naming them)."""
+    arguments are refused (ValueError naming them). `log(line)`: one line per finished shard
+    (samples so far, this pass's samples/s), for long passes."""
     entries = list(entries)
     if shuffle:
         entries = [entries[i] for i in np.random.default_rng(seed).permutation(len(entries))]
@@ -304,9 +306,12 @@ def make_shards(entries: Iterable[dict], out_pattern: str, *, max_count: int = 1
             first, start_shard = saved["next_entry"], saved["next_shard"]
             summary.resumed = {"shard": start_shard, "entry": first}
     now = {"entry": first, "closing": False}  # the entry being written; the writer's final close
-    n_before = len(summary.shards)
+    n_before, written_before, started = len(summary.shards), summary.written, time.perf_counter()
 
     def shard_done(path: str) -> None:
+        if log is not None:
+            rate = (summary.written - written_before) / max(time.perf_counter() - started, 1e-9)
+            log(f"{os.path.basename(path)} done: {summary.written} samples so far, {rate:.1f} samples/s")
         if progress is None:
             return
         if now["closing"]:

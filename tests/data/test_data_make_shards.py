@@ -83,6 +83,7 @@ def test_manifest_and_cli(folder, tmp_path, capsys):
                       "--require-caption", "--workers", "2"]) == 0
     out = capsys.readouterr().out
     assert "written: 4 samples in 2 shards" in out and "not_an_image: 1" in out
+    assert "pairs-000000.tar done: 2 samples so far" in out and "pairs-000001.tar done: 4 samples so far" in out
     assert os.path.exists(tmp_path / "cli" / "pairs-000001.tar")
     assert "pairs-{000000..000001}.tar" in out
     # a missing source is named at once; an empty folder says why nothing was written

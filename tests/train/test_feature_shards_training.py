@@ -92,7 +92,7 @@ def test_paired_feature_shards_keep_every_caption(tmp_path, capsys):
         captions = {m.name.split(".")[0]: tar.extractfile(m).read().decode()
                     for m in tar.getmembers() if m.name.endswith(".txt")}
     assert captions == {f"pair{i:03d}": f"caption number {i}" for i in range(8)}
-    capsys.readouterr()
+    assert "[rank 0] paired: feat-paired-000000.tar done: 8 samples so far" in capsys.readouterr().out
     args = ["--config", tiny, "--out", str(tmp_path / "feat")] + [f"--set={o}" for o in overrides]
     assert precompute_features.main(args) == 0
     out = capsys.readouterr().out
