@@ -147,9 +147,10 @@ def _precompute_env(tmp_path, bindir, raw, out):
 def test_precompute_script_splits_by_task_and_a_requeued_job_ends_with_the_same_shards(tmp_path):
     """launchers/slurm/precompute.sbatch under the stand-in srun (2 tasks): each task is its own
     rank (SLURM_PROCID / SLURM_NTASKS, no torchrun), writes its share of the raw shards and rank 0
-    prints one config with both ranks' shards. SIGUSR1 once the first feature shards are final
+    prints one config with both ranks' shards. SIGUSR1 once both ranks have final feature shards
     stops the tasks and requeues the job; the requeued job resumes each rank from its progress
-    file and ends with the uninterrupted job's shards, byte for byte."""
+    file (a rank that had finished says so) and ends with the uninterrupted job's shards, byte
+    for byte."""
     bindir = _bin(tmp_path)
     raw = _raw_shards(tmp_path, shards=4, per_shard=150)
     (tmp_path / "whole").mkdir()
@@ -174,7 +175,11 @@ def test_precompute_script_splits_by_task_and_a_requeued_job_ends_with_the_same_
                            env=_precompute_env(tmp_path, bindir, raw, tmp_path / "cut" / "f"), timeout=300)
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-3000:]
-    assert "[rank 0] image: resumed at shard" in out and "[rank 1] image: resumed at shard" in out, out[-3000:]
+    # each rank goes on from its last finished shard; under load one rank may have finished its whole
+    # share before the signal (the other one cannot have: it still had a shard in progress)
+    resumed = [f"[rank {r}] image: resumed at shard" in out for r in (0, 1)]
+    assert any(resumed) and all(done or f"[rank {r}] image: already complete" in out
+                                for r, done in enumerate(resumed)), out[-3000:]
     names = sorted(p.name for p in (tmp_path / "whole").iterdir())
     assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == names
     for name in names:
