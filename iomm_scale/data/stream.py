@@ -442,6 +442,10 @@ class WebDatasetLoader:
         # feature shards: what the model takes (encoders, shapes); other samples count feature_mismatch
         self.feature_spec = feature_spec if cfg.features else None
         self.urls = {IMAGE: expand_shards(cfg.image_shards), PAIRED: expand_shards(cfg.paired_shards)}
+        # part of every state_dict (per batch in precompute_features): hashed once, not per call
+        # (8 ms for 100k shard names)
+        names = "\n".join(self.urls[IMAGE] + ["--"] + self.urls[PAIRED])
+        self._shards_digest = hashlib.sha1(names.encode()).hexdigest()
         self.slots_per_rank = max(1, cfg.num_workers)
         for sid, urls in self.urls.items():
             if urls and len(urls) < world_size * self.slots_per_rank and not cfg.resample:
@@ -534,9 +538,8 @@ class WebDatasetLoader:
     # -- state --------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
         c = self.cfg
-        shards = hashlib.sha1("\n".join(self.urls[IMAGE] + ["--"] + self.urls[PAIRED]).encode()).hexdigest()
         return {"rank": self.rank, "world_size": self.world_size, "num_workers": c.num_workers, "seed": self.seed,
-                "batch_size": self.batch_size, "resolution": self.resolution, "shards": shards,
+                "batch_size": self.batch_size, "resolution": self.resolution, "shards": self._shards_digest,
                 "options": [c.image_only_fraction, c.features, c.shuffle_buffer, c.epochs, c.resample, c.drop_last,
                             list(c.buckets), c.bucket_multiple, c.min_size_fraction, c.min_image_size,
                             c.max_image_pixels, c.resize_filter]}
