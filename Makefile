@@ -9,7 +9,7 @@ setup: $(VENV)/.installed
 
 # torch is installed first and pinned: a loose requirement would pull a multi-GB CUDA build.
 # DS_BUILD_OPS=0: DeepSpeed installs without compiling its C++/CUDA ops.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py iomm_scale/data/_native.c
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"

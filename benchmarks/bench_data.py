@@ -15,8 +15,9 @@ measured in the same run, interleaved round by round (median reported):
                tar read, decode, centre crop + resize, batch of 16 uint8 channels-last (the
                model converts to [-1, 1] on its device);
   * features:  our loader on feature shards (IOMM-B at 512 px: latents 16x64x64 and
-               vision tokens 256x1536, stored float16; each array read by one pread from the
-               shard straight into its batch slot, checked finite there) -> float16 batches.
+               vision tokens 256x1536, stored float16; each array read from the shard
+               straight into its batch slot and checked finite as it is read, by the C helper
+               when built: the first line says) -> float16 batches.
 Goals (issue 4): raw >= 0.8 x bare PIL; features >= 20 x raw.
 Also printed, outside the goals' ratios: the raw (1024x683) and feature loaders with one
 DataLoader worker, per wall second and per CPU-second of both processes together (the
@@ -54,7 +55,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from iomm_scale.data import WebDatasetConfig, build_webdataset_loader, write_feature_shards  # noqa: E402
+from iomm_scale.data import WebDatasetConfig, build_webdataset_loader, features, write_feature_shards  # noqa: E402
 from iomm_scale.data.preprocess import decode_image_chw  # noqa: E402
 from iomm_scale.data.writer import final_name, shard_writer  # noqa: E402
 
@@ -188,7 +189,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores visible, "
-          f"torch {torch.__version__}, Pillow {Image.__version__}; one process, one thread")
+          f"torch {torch.__version__}, Pillow {Image.__version__}; one process, one thread; data C helper "
+          + ("built" if features._native is not None else "NOT built (Python fallbacks)"))
     print(f"resolution {R}, {args.images} JPEGs per size (mean "
           + ", ".join(f"{s[0]}x{s[1]}: {np.mean([len(j) for j in v[0]]) / 1e3:.0f} kB" for s, v in scenarios.items())
           + f"), raw loader shards hold each {args.repeat}x, {args.features} feature samples, median of {args.rounds} rounds")

@@ -61,6 +61,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# the data loader's optional C helper (iomm_scale/data/_native.c): the tree runs from
+# PYTHONPATH, not pip-installed, so build it in place (no network needed); else the fallbacks
+if $PY setup.py -q build_ext --inplace >"$OUT/native_build.log" 2>&1; then echo "native helper: built"
+else echo "native helper: not built, Python fallbacks (see native_build.log)"; fi
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 elapsed() { echo $(( $(date +%s) - START )); }

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import WebDatasetConfig, parse_bucket
 from .errors import BadDataCounter, BadSample, DataErrorBudgetExceeded, check_budget, merge_stats
-from .features import LATENTS, VISION, FeatureSpec, check_finite, feature_arrays
+from .features import LATENTS, VISION, FeatureSpec, feature_arrays
 from .preprocess import bucket_sizes, caption_of, decode_image_chw, image_member
 from .shards import ChunkedShuffle, SlotPlan, expand_shards
 
@@ -118,13 +118,11 @@ class _Worker:
             lat, vis = feature_arrays(sample, self.resolution, self.feature_spec)
             bkey = (lat.shape, vis.shape, lat.dtype, vis.dtype)
             # Straight into the sample's slot of the batch being filled (one pread from a local
-            # shard), then checked there while it is still in cache (a rejected sample's slot is
-            # reused by the next one).
+            # shard), checked finite while still in cache (a rejected sample's slot is reused
+            # by the next one).
             lat_slot, vis_slot = self._slot(bkey, lat, vis)
-            lat.into(lat_slot)
-            vis.into(vis_slot)
-            check_finite(lat_slot, LATENTS)
-            check_finite(vis_slot, VISION)
+            lat.into(lat_slot, check=True)
+            vis.into(vis_slot, check=True)
             return bkey, (lat_slot, vis_slot), caption
         _, data = image_member(sample)
         caption = None if image_only else caption_of(sample)

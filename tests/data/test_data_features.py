@@ -95,32 +95,15 @@ def test_bad_feature_samples_are_counted(tmp_path):
     assert reasons == {"feature_mismatch": 2, "bad_features": 4, "missing_image": 1}
 
 
-def test_finite_check_by_bit_pattern_equals_isfinite():
-    """all_finite reads the bits (two integer max passes): on every float16 and bfloat16 bit
-    pattern, and on float32 patterns around every exponent and sign, it must say what
-    torch.isfinite says, also with the one bad value alone among finite ones."""
-    halves = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16)
-    edges32 = torch.tensor([s | (e << 23) | m for s in (0, 1 << 31) for e in range(256)
-                            for m in (0, 1, 0x400000, 0x7FFFFF)], dtype=torch.int64)
-    edges32 = torch.where(edges32 >= 2 ** 31, edges32 - 2 ** 32, edges32).to(torch.int32)
-    finite = {torch.float16: torch.tensor([0.0, 1.5, -2.0]), torch.bfloat16: torch.tensor([0.0, 1.5, -2.0]),
-              torch.float32: torch.tensor([0.0, 1.5, -2.0])}
-    checked = 0
-    for bits, dtypes in ((halves, (torch.float16, torch.bfloat16)), (edges32, (torch.float32,))):
-        for dtype in dtypes:
-            values = bits.view(dtype)
-            expect = torch.isfinite(values)
-            assert all_finite(values[expect]) and not all_finite(values)
-            for v, ok in zip(values, expect.tolist()):
-                one = torch.cat([finite[dtype].to(dtype), v.reshape(1)])
-                assert all_finite(one) == ok, (dtype, v)
-                checked += 1
-    assert checked == 2 * 2 ** 16 + 2 * 256 * 4
-    # other dtypes, strided views and empty tensors
+def test_finite_check_of_other_dtypes_strided_and_empty_tensors():
+    """(Every float16 / bfloat16 / float32 bit pattern: tests/data/test_native.py.)"""
     assert not all_finite(torch.tensor([1.0, float("nan")], dtype=torch.float64))
+    assert all_finite(torch.tensor([1.0, -2.0], dtype=torch.float64))
     strided = torch.zeros(4, 6, dtype=torch.float16)
     strided[1, 3] = float("-inf")
-    assert all_finite(strided[:, :3]) and not all_finite(strided[:, 3:]) and all_finite(strided[:0])
+    for native in (True, False):
+        assert all_finite(strided[:, :3], native=native) and not all_finite(strided[:, 3:], native=native)
+        assert all_finite(strided[:0], native=native)
 
 
 def test_feature_batches_group_equal_shapes(tmp_path):
@@ -271,10 +254,11 @@ def test_span_of_a_shrunk_shard_is_a_bad_sample(tmp_path):
     lat, vis = feature_arrays(samples[-1], R)  # headers read
     with open(path, "r+b") as f:
         f.truncate(samples[-1]["vision.npy"].offset + 1000)
-    lat.into(torch.empty(lat.shape, dtype=lat.dtype))  # before the cut: fine
-    with pytest.raises(BadSample) as err:
-        vis.into(torch.empty(vis.shape, dtype=vis.dtype))
-    assert err.value.reason == "bad_features" and "short read" in str(err.value)
+    lat.into(torch.empty(lat.shape, dtype=lat.dtype), check=True)  # before the cut: fine
+    for check in (False, True):  # a plain read; a read and check (by the C helper when built)
+        with pytest.raises(BadSample) as err:
+            vis.into(torch.empty(vis.shape, dtype=vis.dtype), check=check)
+        assert err.value.reason == "bad_features" and "short read" in str(err.value)
 
 
 def test_feature_spec_counts_samples_of_other_encoders_and_shapes(tmp_path):

@@ -1,13 +1,15 @@
-"""read_shard's header fast path (tar headers parsed from the memory-mapped shard) gives
-exactly what tarfile gives: same samples, same bytes, same error after the same samples, for
-every tar format Python writes, long names, links, odd sizes, and cut or corrupt shards. The
-reference is the streaming path (`pipe:cat`), which only ever uses tarfile."""
+"""read_shard's header fast path (tar headers parsed from pread windows of the shard, by the
+C helper or its Python fallback) gives exactly what tarfile gives: same samples, same bytes,
+same error after the same samples, for every tar format Python writes, long names, links, odd
+sizes, members larger than a window, and cut or corrupt shards. The reference is the
+streaming path (`pipe:cat`), which only ever uses tarfile."""
 
 import io
 import tarfile
 
 import pytest
 
+from iomm_scale.data import shards
 from iomm_scale.data.shards import FileSpan, _Member, _open_tar, read_shard
 
 
@@ -42,10 +44,14 @@ def _read(url):
     return samples, error
 
 
+# members around and beyond a 4 kB window (read on their own, or straddling a window's end)
+_LARGE = tuple((f"w{size}.bin", bytes(range(251)) * (size // 251) + bytes(size % 251)) for size in (4095, 4096, 4097, 9000))
+
+
 def _variants(tmp_path):
     out = {}
     for fmt, tag in ((tarfile.PAX_FORMAT, "pax"), (tarfile.GNU_FORMAT, "gnu")):
-        out[tag] = _tar(tmp_path / f"{tag}.tar", fmt)
+        out[tag] = _tar(tmp_path / f"{tag}.tar", fmt, extra=_LARGE)
     with pytest.raises(ValueError):  # USTAR cannot hold the 128-char name: leave it out there
         _tar(tmp_path / "bad.tar", tarfile.USTAR_FORMAT)
     ustar = tmp_path / "ustar.tar"
@@ -75,7 +81,11 @@ def _variants(tmp_path):
     return {k: str(v) for k, v in out.items()}
 
 
-def test_fast_headers_equal_tarfile(tmp_path):
+@pytest.mark.parametrize("parser, block", [("native", 4096), ("python", 4096), ("native", 512), ("python", 1024)])
+def test_fast_headers_equal_tarfile(tmp_path, monkeypatch, parser, block):
+    monkeypatch.setattr(shards, "_WINDOW_BLOCK", block)
+    if parser == "python":
+        monkeypatch.setattr(shards, "_ustar_header", shards._ustar_fields)
     for tag, path in _variants(tmp_path).items():
         fast, reference = _read(path), _read(f"pipe:cat {path}")
         assert fast == reference, tag
