@@ -169,7 +169,7 @@ def _npy_header(data) -> tuple[np.dtype, tuple[int, ...], int]:
 
 
 def npy_view(data) -> np.ndarray:
-    """A .npy payload (bytes or a memoryview of a mapped shard) as an array viewing `data`
+    """A .npy payload (bytes or a memoryview) as an array viewing `data`
     (no copy, never unpickles). np.load would copy and parse the header with ast: both show
     up at feature-shard speeds."""
     dtype, dims, offset = _npy_header(data)
@@ -190,7 +190,7 @@ def _npy_end(head: bytes) -> int:
 class StoredArray:
     """One feature array of a sample, parsed but not yet copied: `dtype`, `shape`, and
     `into(dst)`, which fills a tensor of that dtype and shape. From a FileSpan (a local
-    shard) the bytes go straight from the page cache into `dst` (one pread); from bytes in
+    shard) the bytes go straight from the page cache into `dst` (pread); from bytes in
     memory, one copy."""
 
     __slots__ = ("name", "dtype", "shape", "_span", "_offset", "_tensor")

@@ -117,7 +117,7 @@ class _Worker:
             caption = None if image_only else caption_of(sample)
             lat, vis = feature_arrays(sample, self.resolution, self.feature_spec)
             bkey = (lat.shape, vis.shape, lat.dtype, vis.dtype)
-            # Straight into the sample's slot of the batch being filled (one pread from a local
+            # Straight into the sample's slot of the batch being filled (pread from a local
             # shard), checked finite while still in cache (a rejected sample's slot is reused
             # by the next one).
             lat_slot, vis_slot = self._slot(bkey, lat, vis)
