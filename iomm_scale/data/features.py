@@ -262,11 +262,10 @@ def stored_array(data, ndim: int, name: str) -> StoredArray:
 # Non-finite values, by bit pattern: all exponent bits set. The C helper (_native.c, built at
 # install when a compiler is there) tests the exponent in one pass. The NumPy fallback views
 # the values as signed integers of the same width: a positive inf / NaN is >= the positive
-# infinity's pattern; a negative one, viewed as unsigned, >= the negative infinity's: two
-# integer max passes, no temporary.
+# infinity's pattern (the exponent mask); a negative one, viewed as unsigned, >= the negative
+# infinity's (the mask plus the sign bit): two integer max passes, no temporary.
 _EXPONENT = {torch.float16: (torch.int16, 0x7C00), torch.bfloat16: (torch.int16, 0x7F80),
              torch.float32: (torch.int32, 0x7F800000)}
-_NEGATIVE_INF = {torch.float16: 0xFC00, torch.bfloat16: 0xFF80, torch.float32: 0xFF800000}
 
 try:
     from . import _native
@@ -290,7 +289,8 @@ def all_finite(tensor: torch.Tensor, native: bool = True) -> bool:
     if native and _native is not None and bits.flags.c_contiguous:
         return _native.all_finite(bits, bits.itemsize, inf)
     unsigned = bits.view(np.uint16 if bits.itemsize == 2 else np.uint32)
-    return int(bits.max()) < inf and int(unsigned.max()) < _NEGATIVE_INF[tensor.dtype]
+    negative_inf = inf | 1 << (8 * bits.itemsize - 1)
+    return int(bits.max()) < inf and int(unsigned.max()) < negative_inf
 
 
 def _pread_finite(span: FileSpan, start: int, dst: torch.Tensor) -> bool:
